@@ -1,0 +1,22 @@
+"""Shared fixtures: a scrubbed environment for every test, real etcd/NATS servers on free ports."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# Real etcd and NATS servers on free loopback ports (`etcd_server`, `nats_server`, ...).
+_PLUGIN = "troupe.testing.pytest_plugin"
+pytest_plugins = [_PLUGIN] if importlib.util.find_spec(_PLUGIN) is not None else []
+
+# Environment variables troupe reads; every test starts with none of them set.
+_SCRUBBED_PREFIXES = ("DYN_", "ETCD_", "NATS_", "POD_")
+
+
+@pytest.fixture(autouse=True)
+def _scrub_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(_SCRUBBED_PREFIXES):
+            monkeypatch.delenv(name, raising=False)

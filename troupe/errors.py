@@ -1,0 +1,310 @@
+"""One rooted exception tree for everything troupe raises.
+
+Every error a caller can see derives from :class:`TroupeError`. Library exceptions (zmq, nats,
+httpx, aetcd, Kubernetes clients) are translated at the boundary with ``raise ... from exc``, so
+callers never need to import a third-party exception type. Errors carry the facts that explain
+them as attributes (variable, endpoint, address, limit, ...), not only as message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ActorDead",
+    "ActorError",
+    "AskTimeout",
+    "Cancelled",
+    "ConfigError",
+    "ConnectTimeout",
+    "ConnectionLost",
+    "DeadlineExceeded",
+    "DiscoveryError",
+    "DiscoveryUnavailable",
+    "InstanceNotFound",
+    "InvalidName",
+    "KeyExists",
+    "LeaseLost",
+    "MessageTooLarge",
+    "NoInstances",
+    "Overloaded",
+    "ProtocolError",
+    "RemoteError",
+    "RequestTimeout",
+    "StreamBroken",
+    "SupervisorEscalation",
+    "TransportClosed",
+    "TransportError",
+    "TroupeError",
+    "UnexpectedMessage",
+    "UnknownEndpoint",
+]
+
+
+class TroupeError(Exception):
+    """Root of every error troupe raises on purpose."""
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+class ConfigError(TroupeError, ValueError):
+    """A setting has a value troupe cannot use.
+
+    Attributes:
+        variable: the environment variable (or code-level field) that holds the bad value.
+        value: the value as given.
+        expected: what would have been accepted, in words.
+        choices: the valid values when the setting is an enumeration.
+    """
+
+    def __init__(
+        self,
+        variable: str,
+        value: object,
+        expected: str = "",
+        choices: Sequence[str] = (),
+    ) -> None:
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+        self.choices = tuple(choices)
+        parts = [f"invalid {variable}={value!r}"]
+        if self.choices:
+            parts.append("valid values: " + ", ".join(self.choices))
+        elif expected:
+            parts.append(f"expected {expected}")
+        super().__init__("; ".join(parts))
+
+
+class InvalidName(ConfigError):
+    """A namespace, component or endpoint name (or endpoint path) is malformed."""
+
+
+# --- actors ------------------------------------------------------------------------------------
+
+
+class ActorError(TroupeError):
+    """Base for errors of the actor core."""
+
+
+class ActorDead(ActorError):
+    """The actor is stopped, or stopped while the request was pending.
+
+    Attributes:
+        actor: the actor's name.
+        reason: why it stopped (``"normal"``, ``"shutdown"`` or ``"error"``), if known.
+    """
+
+    def __init__(self, actor: str, reason: str | None = None, detail: str = "") -> None:
+        self.actor = actor
+        self.reason = reason
+        msg = f"actor {actor} is dead"
+        if reason:
+            msg += f" (reason: {reason}{': ' + detail if detail else ''})"
+        super().__init__(msg)
+
+
+class AskTimeout(ActorError, TimeoutError):
+    """An ``ask`` got no reply within its timeout; the actor is still alive."""
+
+    def __init__(self, actor: str, timeout: float) -> None:
+        self.actor = actor
+        self.timeout = timeout
+        super().__init__(f"actor {actor} did not reply within {timeout:g} s")
+
+
+class UnexpectedMessage(ActorError, TypeError):
+    """A message was sent to an actor that does not declare it in its message union."""
+
+    def __init__(self, actor: str, message: object, accepted: Sequence[str]) -> None:
+        self.actor = actor
+        self.message_type = type(message).__name__
+        self.accepted = tuple(accepted)
+        super().__init__(
+            f"actor {actor} does not accept {self.message_type}; it accepts: "
+            + ", ".join(self.accepted)
+        )
+
+
+class SupervisorEscalation(ActorError):
+    """A supervisor exceeded its restart intensity and gave up on its children."""
+
+    def __init__(self, supervisor: str, restarts: int, window: float) -> None:
+        self.supervisor = supervisor
+        self.restarts = restarts
+        self.window = window
+        super().__init__(
+            f"supervisor {supervisor} exceeded {restarts} restarts in {window:g} s; escalating"
+        )
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+
+class DiscoveryError(TroupeError):
+    """The discovery plane failed (store unreachable, bad record, lease trouble)."""
+
+
+class DiscoveryUnavailable(DiscoveryError):
+    """The discovery store cannot be reached.
+
+    Attributes:
+        backend: the store kind (``etcd``, ``nats``, ...).
+        endpoints: the addresses that were tried.
+    """
+
+    def __init__(self, backend: str, endpoints: Sequence[str], detail: str = "") -> None:
+        self.backend = backend
+        self.endpoints = tuple(endpoints)
+        msg = f"{backend} discovery store unreachable at {', '.join(self.endpoints)}"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class KeyExists(DiscoveryError):
+    """A create-if-absent write found the key already present."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"key already exists: {key}")
+
+
+class LeaseLost(DiscoveryError):
+    """The lease expired or was revoked; keys bound to it are gone."""
+
+    def __init__(self, lease_id: int | str, detail: str = "") -> None:
+        self.lease_id = lease_id
+        super().__init__(f"lease {lease_id} lost" + (f": {detail}" if detail else ""))
+
+
+# --- request plane -----------------------------------------------------------------------------
+
+
+class TransportError(TroupeError):
+    """Base for request-plane failures.
+
+    Attributes:
+        address: the transport address involved, when known.
+    """
+
+    def __init__(self, message: str, *, address: str | None = None) -> None:
+        self.address = address
+        super().__init__(message)
+
+
+class ConnectTimeout(TransportError, TimeoutError):
+    """No connection to the worker could be made within the connect timeout."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(f"connect to {address} timed out after {timeout:g} s", address=address)
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """The worker did not answer (or did not finish) within the request timeout."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(f"request to {address} timed out after {timeout:g} s", address=address)
+
+
+class DeadlineExceeded(TransportError, TimeoutError):
+    """The request's deadline passed before it could be started or finished."""
+
+
+class MessageTooLarge(TransportError):
+    """A message exceeds the transport's size limit; it was not sent.
+
+    Attributes:
+        size: the message size in bytes.
+        limit: the largest size the transport accepts.
+    """
+
+    def __init__(
+        self, size: int, limit: int, *, address: str | None = None, variable: str = ""
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        self.variable = variable
+        msg = f"message of {size} bytes exceeds the limit of {limit} bytes"
+        if variable:
+            msg += f" ({variable})"
+        super().__init__(msg, address=address)
+
+
+class StreamBroken(TransportError):
+    """The response stream ended before ``End``: the worker or the connection went away."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to the peer (or broker) was lost; requests fail fast until it returns."""
+
+
+class TransportClosed(TransportError):
+    """The local client or server was closed by us; nothing more can be sent."""
+
+
+class ProtocolError(TransportError):
+    """Bytes on the wire could not be decoded as a troupe message."""
+
+
+class UnknownEndpoint(TransportError):
+    """The worker at the address does not serve the requested endpoint."""
+
+    def __init__(self, endpoint: str, *, address: str | None = None) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"unknown endpoint {endpoint!r}", address=address)
+
+
+class RemoteError(TransportError):
+    """The worker's handler raised; carries the remote exception's type name and message.
+
+    Attributes:
+        kind: the remote exception class name.
+        remote_message: the remote exception's message.
+    """
+
+    def __init__(self, kind: str, remote_message: str, *, address: str | None = None) -> None:
+        self.kind = kind
+        self.remote_message = remote_message
+        super().__init__(f"remote handler raised {kind}: {remote_message}", address=address)
+
+
+# --- routing and admission ---------------------------------------------------------------------
+
+
+class NoInstances(TroupeError):
+    """No live instance serves the endpoint."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        super().__init__(f"no instances found for endpoint {endpoint}")
+
+
+class InstanceNotFound(NoInstances):
+    """A direct request named an instance that is not available."""
+
+    def __init__(self, endpoint: str, instance_id: str) -> None:
+        self.instance_id = instance_id
+        TroupeError.__init__(self, f"instance_id={instance_id} not found for endpoint {endpoint}")
+        self.endpoint = endpoint
+
+
+class Overloaded(TroupeError):
+    """The worker is at its admission limit; retry elsewhere or later."""
+
+    def __init__(self, endpoint: str = "", limit: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.limit = limit
+        msg = "worker at capacity"
+        if endpoint:
+            msg += f" for endpoint {endpoint}"
+        if limit is not None:
+            msg += f" (max in-flight {limit})"
+        super().__init__(msg)
+
+
+class Cancelled(TroupeError):
+    """The request was cancelled by its caller."""
