@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
 # Real etcd and NATS servers on free loopback ports (`etcd_server`, `nats_server`, ...).
-_PLUGIN = "troupe.testing.pytest_plugin"
-pytest_plugins = [_PLUGIN] if importlib.util.find_spec(_PLUGIN) is not None else []
+pytest_plugins = ["troupe.testing.pytest_plugin"]
 
 # Environment variables troupe reads; every test starts with none of them set.
 _SCRUBBED_PREFIXES = ("DYN_", "ETCD_", "NATS_", "POD_")

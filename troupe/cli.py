@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from troupe import _cli_discovery
 from troupe._version import __version__
 from troupe.config import Config, format_table
 from troupe.errors import ConfigError, TroupeError
@@ -27,9 +28,24 @@ def _cmd_config(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-# Subcommand name -> (handler, help). Later layers add rows here.
-_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, Config], int], str]] = {
-    "config": (_cmd_config, "print the effective configuration resolved from the environment"),
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """For subcommands that take no options."""
+
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+# Subcommand name -> (handler, options, help). Later layers add rows here.
+_COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {
+    "config": (
+        _cmd_config,
+        _no_arguments,
+        "print the effective configuration resolved from the environment",
+    ),
+    "instances": (
+        _cli_discovery.cmd_instances,
+        _cli_discovery.add_arguments,
+        "list (or --watch) the instances registered in discovery",
+    ),
 }
 
 
@@ -39,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"troupe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in _COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+    for name, (_, add_arguments, help_text) in _COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -51,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_CONFIG
-    handler, _ = _COMMANDS[args.command]
+    handler = _COMMANDS[args.command][0]
     try:
         config = Config.from_env()
         return handler(args, config)

@@ -23,6 +23,7 @@ __all__ = [
     "DiscoveryUnavailable",
     "InstanceNotFound",
     "InvalidName",
+    "InvalidRecord",
     "KeyExists",
     "LeaseLost",
     "MessageTooLarge",
@@ -308,3 +309,20 @@ class Overloaded(TroupeError):
 
 class Cancelled(TroupeError):
     """The request was cancelled by its caller."""
+
+
+# --- discovery records (added with the discovery stores) ---------------------------------------
+
+
+class InvalidRecord(DiscoveryError):
+    """A discovery key or value does not follow the registration layout; watchers skip it.
+
+    Attributes:
+        key: the key involved, when known.
+        reason: what is wrong with it.
+    """
+
+    def __init__(self, reason: str, *, key: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"invalid discovery record{f' at {key}' if key else ''}: {reason}")

@@ -1,9 +1,11 @@
 """The Runtime: wires one process together.
 
 A :class:`Runtime` owns the actor system, the asyncio I/O loop thread that owns every socket, the
-clock, and (in later layers) the discovery backend, the lease and the request-plane server. Use it
-as a context manager; leaving the block, :meth:`Runtime.close`, SIGINT or SIGTERM stop everything:
-actors in reverse start order, then the loop, with every thread joined.
+clock, the discovery store with the process's one lease (opened on first use), and (in later
+layers) the request-plane server. Use it as a context manager; leaving the block,
+:meth:`Runtime.close`, SIGINT or SIGTERM stop everything: actors in reverse start order (the
+LeaseActor revokes the lease, so registered keys vanish at once), the store, then the loop, with
+every thread joined.
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ from troupe._clock import Clock, SystemClock
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
 from troupe.actors import Actor, ActorRef, ActorSystem
+from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.config import Config
-from troupe.errors import TroupeError
+from troupe.discovery import (
+    InstanceRecord,
+    KeyValueStore,
+    MemoryKvServer,
+    encode_record,
+    new_instance_id,
+    open_store,
+)
+from troupe.errors import ConfigError, TroupeError
 
 __all__ = ["Runtime"]
 
@@ -37,6 +48,8 @@ class Runtime:
         config: the resolved configuration; :meth:`from_env` reads it from the environment.
         clock: injected time (tests); a system clock owned by the runtime if omitted.
         handle_signals: install SIGINT/SIGTERM handlers while running in the main thread.
+        memory_server: the shared state behind ``DYN_KV_STORE=memory`` stores (lets several
+            runtimes in one process discover each other).
     """
 
     def __init__(
@@ -45,8 +58,14 @@ class Runtime:
         *,
         clock: Clock | None = None,
         handle_signals: bool = True,
+        memory_server: MemoryKvServer | None = None,
     ) -> None:
         self.config = config if config is not None else Config()
+        self.instance_id = new_instance_id()
+        """16 lower-case hex digits, stable for the life of the runtime (the process)."""
+        self._memory_server = memory_server
+        self._store: KeyValueStore | None = None
+        self._lease: ActorRef[Any] | None = None
         self._owns_clock = clock is None
         self.clock: Clock = clock if clock is not None else SystemClock("troupe-clock")
         self.io = IOLoop("troupe-io")
@@ -97,7 +116,12 @@ class Runtime:
             self._state = "closed"
         self._shutdown.set()
         if was_running:
-            self.system.shutdown(timeout=timeout)
+            self.system.shutdown(timeout=timeout)  # the LeaseActor revokes the lease here
+            if self._store is not None:
+                try:
+                    self.io.run(self._store.close(), timeout=timeout)
+                except (TroupeError, TimeoutError) as exc:
+                    _log.warning("discovery store did not close cleanly", error=str(exc))
             self.io.stop(timeout=timeout)
         if self._owns_clock:
             self.clock.close()
@@ -143,10 +167,76 @@ class Runtime:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
 
+    # --- discovery ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> KeyValueStore:
+        """The discovery store (``DYN_DISCOVERY_BACKEND`` / ``DYN_KV_STORE``), connected on
+        first use.
+
+        Raises:
+            DiscoveryUnavailable: the store cannot be reached (names the endpoints).
+        """
+        self._require_running()
+        if self._store is None:
+            discovery = self.config.discovery
+            if discovery.backend != "kv_store":
+                raise ConfigError(
+                    "DYN_DISCOVERY_BACKEND", discovery.backend, "kv_store (kubernetes: not yet)"
+                )
+            store = open_store(
+                discovery, self.config.nats, clock=self.clock, memory_server=self._memory_server
+            )
+            self.io.run(store.connect())
+            self._store = store
+        return self._store
+
+    def _lease_actor(self) -> ActorRef[Any]:
+        if self._lease is None or not self._lease.is_alive():
+            store, ttl = self.store, self.config.discovery.lease_ttl
+            self._lease = self.system.spawn(lambda: LeaseActor(store, ttl), name="LeaseActor")
+        return self._lease
+
+    def register(
+        self,
+        namespace: str,
+        component: str,
+        endpoint: str,
+        transport: dict[str, str],
+        metadata: dict[str, Any] | None = None,
+        *,
+        timeout: float = 10.0,
+    ) -> InstanceRecord:
+        """Publish this process's instance of an endpoint under the runtime's lease.
+
+        The key is ``/services/{namespace}/{component}/{endpoint}/{instance_id}``; it is kept
+        alive with the lease, re-written if the lease is lost and re-taken, and removed at once
+        by :meth:`unregister` or :meth:`close`.
+        """
+        record = InstanceRecord.create(
+            namespace,
+            component,
+            endpoint,
+            instance_id=self.instance_id,
+            transport=transport,
+            metadata=metadata,
+        )
+        self._lease_actor().ask(Register(record.key, encode_record(record)), timeout=timeout)
+        return record
+
+    def unregister(self, record: InstanceRecord, *, timeout: float = 10.0) -> bool:
+        """Remove a registration made by :meth:`register`; True if it was registered."""
+        if self._lease is None or not self._lease.is_alive():
+            return False
+        return bool(self._lease.ask(Unregister(record.key), timeout=timeout))
+
     # --- actors --------------------------------------------------------------------------------
 
     def spawn(self, factory: Callable[[], Actor[M]], *, name: str | None = None) -> ActorRef[M]:
         """Start a top-level actor in this runtime's actor system."""
+        self._require_running()
+        return self.system.spawn(factory, name=name)
+
+    def _require_running(self) -> None:
         if self._state != "running":
             raise TroupeError("runtime is not running; use `with Runtime(...) as rt:`")
-        return self.system.spawn(factory, name=name)

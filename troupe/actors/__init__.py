@@ -1,10 +1,11 @@
-"""The actor wing: typed actors on pykka threads, supervision, and (later) the system actors.
+"""The actor wing: typed actors on pykka threads, supervision, and the system actors.
 
 Workers, leases, watchers and routers are actors that exchange typed msgspec messages; this
 package holds the core they are built on.
 """
 
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef, Reply
+from troupe.actors._lease import LeaseActor, LeaseInfo, Register, Unregister
 from troupe.actors._supervisor import (
     Backoff,
     ChildInfo,
@@ -18,6 +19,7 @@ from troupe.actors._supervisor import (
     WhichChildren,
 )
 from troupe.actors._system import ActorSystem
+from troupe.actors._watcher import Joined, Left, Subscribe, Unsubscribe, WatcherActor
 
 __all__ = [
     "Actor",
@@ -29,12 +31,21 @@ __all__ = [
     "Down",
     "ExitReason",
     "Intensity",
+    "Joined",
+    "LeaseActor",
+    "LeaseInfo",
+    "Left",
     "MonitorRef",
+    "Register",
     "Reply",
     "RestartType",
     "StartChild",
     "Strategy",
+    "Subscribe",
     "Supervisor",
     "TerminateChild",
+    "Unregister",
+    "Unsubscribe",
+    "WatcherActor",
     "WhichChildren",
 ]

