@@ -17,10 +17,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from troupe._clock import Clock, SystemClock
+from troupe._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
 from troupe.actors import Actor, ActorRef, ActorSystem
 from troupe.actors._lease import LeaseActor, Register, Unregister
+from troupe.actors._worker import Health, WorkerActor
 from troupe.config import Config
 from troupe.discovery import (
     InstanceRecord,
@@ -31,6 +33,7 @@ from troupe.discovery import (
     open_store,
 )
 from troupe.errors import ConfigError, TroupeError
+from troupe.transports import NetworkManager, Server
 
 __all__ = ["Runtime"]
 
@@ -66,6 +69,8 @@ class Runtime:
         self._memory_server = memory_server
         self._store: KeyValueStore | None = None
         self._lease: ActorRef[Any] | None = None
+        self._network: NetworkManager | None = None
+        self._server: Server | None = None
         self._owns_clock = clock is None
         self.clock: Clock = clock if clock is not None else SystemClock("troupe-clock")
         self.io = IOLoop("troupe-io")
@@ -116,7 +121,13 @@ class Runtime:
             self._state = "closed"
         self._shutdown.set()
         if was_running:
-            self.system.shutdown(timeout=timeout)  # the LeaseActor revokes the lease here
+            self.system.shutdown(timeout=timeout)  # workers drain; the LeaseActor revokes
+            for closing in (self._server, self._network):
+                if closing is not None:
+                    try:
+                        self.io.run(closing.close(), timeout=timeout)
+                    except (TroupeError, TimeoutError) as exc:
+                        _log.warning("request plane did not close cleanly", error=str(exc))
             if self._store is not None:
                 try:
                     self.io.run(self._store.close(), timeout=timeout)
@@ -229,6 +240,75 @@ class Runtime:
         if self._lease is None or not self._lease.is_alive():
             return False
         return bool(self._lease.ask(Unregister(record.key), timeout=timeout))
+
+    # --- the request plane -------------------------------------------------------------------
+
+    @property
+    def network(self) -> NetworkManager:
+        """Clients for every plane (picked by address scheme) and the server factory."""
+        if self._network is None:
+            self._network = NetworkManager(self.config.request_plane, self.config.nats)
+        return self._network
+
+    def server(self) -> Server:
+        """This process's request-plane server (``DYN_REQUEST_PLANE``), started on first use."""
+        self._require_running()
+        if self._server is None:
+            server = self.network.create_server()
+
+            async def start() -> None:
+                await server.start()
+
+            self.io.run(start(), timeout=30)
+            self._server = server
+        return self._server
+
+    def namespace(self, name: str) -> Namespace:
+        """``rt.namespace("ns").component("c").endpoint("e")``; names are validated."""
+        return Namespace(name)
+
+    def endpoint(self, path: str) -> Endpoint:
+        """``rt.endpoint("ns.c.e")`` or ``"dyn://ns.c.e"``; a malformed path is a ConfigError."""
+        return parse_endpoint(path)
+
+    def serve(
+        self,
+        endpoint: str | Endpoint,
+        handler: Callable[..., Any],
+        *,
+        max_inflight: int | None = None,
+        grace: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ActorRef[Health]:
+        """Serve ``handler`` for ``endpoint`` in this process; returns the WorkerActor's ref.
+
+        The handler takes ``(request, ctx)`` and is an async or sync function or generator. The
+        instance is registered in discovery once the server listens, and unregistered first when
+        the worker stops (``ref.stop()``, :meth:`close`, SIGTERM); requests in flight then get
+        ``grace`` seconds (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``) to finish.
+        """
+        ep = parse_endpoint(endpoint)
+        worker_config = self.config.worker
+        server = self.server()
+        self._lease_actor()  # started before the worker, so it outlives it at shutdown
+        plane = self.network.plane
+
+        def register(ep: Endpoint, address: str) -> InstanceRecord:
+            return self.register(ep.namespace, ep.component, ep.name, {plane: address}, metadata)
+
+        return self.system.spawn(
+            lambda: WorkerActor(
+                ep,
+                handler,
+                server=server,
+                io=self.io,
+                register=register,
+                unregister=self.unregister,
+                max_inflight=worker_config.max_inflight if max_inflight is None else max_inflight,
+                grace=worker_config.graceful_shutdown_timeout if grace is None else grace,
+            ),
+            name=f"WorkerActor-{ep.path}",
+        )
 
     # --- actors --------------------------------------------------------------------------------
 

@@ -1,0 +1,298 @@
+"""TCP (ZeroMQ) specifics: limits, timeouts, pooling, back-pressure, addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import pytest
+import zmq
+
+from troupe.config import TcpConfig
+from troupe.errors import (
+    ConnectTimeout,
+    MessageTooLarge,
+    RequestTimeout,
+    TransportClosed,
+    TransportError,
+)
+from troupe.testing import free_port
+from troupe.transports import RequestContext, encode
+from troupe.transports._codec import Request
+from troupe.transports._net import advertised_host, format_hostport, split_address
+from troupe.transports.tcp import TcpClient, TcpServer
+
+LIMIT = 64 * 1024
+CONFIG = TcpConfig(host="127.0.0.1", max_message_size=LIMIT, request_timeout=10.0)
+
+
+async def echo(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    yield payload
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TcpServer]:
+    server = TcpServer(CONFIG)
+    server.add_endpoint("echo", echo)
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[TcpClient]:
+    client = TcpClient(CONFIG)
+    yield client
+    await client.close()
+
+
+async def call(client: TcpClient, address: str, endpoint: str, payload: bytes) -> list[bytes]:
+    return await (await client.request(address, endpoint, payload)).collect()
+
+
+async def test_address_reports_the_real_port(server: TcpServer) -> None:
+    host, port = split_address(server.address, "tcp")
+    assert host == "127.0.0.1"
+    assert port > 0
+    assert server.address == f"tcp://127.0.0.1:{port}"
+
+
+async def test_localhost_is_resolved_for_binding() -> None:
+    server = TcpServer(replace(CONFIG, host="localhost"))
+    await server.start()
+    try:
+        assert server.address.startswith("tcp://127.0.0.1:")
+    finally:
+        await server.close()
+
+
+async def test_unstarted_server_has_no_address() -> None:
+    with pytest.raises(TransportError, match="not started"):
+        _ = TcpServer(CONFIG).address
+
+
+async def test_connect_timeout_when_nobody_listens() -> None:
+    client = TcpClient(replace(CONFIG, connect_timeout=0.3))
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectTimeout) as info:
+            await client.request(f"tcp://127.0.0.1:{free_port()}", "echo", b"")
+        assert 0.25 < time.monotonic() - started < 2.0
+        assert info.value.timeout == 0.3
+        assert client._pools == {}  # the failed connection is not kept
+    finally:
+        await client.close()
+
+
+async def test_request_timeout_cancels_the_silent_handler(server: TcpServer) -> None:
+    cancelled = asyncio.Event()
+
+    async def silent(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield b""
+
+    server.add_endpoint("silent", silent)
+    client = TcpClient(replace(CONFIG, request_timeout=0.3))
+    try:
+        with pytest.raises(RequestTimeout):
+            await call(client, server.address, "silent", b"")
+        await asyncio.wait_for(cancelled.wait(), 5)
+    finally:
+        await client.close()
+
+
+async def test_oversized_reply_becomes_an_error_and_the_connection_survives(
+    server: TcpServer, client: TcpClient
+) -> None:
+    async def huge(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"small"
+        yield b"x" * (LIMIT + 1)
+
+    server.add_endpoint("huge", huge)
+    stream = await client.request(server.address, "huge", b"")
+    assert await anext(stream) == b"small"
+    with pytest.raises(MessageTooLarge) as info:
+        await anext(stream)
+    assert info.value.limit == LIMIT
+    assert await call(client, server.address, "echo", b"after") == [b"after"]
+
+
+async def test_oversized_message_from_a_raw_peer_harms_no_one_else(
+    server: TcpServer, client: TcpClient
+) -> None:
+    started = asyncio.Event()
+
+    async def sink(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        started.set()
+        yield b""
+
+    server.add_endpoint("sink", sink)
+    assert await call(client, server.address, "echo", b"before") == [b"before"]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.address)
+    try:
+        raw.send(encode(Request(1, "sink", b"x" * (LIMIT * 2))))
+        # The ordinary client keeps working while libzmq drops the offending peer.
+        for i in range(20):
+            assert await call(client, server.address, "echo", str(i).encode()) == [str(i).encode()]
+        assert not started.is_set()
+    finally:
+        raw.close(0)
+        ctx.term()
+
+
+async def test_pool_grows_up_to_pool_size(server: TcpServer) -> None:
+    client = TcpClient(replace(CONFIG, pool_size=2))
+    try:
+        results = await asyncio.gather(
+            *(call(client, server.address, "echo", str(i).encode()) for i in range(1500))
+        )
+        assert results == [[str(i).encode()] for i in range(1500)]
+        assert 1 <= len(client._pools[server.address]) <= 2
+    finally:
+        await client.close()
+
+
+async def test_back_pressure_with_tiny_buffers() -> None:
+    config = replace(CONFIG, channel_buffer=2)
+    server = TcpServer(config)
+
+    async def flood(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        for i in range(int(payload)):
+            yield i.to_bytes(4, "big")
+
+    server.add_endpoint("flood", flood)
+    server.add_endpoint("echo", echo)
+    await server.start()
+    client = TcpClient(config)
+    try:
+        stream = await client.request(server.address, "flood", b"3000")
+        received = [int.from_bytes(chunk, "big") async for chunk in stream]
+        assert received == list(range(3000))
+        results = await asyncio.gather(
+            *(call(client, server.address, "echo", str(i).encode()) for i in range(300))
+        )
+        assert results == [[str(i).encode()] for i in range(300)]
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_closed_client_fails_streams_and_refuses_requests(server: TcpServer) -> None:
+    async def block(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        await asyncio.Event().wait()
+
+    server.add_endpoint("block", block)
+    client = TcpClient(CONFIG)
+    stream = await client.request(server.address, "block", b"")
+    assert await anext(stream) == b"first"
+    await client.close()
+    with pytest.raises(TransportClosed):
+        await anext(stream)
+    with pytest.raises(TransportClosed):
+        await client.request(server.address, "echo", b"")
+    await client.close()  # idempotent
+
+
+async def test_dropped_stream_is_cancelled_on_its_next_chunk(
+    server: TcpServer, client: TcpClient
+) -> None:
+    stopped = asyncio.Event()
+    reasons: list[str | None] = []
+    tick = asyncio.Event()
+
+    async def ticker(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            yield b"first"
+            await tick.wait()
+            while True:
+                yield b"more"
+                await asyncio.sleep(0.01)
+        finally:
+            reasons.append(ctx.stop_reason)
+            stopped.set()
+
+    server.add_endpoint("ticker", ticker)
+    stream = await client.request(server.address, "ticker", b"")
+    assert await anext(stream) == b"first"
+    del stream  # the caller forgets the stream without closing it
+    gc.collect()
+    tick.set()
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert reasons == ["cancelled"]
+
+
+async def test_requests_to_a_malformed_address_fail_clearly(client: TcpClient) -> None:
+    with pytest.raises(TransportError, match="malformed tcp address"):
+        await client.request("tcp://no-port", "echo", b"")
+    with pytest.raises(TransportError, match="malformed tcp address"):
+        await client.request("http://127.0.0.1:1", "echo", b"")
+
+
+def test_address_helpers() -> None:
+    assert format_hostport("::1", 5) == "[::1]:5"
+    assert format_hostport("10.0.0.1", 5) == "10.0.0.1:5"
+    assert split_address("tcp://[::1]:7", "tcp") == ("::1", 7)
+    assert advertised_host("127.0.0.1") == "127.0.0.1"
+
+
+async def test_server_start_and_close_are_idempotent() -> None:
+    server = TcpServer(CONFIG)
+    await server.start()
+    address = server.address
+    await server.start()
+    assert server.address == address
+    await server.close()
+    await server.close()
+    with pytest.raises(TransportClosed):
+        await server.start()
+
+
+def test_works_on_uvloop() -> None:
+    """The runtime's I/O loop is uvloop: the FD-driven sockets must work there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        blocker_cancelled = asyncio.Event()
+
+        async def block(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+            yield b"first"
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                blocker_cancelled.set()
+                raise
+
+        server = TcpServer(CONFIG)
+        server.add_endpoint("echo", echo)
+        server.add_endpoint("block", block)
+        await server.start()
+        client = TcpClient(CONFIG)
+        try:
+            results = await asyncio.gather(
+                *(call(client, server.address, "echo", str(i).encode()) for i in range(200))
+            )
+            assert results == [[str(i).encode()] for i in range(200)]
+            stream = await client.request(server.address, "block", b"")
+            assert await anext(stream) == b"first"
+            await stream.aclose()
+            await asyncio.wait_for(blocker_cancelled.wait(), 5)
+        finally:
+            await client.close()
+            await server.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), 30))
+    finally:
+        loop.close()

@@ -1,0 +1,64 @@
+"""The request plane: one Server/Client interface, one module per transport, a sans-IO codec.
+
+Transports: ``tcp`` (ZeroMQ, the default), ``http`` (HTTP/2), ``nats`` and ``inproc`` (in-process,
+for tests). :class:`NetworkManager` builds the server for the configured plane and picks a client
+by the scheme of the address it is given, so one process can call workers on every plane.
+"""
+
+from troupe.transports._base import (
+    Client,
+    PlaneModule,
+    ResponseStream,
+    Server,
+    TransportSettings,
+    remote_error,
+)
+from troupe.transports._codec import (
+    Cancel,
+    Chunk,
+    End,
+    Error,
+    Frame,
+    FrameBuffer,
+    Reply,
+    Request,
+    RequestId,
+    decode,
+    encode,
+    encode_framed,
+)
+from troupe.transports._context import Handler, RequestContext, StopReason
+from troupe.transports._dispatch import RequestRunner, SendReply
+from troupe.transports._manager import PLANES, NetworkManager
+from troupe.transports.inproc import InprocClient, InprocRegistry, InprocServer
+
+__all__ = [
+    "PLANES",
+    "Cancel",
+    "Chunk",
+    "Client",
+    "End",
+    "Error",
+    "Frame",
+    "FrameBuffer",
+    "Handler",
+    "InprocClient",
+    "InprocRegistry",
+    "InprocServer",
+    "NetworkManager",
+    "PlaneModule",
+    "Reply",
+    "Request",
+    "RequestContext",
+    "RequestId",
+    "RequestRunner",
+    "ResponseStream",
+    "SendReply",
+    "Server",
+    "StopReason",
+    "TransportSettings",
+    "decode",
+    "encode",
+    "encode_framed",
+    "remote_error",
+]

@@ -1,0 +1,449 @@
+"""The request plane's one interface: :class:`Server`, :class:`Client`, :class:`ResponseStream`.
+
+Every transport (``inproc``, ``tcp``, ``http2``, ``nats``) implements :class:`Server` and
+:class:`Client` in its own module and exposes two factories, ``create_server(settings)`` and
+``create_client(settings)``, plus its address ``SCHEME`` (see :class:`PlaneModule`); the
+:class:`~troupe.transports.NetworkManager` picks one by table lookup.
+
+The shared semantics live here and in ``_dispatch``/``_context`` so that each transport only moves
+frames: the server hands decoded requests to a
+:class:`~troupe.transports._dispatch.RequestRunner`; the client feeds reply frames into a
+:class:`ResponseStream`, which turns them into chunks or typed errors and enforces timeouts,
+deadlines and cancellation. All methods must be called on the event loop that owns the transport
+(the runtime's I/O loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import types
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Protocol
+
+from troupe.config import NatsConfig, RequestPlaneConfig
+from troupe.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    MessageTooLarge,
+    Overloaded,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    StreamBroken,
+    TroupeError,
+    UnknownEndpoint,
+)
+from troupe.transports._codec import Chunk, End, Error, Reply, RequestId
+from troupe.transports._context import Handler
+from troupe.transports._dispatch import RequestRunner
+
+if TYPE_CHECKING:
+    from troupe.transports.inproc import InprocRegistry
+
+__all__ = [
+    "Client",
+    "PlaneModule",
+    "ResponseStream",
+    "Server",
+    "TransportSettings",
+    "remote_error",
+]
+
+
+# --- errors carried in Error frames ---------------------------------------------------------------
+
+_SIZES = re.compile(r"message of (\d+) bytes exceeds the limit of (\d+) bytes")
+
+
+def _too_large(message: str, address: str, endpoint: str) -> TroupeError:
+    match = _SIZES.search(message)
+    size, limit = (int(match[1]), int(match[2])) if match else (-1, -1)
+    return MessageTooLarge(size, limit, address=address)
+
+
+_REMOTE_KINDS: Final[Mapping[str, Callable[[str, str, str], TroupeError]]] = {
+    "Overloaded": lambda message, address, endpoint: Overloaded(endpoint),
+    "UnknownEndpoint": lambda message, address, endpoint: UnknownEndpoint(
+        endpoint, address=address
+    ),
+    "DeadlineExceeded": lambda message, address, endpoint: DeadlineExceeded(
+        message, address=address
+    ),
+    "MessageTooLarge": _too_large,
+    "Cancelled": lambda message, address, endpoint: Cancelled(message),
+    "StreamBroken": lambda message, address, endpoint: StreamBroken(message, address=address),
+    "ProtocolError": lambda message, address, endpoint: ProtocolError(message, address=address),
+}
+
+
+def remote_error(kind: str, message: str, *, address: str, endpoint: str) -> TroupeError:
+    """The exception a caller raises for an ``Error(kind, message)`` reply.
+
+    Kinds naming a troupe error the caller can act on (``Overloaded``, ``UnknownEndpoint``,
+    ``DeadlineExceeded``, ``MessageTooLarge``, ``Cancelled``, ``StreamBroken``,
+    ``ProtocolError``) give that exact class, with the remote message; anything else gives
+    :class:`~troupe.errors.RemoteError` carrying the kind and message.
+    """
+    factory = _REMOTE_KINDS.get(kind)
+    if factory is None:
+        return RemoteError(kind, message, address=address)
+    exc = factory(message, address, endpoint)
+    exc.args = (message,)
+    return exc
+
+
+# --- the caller's side of one request -------------------------------------------------------------
+
+_OPEN: Final = 0  # waiting for frames
+_ENDED: Final = 1  # the last frame (End, Error or a failure) is queued, not yet consumed
+_DONE: Final = 2  # the caller consumed the end, or closed the stream
+
+
+class ResponseStream:
+    """The answer to one request: an async iterator of ``bytes`` chunks.
+
+    Iteration ends normally after the worker's ``End``; a failure raises a typed troupe error
+    (:func:`remote_error` for the worker's ``Error``, or what the transport reports:
+    ``StreamBroken``, ``ConnectionLost``, ``TransportClosed``). Waiting for the next frame longer
+    than ``request_timeout`` raises :class:`~troupe.errors.RequestTimeout`; passing ``deadline``
+    raises :class:`~troupe.errors.DeadlineExceeded`. Closing the stream early
+    (:meth:`aclose`, leaving ``async with``), a timeout, or cancelling the task that awaits it
+    sends ``Cancel`` to the worker.
+
+    Transports create it and feed it with :meth:`deliver` and :meth:`fail`, on the loop thread.
+
+    Args:
+        request_id: the id of the request on its transport.
+        address: the worker's address (for error messages).
+        endpoint: the endpoint called.
+        cancel: sends ``Cancel`` for this request; called at most once, never blocks.
+        request_timeout: the longest wait for the next frame, in seconds; ``None`` for no limit.
+        deadline: UNIX epoch seconds after which the caller gives up; ``None`` for no deadline.
+        on_finish: called once when no more frames are expected (end received, failure, or the
+            caller closed the stream), so the transport can forget the request.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_cancel",
+        "_deadline",
+        "_items",
+        "_loop",
+        "_on_finish",
+        "_request_timeout",
+        "_state",
+        "_waiter",
+        "address",
+        "endpoint",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        request_id: RequestId,
+        *,
+        address: str,
+        endpoint: str,
+        cancel: Callable[[], None],
+        request_timeout: float | None = None,
+        deadline: float | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.address = address
+        self.endpoint = endpoint
+        self._cancel = cancel
+        self._request_timeout = request_timeout
+        self._deadline = deadline
+        self._on_finish = on_finish
+        self._loop = asyncio.get_running_loop()
+        self._items: deque[Reply | TroupeError] = deque()
+        self._state = _OPEN
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        state = ("open", "ended", "done")[self._state]
+        return (
+            f"<ResponseStream id={self.request_id!r} {self.endpoint!r} at {self.address} {state}>"
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Whether no more frames will arrive (the end is queued or consumed, or closed)."""
+        return self._state != _OPEN
+
+    # --- producer side (the transport) -----------------------------------------------------------
+
+    def deliver(self, frame: Reply) -> None:
+        """Queue a reply frame; frames after the end are ignored."""
+        if self._state != _OPEN:
+            return
+        self._items.append(frame)
+        if type(frame) is not Chunk:
+            self._end()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: TroupeError) -> None:
+        """End the stream with ``exc`` (after the chunks already queued)."""
+        if self._state != _OPEN:
+            return
+        self._items.append(exc)
+        self._end()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _end(self) -> None:
+        self._state = _ENDED
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish()
+
+    # --- consumer side ---------------------------------------------------------------------------
+
+    def __aiter__(self) -> ResponseStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            items = self._items
+            if items:
+                item = items.popleft()
+                if type(item) is Chunk:
+                    return item.data
+                self._state = _DONE
+                items.clear()
+                if type(item) is End:
+                    raise StopAsyncIteration
+                if type(item) is Error:
+                    raise remote_error(
+                        item.kind, item.message, address=self.address, endpoint=self.endpoint
+                    )
+                assert isinstance(item, TroupeError)
+                raise item
+            if self._state == _DONE:
+                raise StopAsyncIteration
+            await self._wait()
+
+    async def _wait(self) -> None:
+        loop = self._loop
+        waiter = loop.create_future()
+        self._waiter = waiter
+        timer = None
+        limit = None
+        if self._request_timeout is not None:
+            limit = loop.time() + self._request_timeout
+        if self._deadline is not None:
+            until_deadline = loop.time() + (self._deadline - time.time())
+            if limit is None or until_deadline <= limit:
+                limit = until_deadline
+        if limit is not None:
+            timer = loop.call_at(limit, self._on_timer)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _on_timer(self) -> None:
+        if self._state != _OPEN:
+            return
+        if self._deadline is not None and time.time() >= self._deadline:
+            exc: TroupeError = DeadlineExceeded(
+                f"deadline passed waiting for {self.endpoint!r} at {self.address}",
+                address=self.address,
+            )
+        else:
+            exc = RequestTimeout(self.address, self._request_timeout or 0.0)
+        self._cancel()
+        self.fail(exc)
+
+    def _abandon(self) -> None:
+        """The caller no longer wants the answer: tell the worker if it is still working."""
+        if self._state == _OPEN:
+            self._cancel()
+        if self._state != _DONE:
+            self._state = _DONE
+            self._items.clear()
+            on_finish, self._on_finish = self._on_finish, None
+            if on_finish is not None:
+                on_finish()
+
+    async def aclose(self) -> None:
+        """Stop receiving; sends ``Cancel`` if the worker has not finished. Idempotent."""
+        self._abandon()
+
+    async def collect(self) -> list[bytes]:
+        """Read the whole stream into a list of chunks."""
+        return [chunk async for chunk in self]
+
+    async def __aenter__(self) -> ResponseStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self._abandon()
+
+
+# --- the interface --------------------------------------------------------------------------------
+
+
+class Server(ABC):
+    """Hosts endpoint handlers and serves requests for them on one transport address.
+
+    Subclasses implement :meth:`start`, :attr:`address` and :meth:`close`, and hand every decoded
+    request to ``self._runner`` (a :class:`~troupe.transports._dispatch.RequestRunner`), which
+    owns the handlers, deadlines, cancellation and in-flight accounting.
+
+    Args:
+        name: names the request tasks and log lines.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._runner = RequestRunner(name)
+
+    def add_endpoint(self, name: str, handler: Handler) -> None:
+        """Serve ``handler`` as endpoint ``name`` (before or after :meth:`start`).
+
+        Raises:
+            InvalidName: the name is empty.
+            ConfigError: the endpoint is already served.
+        """
+        self._runner.add_endpoint(name, handler)
+
+    def remove_endpoint(self, name: str) -> None:
+        """Stop serving ``name`` to new requests (they get ``UnknownEndpoint``)."""
+        self._runner.remove_endpoint(name)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoint names served."""
+        return self._runner.endpoints
+
+    @property
+    def inflight(self) -> int:
+        """Requests being served right now."""
+        return self._runner.inflight
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Bind and start serving.
+
+        Raises:
+            ConfigError: the configured address cannot be bound (an explicit port already in
+                use: the error names the port and its environment variable).
+        """
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """The address the server actually listens on, with its scheme (``tcp://10.0.0.5:40123``).
+
+        Raises:
+            TransportError: the server is not started.
+        """
+
+    @abstractmethod
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting requests, let running ones finish for ``grace`` seconds, stop the
+        rest (their callers get ``StreamBroken``) and release the address. Idempotent."""
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Client(ABC):
+    """Sends requests to workers on one transport; one client serves many concurrent requests."""
+
+    @abstractmethod
+    async def request(
+        self,
+        address: str,
+        endpoint: str,
+        payload: bytes,
+        *,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 0,
+    ) -> ResponseStream:
+        """Send a request; return the stream of its response chunks.
+
+        Args:
+            address: the worker's address, as its server reports it.
+            endpoint: the endpoint name.
+            payload: the request body.
+            deadline: UNIX epoch seconds; the worker does not start the request after it, and
+                the stream raises ``DeadlineExceeded`` when it passes.
+            headers: string metadata passed to the handler's context.
+            attempt: how many times this request was sent before.
+
+        Raises:
+            MessageTooLarge: the request exceeds the transport's limit; nothing was sent.
+            ConnectTimeout: no connection to the worker within the connect timeout.
+            ConnectionLost: the connection (or broker) is down.
+            TransportClosed: the client is closed.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Fail every open stream with ``TransportClosed`` and release connections. Idempotent."""
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """Everything a transport factory may need: request-plane and NATS settings, and the
+    in-process registry (``inproc`` only)."""
+
+    request_plane: RequestPlaneConfig = field(default_factory=RequestPlaneConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    inproc: InprocRegistry | None = None
+
+
+class PlaneModule(Protocol):
+    """What each transport module provides to the :class:`~troupe.transports.NetworkManager`."""
+
+    SCHEME: str
+    """The scheme of the addresses its servers report (``"tcp"``, ``"http"``, ...)."""
+
+    def create_server(self, settings: TransportSettings) -> Server:
+        """A server for this plane, not yet started."""
+        ...
+
+    def create_client(self, settings: TransportSettings) -> Client:
+        """A client for this plane."""
+        ...

@@ -1,0 +1,215 @@
+"""The request plane's wire messages and their codec, without any I/O.
+
+Every transport carries the same exchange: a :class:`Request`, then zero or more :class:`Chunk`
+frames, then :class:`End` or :class:`Error`; the caller may send :class:`Cancel` at any time. The
+frames are frozen, tagged ``msgspec`` structs encoded as msgpack arrays (``array_like``: about a
+third smaller and faster than maps). Trailing fields may be added later with defaults; decoders
+ignore extra trailing elements, so old peers keep working.
+
+:func:`decode` turns any bytes into a frame or a :class:`~troupe.errors.ProtocolError`, never a
+``msgspec`` exception. Transports that carry frames on a byte stream (HTTP/2 bodies) frame them
+with a 4-byte big-endian length prefix: :func:`encode_framed` writes one, :class:`FrameBuffer`
+reads them back from arbitrary slices of the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypeAlias
+
+import msgspec
+
+from troupe.errors import MessageTooLarge, ProtocolError
+
+__all__ = [
+    "PREFIX_SIZE",
+    "Cancel",
+    "Chunk",
+    "End",
+    "Error",
+    "Frame",
+    "FrameBuffer",
+    "Reply",
+    "Request",
+    "RequestId",
+    "decode",
+    "encode",
+    "encode_framed",
+]
+
+RequestId: TypeAlias = int | str
+"""A request id: unique per connection (per caller for connectionless planes)."""
+
+
+class Request(msgspec.Struct, frozen=True, tag="req", array_like=True):
+    """Start a request: call ``endpoint`` with ``payload``.
+
+    Attributes:
+        id: chosen by the caller, echoed in every reply frame.
+        endpoint: the endpoint name the worker serves.
+        payload: the request body, opaque to the transport.
+        deadline: UNIX epoch seconds after which the answer is useless (crosses processes, so
+            wall-clock time, not a monotonic clock); ``None`` for no deadline.
+        headers: free-form string metadata (tracing ids and the like).
+        attempt: 0 for the first try, incremented by callers that re-send a request.
+    """
+
+    id: RequestId
+    endpoint: str
+    payload: bytes
+    deadline: float | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    attempt: int = 0
+
+
+class Chunk(msgspec.Struct, frozen=True, tag="chunk", array_like=True):
+    """One item of the response stream, in order."""
+
+    id: RequestId
+    data: bytes
+
+
+class End(msgspec.Struct, frozen=True, tag="end", array_like=True):
+    """The response stream finished normally."""
+
+    id: RequestId
+
+
+class Error(msgspec.Struct, frozen=True, tag="err", array_like=True):
+    """The request failed; ends the response stream.
+
+    Attributes:
+        kind: the exception class name (``"Overloaded"``, ``"ValueError"``, ...).
+        message: the exception's message.
+    """
+
+    id: RequestId
+    kind: str
+    message: str
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel", array_like=True):
+    """Sent by the caller: stop working on request ``id``; no reply is expected."""
+
+    id: RequestId
+
+
+Frame: TypeAlias = Request | Chunk | End | Error | Cancel
+"""Every message of the request plane."""
+
+Reply: TypeAlias = Chunk | End | Error
+"""The frames a worker sends back for a request."""
+
+PREFIX_SIZE: Final = 4
+"""Bytes of the big-endian length prefix used by :func:`encode_framed` and :class:`FrameBuffer`."""
+
+_MAX_PREFIXED: Final = 2**32 - 1
+
+# One long-lived encoder and decoder: building them per message costs more than encoding.
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode one frame as msgpack."""
+    return _encoder.encode(frame)
+
+
+def decode(data: bytes | bytearray | memoryview) -> Frame:
+    """Decode one frame.
+
+    Raises:
+        ProtocolError: the bytes are not exactly one valid frame (garbage, truncated input,
+            unknown tag, wrong field types).
+    """
+    try:
+        frame: Frame = _decoder.decode(data)
+    # msgspec.DecodeError and ValidationError are ValueErrors, and so is the UnicodeDecodeError
+    # that invalid UTF-8 in a string field raises.
+    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
+        raise ProtocolError(f"undecodable request-plane frame ({len(data)} bytes): {exc}") from exc
+    return frame
+
+
+def encode_framed(frame: Frame) -> bytes:
+    """Encode one frame preceded by its 4-byte big-endian length.
+
+    Raises:
+        MessageTooLarge: the encoded frame does not fit a 4-byte length (4 GiB).
+    """
+    body = _encoder.encode(frame)
+    if len(body) > _MAX_PREFIXED:
+        raise MessageTooLarge(len(body), _MAX_PREFIXED)
+    return len(body).to_bytes(PREFIX_SIZE, "big") + body
+
+
+class FrameBuffer:
+    """Reassembles length-prefixed frames from a byte stream fed in arbitrary slices.
+
+    Sans-IO: feed it what the socket or body produced; it returns every frame completed so far.
+    A malformed stream cannot be resynchronised, so after the first error the buffer stays
+    failed and every later :meth:`feed` raises the same error.
+
+    Args:
+        max_size: the largest frame body accepted, in bytes. A prefix announcing more fails at
+            once, before the body is buffered.
+    """
+
+    __slots__ = ("_buf", "_failure", "_max_size")
+
+    def __init__(self, max_size: int) -> None:
+        if max_size <= 0:
+            raise ValueError("max_size must be positive")
+        self._max_size = max_size
+        self._buf = bytearray()
+        self._failure: ProtocolError | MessageTooLarge | None = None
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add bytes from the stream; return the frames they complete, in order.
+
+        Raises:
+            MessageTooLarge: a length prefix announces more than ``max_size`` bytes.
+            ProtocolError: a complete frame body is not a valid frame.
+        """
+        if self._failure is not None:
+            raise self._failure
+        self._buf += data
+        frames: list[Frame] = []
+        buf = self._buf
+        start = 0
+        try:
+            while len(buf) - start >= PREFIX_SIZE:
+                size = int.from_bytes(buf[start : start + PREFIX_SIZE], "big")
+                if size > self._max_size:
+                    self._failure = MessageTooLarge(size, self._max_size)
+                    raise self._failure
+                end = start + PREFIX_SIZE + size
+                if len(buf) < end:
+                    break
+                try:
+                    # A copied slice, not a memoryview: a view kept alive by a traceback would
+                    # stop the buffer from being trimmed below.
+                    frames.append(decode(buf[start + PREFIX_SIZE : end]))
+                except ProtocolError as exc:
+                    self._failure = exc
+                    raise
+                start = end
+        finally:
+            if start:
+                del buf[:start]
+        return frames
+
+    def close(self) -> None:
+        """Declare the end of the stream.
+
+        Raises:
+            ProtocolError: the stream stopped inside a frame (truncated).
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self._buf:
+            raise ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes left over)")

@@ -1,0 +1,151 @@
+"""What a worker's handler sees of one request: :class:`RequestContext`, and the handler type.
+
+The server builds one context per request. It carries the request's metadata (id, endpoint,
+deadline, headers, attempt) and its stop signal, set when the caller cancels or goes away, when
+the deadline passes, or when the server shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Final, Literal, TypeAlias
+
+from troupe.transports._codec import Request, RequestId
+
+__all__ = ["Handler", "RequestContext", "StopReason"]
+
+StopReason: TypeAlias = Literal["cancelled", "disconnected", "deadline", "shutdown", "handler"]
+"""Why a request was stopped: the caller sent Cancel, the caller's connection went away, the
+deadline passed, the server is shutting down, or the handler called :meth:`stop_generating`."""
+
+_EMPTY: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+class RequestContext:
+    """Metadata and stop signal of one request, handed to the handler with the payload.
+
+    ``is_stopped`` may be polled from any thread (sync handlers running on a pool);
+    ``wait_stopped`` must be awaited on the loop that created the context.
+
+    Attributes:
+        id: the request id chosen by the caller.
+        endpoint: the endpoint name called.
+        deadline: UNIX epoch seconds after which the answer is useless, or ``None``.
+        headers: the caller's string metadata (read-only).
+        attempt: 0 for a first try; incremented when the caller re-sends the request.
+    """
+
+    __slots__ = (
+        "_event",
+        "_loop",
+        "_reason",
+        "attempt",
+        "deadline",
+        "endpoint",
+        "headers",
+        "id",
+    )
+
+    def __init__(
+        self,
+        id: RequestId,
+        endpoint: str,
+        *,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 0,
+    ) -> None:
+        self.id = id
+        self.endpoint = endpoint
+        self.deadline = deadline
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers)) if headers else _EMPTY
+        self.attempt = attempt
+        self._reason: StopReason | None = None
+        self._event: asyncio.Event | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> RequestContext:
+        """The context of a decoded wire request."""
+        return cls(
+            request.id,
+            request.endpoint,
+            deadline=request.deadline,
+            headers=request.headers,
+            attempt=request.attempt,
+        )
+
+    def __repr__(self) -> str:
+        state = f"stopped={self._reason}" if self._reason else "running"
+        return f"<RequestContext id={self.id!r} endpoint={self.endpoint!r} {state}>"
+
+    def is_stopped(self) -> bool:
+        """Whether the handler should stop producing (caller gone, deadline, shutdown)."""
+        return self._reason is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the request was stopped, or ``None`` while it runs."""
+        return self._reason
+
+    def time_remaining(self) -> float | None:
+        """Seconds until the deadline (negative once passed), or ``None`` without one."""
+        if self.deadline is None:
+            return None
+        return self.deadline - time.time()
+
+    def stop_generating(self) -> None:
+        """Ask the handler to stop; idempotent. Safe to call from any thread."""
+        self.stop("handler")
+
+    def stop(self, reason: StopReason) -> None:
+        """Mark the request stopped for ``reason`` (the first reason wins); thread-safe."""
+        if self._reason is not None:
+            return
+        self._reason = reason
+        event = self._event
+        if event is None:
+            return
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            event.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    async def wait_stopped(self) -> None:
+        """Return once the request is stopped."""
+        if self._reason is not None:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            if self.is_stopped():  # stopped from another thread meanwhile
+                return
+        await self._event.wait()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+Handler: TypeAlias = Callable[
+    [bytes, RequestContext], AsyncIterator[bytes] | Awaitable[bytes | None]
+]
+"""An endpoint handler: ``handler(payload, ctx)``.
+
+Usually an async generator function; each yielded ``bytes`` becomes one response chunk, in order,
+and returning ends the stream. A coroutine function is accepted too: its result (unless ``None``)
+is sent as the only chunk. An exception raised by the handler is sent to the caller as an error
+carrying the exception's class name and message; raise a troupe error (``Overloaded``,
+``DeadlineExceeded``, ...) to have the caller re-raise that same type.
+"""

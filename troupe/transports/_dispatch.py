@@ -1,0 +1,272 @@
+"""The server side shared by every transport: run endpoint handlers for decoded requests.
+
+A transport decodes a :class:`~troupe.transports._codec.Request` and hands it to
+:meth:`RequestRunner.dispatch` with a key naming the request on that transport (peer identity and
+request id, reply inbox, ...) and a ``send`` coroutine that delivers reply frames. The runner
+applies the semantics every plane shares: unknown endpoints, deadlines (an expired request is
+never started; one that expires mid-stream is stopped), cancellation by key, handler exceptions
+turned into :class:`~troupe.transports._codec.Error` frames, in-flight accounting and a graceful
+close. Each request runs as its own task, so a slow request never blocks the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Final, TypeAlias, cast
+
+from troupe.errors import ConfigError, InvalidName
+from troupe.transports._codec import Chunk, End, Error, Reply, Request, RequestId
+from troupe.transports._context import Handler, RequestContext, StopReason
+
+__all__ = ["RequestRunner", "SendReply", "error_frame"]
+
+_log = logging.getLogger("troupe.transports")
+
+SendReply: TypeAlias = Callable[[Reply], Awaitable[bool]]
+"""Delivers one reply frame to the caller; returns ``False`` when the caller is gone (its
+connection closed), which stops the request. Transports apply back-pressure by awaiting."""
+
+_MAX_ERROR_MESSAGE: Final = 16 * 1024
+
+
+def error_frame(request_id: RequestId, exc: BaseException) -> Error:
+    """The :class:`Error` frame reporting ``exc`` (class name and message) to the caller."""
+    message = str(exc)
+    if len(message) > _MAX_ERROR_MESSAGE:
+        message = message[:_MAX_ERROR_MESSAGE] + "... (truncated)"
+    return Error(request_id, type(exc).__name__, message)
+
+
+def _as_bytes(item: object) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, bytearray | memoryview):
+        return bytes(item)
+    raise TypeError(f"handler yielded {type(item).__name__}; handlers must yield bytes")
+
+
+def _expire(ctx: RequestContext, task: asyncio.Task[object]) -> None:
+    if not task.done() and not ctx.is_stopped():
+        ctx.stop("deadline")
+        task.cancel()
+
+
+class _Active:
+    """One running request: its task and context."""
+
+    __slots__ = ("ctx", "task")
+
+    def __init__(self, task: asyncio.Task[None], ctx: RequestContext) -> None:
+        self.task = task
+        self.ctx = ctx
+
+
+class RequestRunner:
+    """Runs handlers for the requests a server receives.
+
+    Must be used from the event loop thread that owns the server.
+
+    Args:
+        name: names the request tasks (``{name}-{endpoint}-{id}``) and log lines.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._handlers: dict[str, Handler] = {}
+        self._active: dict[Hashable, _Active] = {}
+        self._extra: set[asyncio.Task[None]] = set()
+        self._accepting = True
+        self._idle: asyncio.Event | None = None
+
+    # --- endpoints -------------------------------------------------------------------------------
+
+    def add_endpoint(self, name: str, handler: Handler) -> None:
+        """Serve ``handler`` as endpoint ``name``.
+
+        Raises:
+            InvalidName: the name is empty or not a string.
+            ConfigError: the endpoint is already served.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidName("endpoint", name, "a non-empty endpoint name")
+        if not callable(handler):
+            raise ConfigError("endpoint handler", handler, "a callable handler(payload, ctx)")
+        if name in self._handlers:
+            raise ConfigError("endpoint", name, "an endpoint not already served by this server")
+        self._handlers[name] = handler
+
+    def remove_endpoint(self, name: str) -> None:
+        """Stop serving ``name`` to new requests; running ones finish. Unknown names are ignored."""
+        self._handlers.pop(name, None)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoint names served, in the order they were added."""
+        return tuple(self._handlers)
+
+    @property
+    def inflight(self) -> int:
+        """Requests currently running."""
+        return len(self._active)
+
+    @property
+    def accepting(self) -> bool:
+        """False once :meth:`close` began: new requests are refused."""
+        return self._accepting
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def dispatch(self, key: Hashable, request: Request, send: SendReply) -> None:
+        """Start serving ``request``; replies go through ``send``.
+
+        ``key`` names the request for :meth:`cancel`; a key already running is refused with a
+        ``ProtocolError`` reply.
+        """
+        if not self._accepting:
+            self._reply_once(send, Error(request.id, "Overloaded", "worker is shutting down"))
+            return
+        if key in self._active:
+            self._reply_once(
+                send, Error(request.id, "ProtocolError", f"duplicate request id {request.id!r}")
+            )
+            return
+        ctx = RequestContext.from_request(request)
+        task = asyncio.get_running_loop().create_task(
+            self._serve(request, ctx, send), name=f"{self._name}-{request.endpoint}-{request.id}"
+        )
+        self._active[key] = _Active(task, ctx)
+        task.add_done_callback(functools.partial(self._finished, key))
+
+    def cancel(self, key: Hashable, reason: StopReason = "cancelled") -> bool:
+        """Stop the request named ``key``: set its context stopped and cancel its task.
+
+        Returns:
+            Whether such a request was running.
+        """
+        active = self._active.get(key)
+        if active is None:
+            return False
+        active.ctx.stop(reason)
+        active.task.cancel()
+        return True
+
+    def cancel_where(self, match: Callable[[Hashable], bool], reason: StopReason) -> int:
+        """Stop every request whose key matches (e.g. all of one disconnected peer)."""
+        keys = [key for key in self._active if match(key)]
+        for key in keys:
+            self.cancel(key, reason)
+        return len(keys)
+
+    def _finished(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        active = self._active.get(key)
+        if active is not None and active.task is task:
+            del self._active[key]
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("request task %s failed", task.get_name(), exc_info=task.exception())
+        if not self._active and self._idle is not None:
+            self._idle.set()
+
+    def _reply_once(self, send: SendReply, frame: Error) -> None:
+        async def reply() -> None:
+            await send(frame)
+
+        task = asyncio.get_running_loop().create_task(
+            reply(), name=f"{self._name}-reply-{frame.id}"
+        )
+        self._extra.add(task)
+        task.add_done_callback(self._extra.discard)
+
+    async def _serve(self, request: Request, ctx: RequestContext, send: SendReply) -> None:
+        rid = request.id
+        if request.deadline is not None and request.deadline <= time.time():
+            ctx.stop("deadline")
+            await send(
+                Error(rid, "DeadlineExceeded", f"deadline passed before request {rid!r} started")
+            )
+            return
+        handler = self._handlers.get(request.endpoint)
+        if handler is None:
+            await send(Error(rid, "UnknownEndpoint", f"unknown endpoint {request.endpoint!r}"))
+            return
+        timer = None
+        if request.deadline is not None:
+            # Like asyncio.timeout, but the handler sees ctx.stop_reason == "deadline" together
+            # with its cancellation.
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            timer = loop.call_at(loop.time() + (request.deadline - time.time()), _expire, ctx, task)
+        try:
+            finished = await self._pump(handler, request, ctx, send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if ctx.stop_reason == "deadline" and task is not None and task.uncancel() == 0:
+                await send(Error(rid, "DeadlineExceeded", f"deadline passed while serving {rid!r}"))
+                return
+            if ctx.stop_reason == "shutdown":
+                # Tell the caller now rather than let it wait for the connection to drop.
+                await send(Error(rid, "StreamBroken", "worker shut down during the request"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler's error is reported to its caller
+            await send(error_frame(rid, exc))
+            return
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if finished:
+            await send(End(rid))
+
+    @staticmethod
+    async def _pump(
+        handler: Handler, request: Request, ctx: RequestContext, send: SendReply
+    ) -> bool:
+        """Run the handler, sending what it yields; False when the caller went away."""
+        rid = request.id
+        result = handler(request.payload, ctx)
+        if inspect.isawaitable(result):
+            value = await result
+            if value is None:
+                return True
+            if not await send(Chunk(rid, _as_bytes(value))):
+                ctx.stop("disconnected")
+                return False
+            return True
+        stream = cast(AsyncIterator[object], result)
+        try:
+            async for item in stream:
+                if not await send(Chunk(rid, _as_bytes(item))):
+                    ctx.stop("disconnected")
+                    return False
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return True
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Refuse new requests, let running ones finish for ``grace`` seconds, stop the rest.
+
+        Stopped requests see ``ctx.stop_reason == "shutdown"`` and task cancellation; their
+        callers receive a ``StreamBroken`` error.
+        """
+        self._accepting = False
+        if grace > 0 and self._active:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        tasks = [active.task for active in self._active.values()]
+        for key in list(self._active):
+            self.cancel(key, "shutdown")
+        tasks.extend(self._extra)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,743 @@
+"""The TCP request plane (the default): ZeroMQ ROUTER on the worker, pooled DEALERs on the caller.
+
+The worker binds one ROUTER socket on ``DYN_TCP_RPC_HOST``:``DYN_TCP_RPC_PORT`` (port 0 lets the
+OS pick; :attr:`TcpServer.address` reports the real one). A caller keeps up to
+``DYN_TCP_POOL_SIZE`` DEALER sockets per worker address and multiplexes many requests on each by
+request id. One message carries one codec frame (the ROUTER adds the peer identity).
+
+Performance: ``zmq.asyncio`` costs several times more per message than driving plain pyzmq
+sockets from the event loop, so each socket is registered with ``loop.add_reader(sock.FD)`` and
+drained with ``NOBLOCK`` while ``sock.EVENTS`` has ``POLLIN``. ZeroMQ's FD is edge-triggered and
+a ``send`` may consume its edge, so every send schedules one re-check of ``EVENTS``.
+
+Failures: ``ZMQ_MAXMSGSIZE`` makes libzmq disconnect a peer that sends an oversized message
+without touching other connections; the caller refuses an oversized request before sending it.
+A socket monitor reports handshakes (connect timeout) and disconnects (a dead worker fails its
+open streams with ``StreamBroken`` at once); ZMTP heartbeats catch silent peers. Only the event
+loop thread touches the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import ipaddress
+import itertools
+import logging
+import socket
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Final, cast
+
+import zmq
+
+from troupe.config import TcpConfig
+from troupe.errors import (
+    ConfigError,
+    ConnectionLost,
+    ConnectTimeout,
+    MessageTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    StreamBroken,
+    TransportClosed,
+    TransportError,
+)
+from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
+from troupe.transports._codec import Cancel, Chunk, End, Error, Reply, Request, decode, encode
+from troupe.transports._dispatch import SendReply
+from troupe.transports._net import (
+    WILDCARD_HOSTS,
+    advertised_host,
+    detect_host,
+    format_hostport,
+    split_address,
+)
+
+__all__ = ["SCHEME", "TcpClient", "TcpServer", "create_client", "create_server"]
+
+SCHEME: Final = "tcp"
+
+_log = logging.getLogger("troupe.transports.tcp")
+
+# ZMTP heartbeats: a peer silent for _HEARTBEAT_TIMEOUT_MS is disconnected (a crashed process is
+# normally seen at once through its closed socket; heartbeats catch frozen hosts and cut links).
+_HEARTBEAT_IVL_MS: Final = 1000
+_HEARTBEAT_TIMEOUT_MS: Final = 3000
+# Messages handled per reader callback before yielding to the rest of the loop.
+_DRAIN_BATCH: Final = 512
+# A caller opens another connection to the same worker (up to DYN_TCP_POOL_SIZE) once every
+# open one carries this many requests.
+_STREAMS_PER_CONNECTION: Final = 512
+# How long to wait between retries when a peer's queue is full (seconds).
+_BACKOFF_MIN: Final = 0.001
+_BACKOFF_MAX: Final = 0.05
+# Cancels remembered per connection, so late chunks of a cancelled stream send no new Cancel.
+_CANCELLED_MEMORY: Final = 1024
+_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# Callers remembered as disconnected, so replies still produced for them are dropped at once.
+_GONE_MEMORY: Final = 4096
+# Frames sent in one multipart message at most.
+_MAX_PARTS: Final = 256
+# Plain ints: pyzmq's enum wrappers cost more than the socket calls on this path.
+_EVENTS: Final = int(zmq.EVENTS)
+_POLLIN: Final = int(zmq.POLLIN)
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+
+
+def _resolve(host: str) -> str:
+    """An IP literal libzmq can bind: host names are resolved (libzmq binds interfaces/IPs)."""
+    if host in WILDCARD_HOSTS:
+        return "0.0.0.0" if host != "::" else "::"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            return socket.gethostbyname(host)
+        except OSError as exc:
+            raise ConfigError(
+                "DYN_TCP_RPC_HOST", host, f"a host name this machine resolves ({exc})"
+            ) from exc
+    return host
+
+
+def _is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+class _Pump:
+    """Drives one plain pyzmq socket from the event loop.
+
+    Reads: the reader callback drains every message while ``EVENTS`` has ``POLLIN``. Writes:
+    frames are queued per destination (the peer identity on a ROUTER, ``b""`` on a DEALER) and
+    flushed once per loop iteration, each destination's queue as one multipart message, so a
+    burst of replies or requests costs one ZeroMQ message instead of one each.
+    """
+
+    __slots__ = (
+        "_backoff",
+        "_flush_scheduled",
+        "_loop",
+        "_on_message",
+        "_on_unroutable",
+        "_queues",
+        "_retry",
+        "_room",
+        "_routed",
+        "check_scheduled",
+        "closed",
+        "limit",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: zmq.Socket[bytes],
+        on_message: Callable[[list[bytes]], None],
+        *,
+        routed: bool = False,
+        limit: int = 1,
+        on_unroutable: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._loop = loop
+        self.sock = sock
+        self._on_message = on_message
+        self._routed = routed
+        self.limit = limit
+        self._on_unroutable = on_unroutable
+        self._queues: dict[bytes, list[bytes]] = {}
+        self._room: dict[bytes, list[asyncio.Future[bool]]] = {}
+        self._flush_scheduled = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = _BACKOFF_MIN
+        self.check_scheduled = False
+        self.closed = False
+        loop.add_reader(sock.FD, self.drain)
+        self.schedule_check()  # events pending before the reader was added raise no edge
+
+    # --- reading ---
+
+    def schedule_check(self) -> None:
+        """Re-check ``EVENTS`` soon: a send may have consumed the FD's edge."""
+        if not self.check_scheduled:
+            self.check_scheduled = True
+            self._loop.call_soon(self.drain)
+
+    def drain(self) -> None:
+        """Handle every message the socket holds now (the reader callback)."""
+        self.check_scheduled = False
+        if self.closed:
+            return
+        sock = self.sock
+        handle = self._on_message
+        try:
+            for _ in range(_DRAIN_BATCH):
+                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+                    return
+                handle(sock.recv_multipart(_NOBLOCK))
+                if sock.closed:  # the handler closed the connection
+                    return
+        except zmq.Again:
+            return
+        except zmq.ZMQError as exc:
+            if sock.closed or exc.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                return
+            raise
+        self.schedule_check()  # more to read: let other callbacks run first
+
+    # --- writing ---
+
+    def put(self, dest: bytes, frame: bytes) -> None:
+        """Queue one encoded frame for ``dest``; it leaves with the next flush."""
+        queue = self._queues.get(dest)
+        if queue is None:
+            queue = self._queues[dest] = []
+        queue.append(frame)
+        if not self._flush_scheduled and self._retry is None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def backlog(self, dest: bytes) -> int:
+        """Frames queued for ``dest`` and not yet handed to ZeroMQ."""
+        queue = self._queues.get(dest)
+        return 0 if queue is None else len(queue)
+
+    async def room(self, dest: bytes, timeout: float | None) -> bool:
+        """Wait until fewer than ``limit`` frames are queued for ``dest``.
+
+        Returns:
+            True when there is room; False when ``dest`` became unreachable or the socket closed.
+
+        Raises:
+            TimeoutError: still full after ``timeout`` seconds.
+        """
+        if self.closed:
+            return False
+        if self.backlog(dest) < self.limit:
+            return True
+        waiter: asyncio.Future[bool] = self._loop.create_future()
+        waiters = self._room.get(dest)
+        if waiters is None:
+            waiters = self._room[dest] = []
+        waiters.append(waiter)
+        async with asyncio.timeout(timeout):
+            return await waiter
+
+    def _wake(self, dest: bytes, result: bool) -> None:
+        waiters = self._room.pop(dest, None)
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(result)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._retry = None
+        if self.closed:
+            return
+        sock = self.sock
+        routed = self._routed
+        blocked = False
+        unroutable: list[bytes] = []
+        queues = self._queues
+        for dest in list(queues):
+            frames = queues[dest]
+            while frames:
+                batch = frames[:_MAX_PARTS]
+                try:
+                    sock.send_multipart([dest, *batch] if routed else batch, _NOBLOCK, copy=False)
+                except zmq.Again:  # the peer's queue is full (SNDHWM): retry later
+                    blocked = True
+                    break
+                except zmq.ZMQError as exc:
+                    if sock.closed or exc.errno in (zmq.ENOTSOCK, zmq.ETERM):
+                        return
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        _log.warning("send failed: %s", exc)
+                    frames.clear()
+                    unroutable.append(dest)
+                    break
+                del frames[: len(batch)]
+            if not frames:
+                del queues[dest]
+            if dest in self._room and (not frames or len(frames) < self.limit):
+                self._wake(dest, dest not in unroutable)
+        if blocked:
+            self._retry = self._loop.call_later(self._backoff, self._flush)
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        else:
+            self._backoff = _BACKOFF_MIN
+        self.schedule_check()
+        if unroutable and self._on_unroutable is not None:
+            for dest in unroutable:
+                self._on_unroutable(dest)
+
+    def backlog_total(self) -> int:
+        """Frames queued for every destination."""
+        return sum(len(queue) for queue in self._queues.values())
+
+    def flush_now(self) -> None:
+        """Hand every queued frame to ZeroMQ now (what it accepts)."""
+        if self._retry is not None:
+            self._retry.cancel()
+        self._flush()
+
+    def close(self, linger: float = 0.0) -> None:
+        """Stop watching the socket and close it; queued frames are dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._queues.clear()
+        for dest in list(self._room):
+            self._wake(dest, False)
+        with contextlib.suppress(ValueError, OSError):  # the FD may already be gone
+            self._loop.remove_reader(self.sock.FD)
+        self.sock.close(linger=int(linger * 1000))
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+
+class TcpServer(Server):
+    """Serves endpoints on a ZeroMQ ROUTER socket.
+
+    Args:
+        config: host, port, message size limit and queue bound (``DYN_TCP_*``).
+    """
+
+    def __init__(self, config: TcpConfig | None = None) -> None:
+        super().__init__("tcp")
+        self._config = config if config is not None else TcpConfig()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pump: _Pump | None = None
+        self._address: str | None = None
+        self._closed = False
+        # Callers whose connection is gone (replies to them are dropped), oldest first.
+        self._gone: dict[bytes, None] = {}
+
+    @property
+    def address(self) -> str:
+        """``tcp://host:port`` as bound (a routable host when bound to every interface)."""
+        if self._address is None:
+            raise TransportError("TCP server is not started")
+        return self._address
+
+    async def start(self) -> None:
+        """Bind the ROUTER socket.
+
+        Raises:
+            ConfigError: the port is in use (names ``DYN_TCP_RPC_PORT``) or the host cannot be
+                bound (names ``DYN_TCP_RPC_HOST``).
+            TransportClosed: the server was closed.
+        """
+        if self._closed:
+            raise TransportClosed("TCP server is closed")
+        if self._pump is not None:
+            return
+        config = self._config
+        wanted = config.host if config.host is not None else detect_host()
+        host = _resolve(wanted)
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=1)
+        sock: zmq.Socket[bytes] | None = None
+        try:
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies fail, not vanish
+            sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
+            sock.setsockopt(zmq.SNDHWM, config.channel_buffer)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TTL, _HEARTBEAT_TIMEOUT_MS)
+            if _is_ipv6(host):
+                sock.setsockopt(zmq.IPV6, 1)
+            host_text = f"[{host}]" if _is_ipv6(host) else host
+            sock.bind(f"tcp://{host_text}:{config.port or '*'}")
+        except zmq.ZMQError as exc:
+            if sock is not None:
+                sock.close(linger=0)
+            ctx.term()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    "DYN_TCP_RPC_PORT",
+                    config.port,
+                    f"a free port: {format_hostport(host, config.port)} is already in use; "
+                    "choose another port, or unset DYN_TCP_RPC_PORT to let the OS pick one",
+                ) from exc
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
+                raise ConfigError(
+                    "DYN_TCP_RPC_HOST", wanted, f"an address this machine can bind ({exc})"
+                ) from exc
+            raise TransportError(f"cannot open the TCP server socket: {exc}") from exc
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        port = int(bound.rsplit(":", 1)[1])
+        self._ctx = ctx
+        self._pump = _Pump(
+            asyncio.get_running_loop(),
+            sock,
+            self._on_message,
+            routed=True,
+            limit=config.channel_buffer,
+            on_unroutable=self._on_unroutable,
+        )
+        self._address = f"tcp://{format_hostport(advertised_host(host), port)}"
+        _log.debug("TCP server listening on %s (bound %s)", self._address, bound)
+
+    def _on_message(self, parts: list[bytes]) -> None:
+        if len(parts) < 2:
+            return
+        identity = parts[0]
+        runner = self._runner
+        for data in itertools.islice(parts, 1, None):
+            try:
+                frame = decode(data)
+            except ProtocolError as exc:
+                _log.debug("dropping an undecodable frame: %s", exc)
+                continue
+            kind = type(frame)
+            if kind is Request:
+                assert isinstance(frame, Request)
+                runner.dispatch((identity, frame.id), frame, self._sender(identity, frame.id))
+            elif kind is Cancel:
+                runner.cancel((identity, frame.id))
+            else:
+                _log.debug("dropping an unexpected %s frame from a caller", kind.__name__)
+
+    def _on_unroutable(self, identity: bytes) -> None:
+        """A caller's connection is gone: stop everything it asked for."""
+        gone = self._gone
+        gone[identity] = None
+        if len(gone) > _GONE_MEMORY:
+            del gone[next(iter(gone))]
+        self._runner.cancel_where(
+            lambda key: isinstance(key, tuple) and key[0] == identity, "disconnected"
+        )
+
+    def _sender(self, identity: bytes, request_id: int | str) -> SendReply:
+        limit = self._config.max_message_size
+
+        async def send(frame: Reply) -> bool:
+            pump = self._pump
+            if pump is None or pump.closed or identity in self._gone:
+                return False
+            data = encode(frame)
+            ok = True
+            if len(data) > limit:
+                exc = MessageTooLarge(len(data), limit, variable="DYN_TCP_MAX_MESSAGE_SIZE")
+                data = encode(Error(request_id, "MessageTooLarge", str(exc)))
+                ok = False
+            pump.put(identity, data)
+            if pump.backlog(identity) >= pump.limit:
+                # The caller reads slower than the handler produces: wait for it.
+                ok = await pump.room(identity, None) and ok
+            return ok
+
+        return send
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop serving: running requests get ``grace`` seconds; then callers get StreamBroken."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._runner.close(grace)
+        pump, self._pump = self._pump, None
+        ctx, self._ctx = self._ctx, None
+        if pump is not None:
+            if pump.backlog_total():
+                pump.flush_now()
+            # With a grace period, let the last replies leave before the socket goes.
+            pump.close(linger=min(grace, 1.0))
+        if ctx is not None:
+            await asyncio.to_thread(ctx.term)
+
+
+# --- caller side -------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One DEALER socket to one worker, carrying many requests."""
+
+    def __init__(
+        self,
+        client: TcpClient,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        host: str,
+    ) -> None:
+        config = client.config
+        self.client = client
+        self.address = address
+        self.host = host
+        self.loop = asyncio.get_running_loop()
+        self.streams: weakref.WeakValueDictionary[int, ResponseStream] = (
+            weakref.WeakValueDictionary()
+        )
+        self.state = "connecting"
+        self._cancelled: dict[int, None] = {}
+        self.ready: asyncio.Future[None] = self.loop.create_future()
+        self.ready.add_done_callback(_consume_exception)
+        sock, monitor = _open_dealer(ctx, config, address, host)
+        self.pump = _Pump(self.loop, sock, self._on_message, limit=config.channel_buffer)
+        self.monitor = _Pump(self.loop, monitor, self._on_monitor)
+        self._timer: asyncio.TimerHandle | None = self.loop.call_later(
+            config.connect_timeout, self._connect_timed_out
+        )
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            error = ConnectionLost(f"cannot connect to {address}: {exc}", address=address)
+            self.close(error)
+            raise error from exc
+
+    # --- state ---
+
+    def _connect_timed_out(self) -> None:
+        self._timer = None
+        if self.state == "connecting":
+            self.close(ConnectTimeout(self.address, self.client.config.connect_timeout))
+
+    def _on_monitor(self, parts: list[bytes]) -> None:
+        if len(parts) < 2 or len(parts[0]) < 6:
+            return
+        event = int.from_bytes(parts[0][:2], "little")
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if self.state == "connecting":
+                self.state = "ready"
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                if not self.ready.done():
+                    self.ready.set_result(None)
+        elif event == zmq.EVENT_DISCONNECTED and self.state == "ready":
+            # Frames that arrived before the disconnect are still readable: deliver them first.
+            self.pump.drain()
+            self.close(
+                StreamBroken(
+                    f"connection to {self.address} lost during the request", address=self.address
+                )
+            )
+
+    def close(self, exc: TransportError) -> None:
+        """Fail everything on this connection with ``exc`` and drop it from the pool."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self.client._forget_connection(self)
+        for stream in list(self.streams.values()):
+            stream.fail(exc)
+        self.streams.clear()
+        with contextlib.suppress(zmq.ZMQError):
+            self.pump.sock.disable_monitor()
+        self.monitor.close()
+        self.pump.close()
+
+    # --- traffic ---
+
+    async def send(self, data: bytes) -> None:
+        """Queue one encoded frame, first waiting (up to the request timeout) while
+        ``DYN_TCP_CHANNEL_BUFFER`` frames are already queued."""
+        pump = self.pump
+        if pump.backlog(b"") >= pump.limit:
+            timeout = self.client.config.request_timeout
+            try:
+                room = await pump.room(b"", timeout)
+            except TimeoutError:
+                raise RequestTimeout(self.address, timeout) from None
+            if not room:
+                raise ConnectionLost(f"connection to {self.address} closed", address=self.address)
+        if self.state != "ready":
+            raise ConnectionLost(f"connection to {self.address} closed", address=self.address)
+        pump.put(b"", data)
+
+    def send_cancel(self, rid: int) -> None:
+        """Tell the worker to stop ``rid``; never blocks."""
+        cancelled = self._cancelled
+        cancelled[rid] = None
+        if len(cancelled) > _CANCELLED_MEMORY:
+            del cancelled[next(iter(cancelled))]
+        if self.state == "ready":
+            self.pump.put(b"", encode(Cancel(rid)))
+
+    def forget(self, rid: int) -> None:
+        """The stream ``rid`` expects no more frames."""
+        self.streams.pop(rid, None)
+
+    def _on_message(self, parts: list[bytes]) -> None:
+        streams = self.streams
+        for data in parts:
+            try:
+                frame = decode(data)
+            except ProtocolError as exc:
+                _log.debug("dropping an undecodable reply from %s: %s", self.address, exc)
+                continue
+            kind = type(frame)
+            if kind is not Chunk and kind is not End and kind is not Error:
+                continue
+            assert isinstance(frame, Chunk | End | Error)
+            rid = frame.id
+            stream = streams.get(rid) if type(rid) is int else None
+            if stream is not None:
+                stream.deliver(frame)
+            elif kind is Chunk and type(rid) is int and rid not in self._cancelled:
+                self.send_cancel(rid)  # nobody reads this stream any more
+
+
+def _open_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], config: TcpConfig, address: str, host: str
+) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """A configured DEALER socket and its monitor socket (not yet connected).
+
+    Raises:
+        ConnectionLost: ZeroMQ refused to create them (out of sockets or file descriptors).
+    """
+    sock = None
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Not ZMQ_IMMEDIATE: with it, libzmq discards replies received but not yet read when the
+        # connection drops, and the last frames of a worker that just shut down would be lost.
+        # Nothing is sent before the handshake anyway (requests wait for ``ready``).
+        sock.setsockopt(zmq.SNDHWM, config.channel_buffer)
+        sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_size)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, _HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(config.connect_timeout * 1000)))
+        if _is_ipv6(host):
+            sock.setsockopt(zmq.IPV6, 1)
+        return sock, sock.get_monitor_socket(_MONITOR_EVENTS)
+    except zmq.ZMQError as exc:
+        if sock is not None:
+            sock.close(linger=0)
+        raise ConnectionLost(f"cannot open a socket to {address}: {exc}", address=address) from exc
+
+
+def _consume_exception(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class TcpClient(Client):
+    """Calls workers over ZeroMQ; one pool of DEALER sockets per worker address.
+
+    Args:
+        config: pool size, timeouts, message size limit and queue bound (``DYN_TCP_*``).
+    """
+
+    def __init__(self, config: TcpConfig | None = None) -> None:
+        self.config = config if config is not None else TcpConfig()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._pools: dict[str, list[_Connection]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def _connection(self, address: str, host: str) -> _Connection:
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = self._pools[address] = []
+        best: _Connection | None = None
+        for conn in pool:
+            if best is None or len(conn.streams) < len(best.streams):
+                best = conn
+        if best is not None and (
+            len(best.streams) < _STREAMS_PER_CONNECTION or len(pool) >= self.config.pool_size
+        ):
+            return best
+        if self._ctx is None:
+            self._ctx = zmq.Context(io_threads=1)
+        conn = _Connection(self, self._ctx, address, host)
+        pool.append(conn)
+        return conn
+
+    def _forget_connection(self, conn: _Connection) -> None:
+        pool = self._pools.get(conn.address)
+        if pool is not None and conn in pool:
+            pool.remove(conn)
+            if not pool:
+                del self._pools[conn.address]
+
+    async def request(
+        self,
+        address: str,
+        endpoint: str,
+        payload: bytes,
+        *,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 0,
+    ) -> ResponseStream:
+        """Send a request to the worker at ``tcp://host:port``; see :meth:`Client.request`.
+
+        Raises:
+            MessageTooLarge: the encoded request exceeds ``DYN_TCP_MAX_MESSAGE_SIZE``.
+            ConnectTimeout: no connection within ``DYN_TCP_CONNECT_TIMEOUT``.
+            RequestTimeout: ``DYN_TCP_CHANNEL_BUFFER`` frames stayed queued for
+                ``DYN_TCP_REQUEST_TIMEOUT``.
+            ConnectionLost: the connection dropped while sending.
+            TransportClosed: the client is closed.
+        """
+        if self._closed:
+            raise TransportClosed("TCP client is closed", address=address)
+        pool = self._pools.get(address)
+        host = pool[0].host if pool else split_address(address, SCHEME)[0]
+        rid = next(self._ids)
+        data = encode(
+            Request(rid, endpoint, payload, deadline, dict(headers) if headers else {}, attempt)
+        )
+        limit = self.config.max_message_size
+        if len(data) > limit:
+            raise MessageTooLarge(
+                len(data), limit, address=address, variable="DYN_TCP_MAX_MESSAGE_SIZE"
+            )
+        conn = self._connection(address, host)
+        if conn.state == "connecting":
+            await asyncio.shield(conn.ready)
+        stream = ResponseStream(
+            rid,
+            address=address,
+            endpoint=endpoint,
+            cancel=functools.partial(conn.send_cancel, rid),
+            request_timeout=self.config.request_timeout,
+            deadline=deadline,
+            on_finish=functools.partial(conn.forget, rid),
+        )
+        conn.streams[rid] = stream
+        try:
+            await conn.send(data)
+        except BaseException:
+            conn.forget(rid)
+            raise
+        return stream
+
+    async def close(self) -> None:
+        """Fail open streams with ``TransportClosed`` and close every socket."""
+        if self._closed:
+            return
+        self._closed = True
+        for pool in list(self._pools.values()):
+            for conn in list(pool):
+                conn.close(TransportClosed("TCP client closed", address=conn.address))
+        self._pools.clear()
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            await asyncio.to_thread(ctx.term)
+
+
+def create_server(settings: TransportSettings) -> TcpServer:
+    """A TCP server configured by ``settings.request_plane.tcp``."""
+    return TcpServer(settings.request_plane.tcp)
+
+
+def create_client(settings: TransportSettings) -> TcpClient:
+    """A TCP client configured by ``settings.request_plane.tcp``."""
+    return TcpClient(settings.request_plane.tcp)
