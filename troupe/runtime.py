@@ -280,7 +280,7 @@ class Runtime:
         grace: float | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ActorRef[Health]:
-        """Serve ``handler`` for ``endpoint`` in this process; returns the WorkerActor's ref.
+        """Serve ``handler`` for ``endpoint``; returns the WorkerActor's ref once it serves.
 
         The handler takes ``(request, ctx)`` and is an async or sync function or generator. The
         instance is registered in discovery once the server listens, and unregistered first when
@@ -296,7 +296,7 @@ class Runtime:
         def register(ep: Endpoint, address: str) -> InstanceRecord:
             return self.register(ep.namespace, ep.component, ep.name, {plane: address}, metadata)
 
-        return self.system.spawn(
+        worker = self.system.spawn(
             lambda: WorkerActor(
                 ep,
                 handler,
@@ -309,6 +309,10 @@ class Runtime:
             ),
             name=f"WorkerActor-{ep.path}",
         )
+        # The ask is handled after started(): once it answers, the endpoint is installed and
+        # registered. A worker that failed to start raises ActorDead (the cause attached).
+        worker.ask(Health(), timeout=30)
+        return worker
 
     # --- actors --------------------------------------------------------------------------------
 

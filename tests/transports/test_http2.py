@@ -302,6 +302,40 @@ async def test_a_dropped_stream_is_cancelled_at_its_next_chunk(
     assert reasons == ["cancelled"]
 
 
+async def test_idle_connections_are_retired_and_replaced(server: Http2Server) -> None:
+    release = asyncio.Event()
+
+    async def held(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        await release.wait()
+
+    server.add_endpoint("held", held)
+
+    def live(of: Http2Client) -> int:  # white-box: connections the client still holds
+        return sum(len(pool.live) for pool in of._pools.values())
+
+    client = Http2Client(http2=Http2Config(pool_idle_timeout=0.2))
+    # One stream per connection, and at most one idle connection kept.
+    narrow = Http2Client(http2=Http2Config(max_concurrent_streams=1, pool_max_idle_per_host=1))
+    try:
+        assert await (await client.request(server.address, "echo", b"1")).collect() == [b"1"]
+        assert live(client) == 1
+        await eventually_async(lambda: live(client) == 0, what="idle connection closed")
+        assert await (await client.request(server.address, "echo", b"2")).collect() == [b"2"]
+
+        streams = [await narrow.request(server.address, "held", b"") for _ in range(3)]
+        for stream in streams:
+            assert await anext(stream) == b"first"
+        assert live(narrow) == 3
+        release.set()
+        for stream in streams:
+            assert await stream.collect() == []
+        await eventually_async(lambda: live(narrow) == 1, what="extra idle connections closed")
+    finally:
+        await client.close()
+        await narrow.close()
+
+
 # --- addresses and ports ---------------------------------------------------------------------
 
 

@@ -152,7 +152,7 @@ class WorkerActor(Actor[Health]):
 
     async def _serve(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         """The transport-level handler: admission, decoding, the user handler, encoding."""
-        if self.state != "serving":
+        if self.state in ("draining", "stopped"):
             raise Overloaded(self.endpoint.path)
         if self._max_inflight and self._inflight >= self._max_inflight:
             raise Overloaded(self.endpoint.path, self._max_inflight)

@@ -723,6 +723,7 @@ class _Connection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._failure: _Failure | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<HTTP/2 connection to {self.authority} {self.state} streams={len(self._sinks)}>"
@@ -830,11 +831,9 @@ class _Connection(asyncio.Protocol):
         self._fail_all(
             self._failure or (StreamBroken, f"connection to {self.authority} lost{detail}")
         )
-        self.state = _CLOSED
         self._transport = None
         self._pool.forget(self)
-        if not self.gone.done():
-            self.gone.set_result(None)
+        self._gone()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -1073,13 +1072,15 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close politely: GOAWAY, then the socket. Streams still open fail."""
-        if self.state == _CLOSED:
+        if self.state == _CLOSED or self._closing:
             return
+        self._closing = True
         self.state = _DRAINING
         self._pool.forget(self)
         transport = self._transport
         if transport is None:
             self._fail_all(self._failure or (ConnectionLost, "connection closed"))
+            self._gone()
             return
         try:
             self._h2.close_connection()
@@ -1087,6 +1088,11 @@ class _Connection(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             pass
         transport.close()
+
+    def _gone(self) -> None:
+        self.state = _CLOSED
+        if not self.gone.done():
+            self.gone.set_result(None)
 
     def abort(self, failure: _Failure) -> None:
         """Drop the connection at once: every open stream fails with ``failure`` now."""
@@ -1096,9 +1102,8 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is not None:
             transport.abort()
-        elif not self.gone.done():
-            self.state = _CLOSED
-            self.gone.set_result(None)
+        else:
+            self._gone()
 
 
 def _consume_exception(future: asyncio.Future[None]) -> None:
