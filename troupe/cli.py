@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from troupe import _cli_discovery
+from troupe import _cli_discovery, _cli_serve
 from troupe._version import __version__
 from troupe.config import Config, format_table
 from troupe.errors import ConfigError, TroupeError
@@ -40,6 +40,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cmd_config,
         _no_arguments,
         "print the effective configuration resolved from the environment",
+    ),
+    "worker": (
+        _cli_serve.cmd_worker,
+        _cli_serve.add_worker_arguments,
+        "serve HANDLER (module:function) on ENDPOINT; --workers N for N processes",
     ),
     "instances": (
         _cli_discovery.cmd_instances,

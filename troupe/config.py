@@ -1168,6 +1168,16 @@ class Config:
                 env[setting.variable] = text
         return env
 
+    def child_environment(self) -> dict[str, str]:
+        """The environment for a child process that should run with this config.
+
+        This process's environment (PATH, PYTHONPATH, ...) minus every variable troupe reads,
+        plus :meth:`to_env`: the child resolves exactly this config, whatever was set here.
+        """
+        ours = {setting.variable for setting in SETTINGS}
+        inherited = {k: v for k, v in os.environ.items() if k not in ours}
+        return inherited | self.to_env()
+
 
 def _as(value: object, cls: type[_T]) -> _T:
     assert isinstance(value, cls)

@@ -11,6 +11,7 @@ every thread joined.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import types
 from collections.abc import Callable
@@ -18,10 +19,12 @@ from typing import Any, TypeVar
 
 from troupe._clock import Clock, SystemClock
 from troupe._endpoint import Endpoint, Namespace, parse_endpoint
+from troupe._handlers import handler_spec
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
-from troupe.actors import Actor, ActorRef, ActorSystem
+from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, ChildSpec, Intensity, Supervisor
 from troupe.actors._lease import LeaseActor, Register, Unregister
+from troupe.actors._process import ProcessActor
 from troupe.actors._worker import Health, WorkerActor
 from troupe.config import Config
 from troupe.discovery import (
@@ -313,6 +316,49 @@ class Runtime:
         # registered. A worker that failed to start raises ActorDead (the cause attached).
         worker.ask(Health(), timeout=30)
         return worker
+
+    def spawn_workers(
+        self,
+        endpoint: str | Endpoint,
+        handler: Callable[..., Any] | str,
+        processes: int = 2,
+        *,
+        max_inflight: int | None = None,
+        model: str | None = None,
+        intensity: Intensity | None = None,
+        backoff: Backoff | None = None,
+    ) -> ActorRef[Any]:
+        """Start ``processes`` worker processes serving ``handler``, under a supervisor.
+
+        Each process runs ``troupe worker`` with this runtime's configuration and its own
+        runtime. A process that crashes is restarted (``one_for_one``, with ``intensity`` and
+        ``backoff``); all of them stop (SIGTERM: unregister, drain) with this runtime. The
+        handler must be importable by a fresh interpreter: a module-level function, or a
+        ``"module:function"`` / ``"path/to/file.py:function"`` string.
+
+        Returns the supervisor's ref (ask it ``WhichChildren()`` for the processes).
+        """
+        self._require_running()
+        ep = parse_endpoint(endpoint)
+        if processes < 1:
+            raise ConfigError("processes", processes, "an integer >= 1")
+        argv = [sys.executable, "-m", "troupe", "worker", ep.path, handler_spec(handler)]
+        if max_inflight is not None:
+            argv += ["--max-inflight", str(max_inflight)]
+        if model is not None:
+            argv += ["--model", model]
+        env = self.config.child_environment()
+        children = [
+            ChildSpec(f"worker-{n}", lambda: ProcessActor(argv, env)) for n in range(processes)
+        ]
+        return self.system.spawn(
+            lambda: Supervisor(
+                children,
+                intensity=intensity or Intensity(max_restarts=5, within=30.0),
+                backoff=backoff or Backoff(min=0.2, max=5.0, jitter=0.2),
+            ),
+            name=f"workers-{ep.path}",
+        )
 
     # --- actors --------------------------------------------------------------------------------
 

@@ -1,3 +1,34 @@
-"""Built-in demo code: what ``make demo`` runs, and handlers anyone can serve to try troupe."""
+"""Built-in demo code: what ``make demo`` runs, and handlers anyone can serve to try troupe.
 
-__all__: list[str] = []
+    troupe worker demo.backend.words troupe.demo:words
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from troupe.errors import ConfigError
+from troupe.transports import RequestContext
+
+__all__ = ["words"]
+
+
+async def words(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    """Stream back the words of ``request["text"]``, one chunk each.
+
+    ``request["delay"]`` (seconds, optional) is waited between words. Stops early when the
+    caller goes away. Each chunk says which attempt served it (``ctx.attempt``).
+    """
+    if not isinstance(request, dict) or not isinstance(request.get("text"), str):
+        raise ConfigError("request", request, 'a JSON object like {"text": "hello world"}')
+    delay = request.get("delay", 0)
+    if not isinstance(delay, int | float) or delay < 0:
+        raise ConfigError("request.delay", delay, "seconds >= 0")
+    for index, word in enumerate(request["text"].split()):
+        if ctx.is_stopped():
+            return
+        if delay and index:
+            await asyncio.sleep(delay)
+        yield {"index": index, "word": word, "attempt": ctx.attempt}

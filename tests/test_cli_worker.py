@@ -1,0 +1,162 @@
+"""`troupe worker` and Runtime.spawn_workers: serving from the command line, in processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from troupe import Config, Runtime
+from troupe._handlers import handler_spec, load_handler
+from troupe._payload import decode_payload, encode_payload
+from troupe.demo import words
+from troupe.discovery import InstanceRecord, decode_record, endpoint_prefix
+from troupe.errors import ConfigError
+from troupe.testing._wait import eventually
+
+PREFIX = endpoint_prefix("demo", "backend", "words")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    return clean | {
+        "DYN_DISCOVERY_BACKEND": "file",
+        "DYN_FILE_KV": str(tmp_path / "kv"),
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "DYN_LEASE_TTL": "1",
+        "DYN_LOG": "warning",
+    }
+
+
+@pytest.fixture
+def rt(env: dict[str, str]) -> Iterator[Runtime]:
+    with Runtime(Config.from_env(env), handle_signals=False) as runtime:
+        yield runtime
+
+
+def records(rt: Runtime) -> list[InstanceRecord]:
+    items, _ = rt.io.run(rt.store.list(PREFIX), timeout=5)
+    return [decode_record(kv.value, key=kv.key) for kv in items]
+
+
+def call(rt: Runtime, record: InstanceRecord, request: Any) -> list[Any]:
+    address = record.transport["tcp"]
+
+    async def go() -> list[Any]:
+        client = rt.network.client_for(address)
+        stream = await client.request(address, "demo.backend.words", encode_payload(request))
+        return [decode_payload(c) async for c in stream]
+
+    return rt.io.run(go(), timeout=10)
+
+
+def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troupe",
+            "worker",
+            "demo.backend.words",
+            "troupe.demo:words",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_worker_command_serves_registers_and_stops_cleanly(
+    env: dict[str, str], rt: Runtime
+) -> None:
+    proc = start_worker(env, "--model", "tiny")
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline()
+        assert "serving demo.backend.words at tcp://127.0.0.1:" in banner, banner
+        [record] = eventually(lambda: records(rt))
+        assert record.metadata == {"model": "tiny"}
+        assert record.pid == proc.pid
+        chunks = call(rt, record, {"text": "hello troupe world"})
+        assert [c["word"] for c in chunks] == ["hello", "troupe", "world"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert records(rt) == []  # unregistered on the way out, not left to expire
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_handler_is_one_line(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "troupe", "worker", "demo.backend.words", "troupe.demo:nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "HANDLER" in result.stderr
+    assert "nope" in result.stderr
+
+
+def test_workers_are_supervised_processes(env: dict[str, str], rt: Runtime) -> None:
+    proc = start_worker(env, "--workers", "2")
+    try:
+        first = eventually(lambda: (r := records(rt)) and len(r) == 2 and r, timeout=20)
+        pids = {r.pid for r in first}
+        assert proc.pid not in pids  # the parent only supervises
+        victim = first[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        replaced = eventually(
+            lambda: (
+                (r := records(rt)) and len(r) == 2 and victim.pid not in {x.pid for x in r} and r
+            ),
+            timeout=20,
+            what="a replacement worker registered and the dead one expired",
+        )
+        assert all(call(rt, r, {"text": "still here"}) for r in replaced)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert records(rt) == []
+        for r in replaced:
+            with pytest.raises(ProcessLookupError):
+                os.kill(r.pid, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_load_handler_forms(tmp_path: Path) -> None:
+    assert load_handler("troupe.demo:words") is words
+    script = tmp_path / "my_worker.py"
+    script.write_text(
+        "import sys\n"
+        "def echo(request, ctx):\n    return request\n"
+        "if __name__ == '__main__':\n    sys.exit('must not run on import')\n"
+    )
+    echo = load_handler(f"{script}:echo")
+    assert echo("x", None) == "x"
+    assert handler_spec(words) == "troupe.demo:words"
+    assert handler_spec("troupe.demo:words") == "troupe.demo:words"
+    for bad in (
+        "troupe.demo",
+        "no_such_module_xyz:f",
+        f"{tmp_path}/missing.py:f",
+        "troupe:__version__",
+    ):
+        with pytest.raises(ConfigError):
+            load_handler(bad)
+    with pytest.raises(ConfigError):
+        handler_spec(lambda request, ctx: request)
