@@ -1,6 +1,6 @@
 """Built-in demo code: what ``make demo`` runs, and handlers anyone can serve to try troupe.
 
-    troupe worker demo.backend.words troupe.demo:words
+troupe worker demo.backend.words troupe.demo:words
 """
 
 from __future__ import annotations
