@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,3 +161,49 @@ def test_load_handler_forms(tmp_path: Path) -> None:
             load_handler(bad)
     with pytest.raises(ConfigError):
         handler_spec(lambda request, ctx: request)
+
+
+def troupe_call(env: dict[str, str], *args: str, stdin: str | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "troupe", "call", "demo.backend.words", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_call_prints_chunks_as_json_lines(env: dict[str, str], rt: Runtime) -> None:
+    proc = start_worker(env)
+    try:
+        [record] = eventually(lambda: records(rt))
+        result = troupe_call(env, '{"text": "one two"}')
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [line["word"] for line in lines] == ["one", "two"]
+        big = json.dumps({"text": "w " * 50_000})
+        piped = troupe_call(env, "-", "--instance", record.instance_id, stdin=big)
+        assert piped.returncode == 0, piped.stderr
+        assert len(piped.stdout.splitlines()) == 50_000
+        twice = troupe_call(env, '{"text": "x"}', "--count", "2", "--policy", "random")
+        assert len(twice.stdout.splitlines()) == 2
+        for bad in (["not json"], ['{"text": "x"}', "--instance", "ffffffffffffffff"]):
+            failed = troupe_call(env, *bad)
+            assert failed.returncode != 0
+            assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+            assert "Traceback" not in failed.stderr
+        remote = troupe_call(env, '{"no": "text"}')
+        assert remote.returncode == 1
+        assert "ConfigError" in remote.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_call_without_instances_fails_in_one_line(env: dict[str, str]) -> None:
+    result = troupe_call(env, '{"text": "x"}', "--wait", "0")
+    assert result.returncode == 1
+    assert "no instances" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -9,6 +9,13 @@ import pytest
 EXPECTED = {
     "troupe": {"Config", "Runtime", "__version__"},
     "troupe.actors": {
+        "POLICIES",
+        "ProcessActor",
+        "Router",
+        "RouterActor",
+        "RouterSnapshot",
+        "SetAside",
+        "WorkerActor",
         "Actor",
         "ActorRef",
         "Joined",

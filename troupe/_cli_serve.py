@@ -1,8 +1,9 @@
-"""``troupe worker``: serve a handler on an endpoint, in this process or in N supervised ones."""
+"""``troupe worker`` (serve a handler, in this process or N supervised ones) and ``troupe call``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from troupe._handlers import load_handler
@@ -10,7 +11,7 @@ from troupe.config import Config
 from troupe.errors import ConfigError
 from troupe.runtime import Runtime
 
-__all__ = ["add_worker_arguments", "cmd_worker"]
+__all__ = ["add_call_arguments", "add_worker_arguments", "cmd_call", "cmd_worker"]
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,4 +62,52 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
                 flush=True,
             )
         rt.wait_for_shutdown()
+    return 0
+
+
+def add_call_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``call`` subcommand's options."""
+    parser.add_argument("endpoint", metavar="ENDPOINT", help="ns.component.endpoint (or dyn://…)")
+    parser.add_argument(
+        "request",
+        metavar="JSON",
+        nargs="?",
+        default="null",
+        help="the request as JSON, or - to read it from standard input (for large ones)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="round_robin",
+        choices=("round_robin", "random", "least_loaded"),
+        help="how to pick an instance",
+    )
+    parser.add_argument("--instance", default=None, metavar="ID", help="send to this instance")
+    parser.add_argument(
+        "--count", type=int, default=1, metavar="N", help="send the request N times"
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for a first instance (0: fail at once)",
+    )
+
+
+def cmd_call(args: argparse.Namespace, config: Config) -> int:
+    """Send the request and print each chunk as one JSON line."""
+    text = sys.stdin.read() if args.request == "-" else args.request
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("JSON", text[:80], f"a JSON document ({exc.msg})") from exc
+    if args.count < 1:
+        raise ConfigError("--count", args.count, "an integer >= 1")
+    with Runtime(config) as rt:
+        router = rt.router(rt.endpoint(args.endpoint), policy=args.policy)
+        if args.wait > 0:
+            router.wait_for_instances_sync(timeout=args.wait)
+        for _ in range(args.count):
+            for chunk in router.generate_sync(request, instance_id=args.instance):
+                print(json.dumps(chunk, default=repr), flush=True)
     return 0

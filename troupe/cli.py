@@ -46,6 +46,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cli_serve.add_worker_arguments,
         "serve HANDLER (module:function) on ENDPOINT; --workers N for N processes",
     ),
+    "call": (
+        _cli_serve.cmd_call,
+        _cli_serve.add_call_arguments,
+        "send a request to ENDPOINT and print each streamed chunk as a JSON line",
+    ),
     "instances": (
         _cli_discovery.cmd_instances,
         _cli_discovery.add_arguments,

@@ -25,6 +25,7 @@ from troupe._logging import configure_logging, get_logger
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, ChildSpec, Intensity, Supervisor
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._process import ProcessActor
+from troupe.actors._router import Router, spawn_router
 from troupe.actors._worker import Health, WorkerActor
 from troupe.config import Config
 from troupe.discovery import (
@@ -74,6 +75,7 @@ class Runtime:
         self._lease: ActorRef[Any] | None = None
         self._network: NetworkManager | None = None
         self._server: Server | None = None
+        self._routers: list[Router] = []
         self._owns_clock = clock is None
         self.clock: Clock = clock if clock is not None else SystemClock("troupe-clock")
         self.io = IOLoop("troupe-io")
@@ -124,6 +126,8 @@ class Runtime:
             self._state = "closed"
         self._shutdown.set()
         if was_running:
+            for router in self._routers:
+                router.close(timeout=timeout)
             self.system.shutdown(timeout=timeout)  # workers drain; the LeaseActor revokes
             for closing in (self._server, self._network):
                 if closing is not None:
@@ -316,6 +320,35 @@ class Runtime:
         # registered. A worker that failed to start raises ActorDead (the cause attached).
         worker.ask(Health(), timeout=30)
         return worker
+
+    def router(
+        self,
+        endpoint: str | Endpoint,
+        *,
+        policy: str = "round_robin",
+        migration_limit: int = 0,
+        set_aside_for: float = 5.0,
+    ) -> Router:
+        """A router over the live instances of ``endpoint``, fed by a WatcherActor.
+
+        Policies: ``round_robin``, ``random``, ``least_loaded``; ``generate(...,
+        instance_id=...)`` sends to one instance directly. An instance that fails to connect
+        or breaks a stream is set aside for ``set_aside_for`` seconds; with ``migration_limit=k``
+        a broken request is re-sent to another instance up to k times. See docs/routing.md.
+        """
+        self._require_running()
+        router = spawn_router(
+            self.system,
+            self.store,
+            self.network,
+            self.io,
+            parse_endpoint(endpoint),
+            policy=policy,
+            migration_limit=migration_limit,
+            set_aside_for=set_aside_for,
+        )
+        self._routers.append(router)
+        return router
 
     def spawn_workers(
         self,

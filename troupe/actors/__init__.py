@@ -6,6 +6,8 @@ package holds the core they are built on.
 
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef, Reply
 from troupe.actors._lease import LeaseActor, LeaseInfo, Register, Unregister
+from troupe.actors._process import ProcessActor
+from troupe.actors._router import POLICIES, Router, RouterActor, RouterSnapshot, SetAside
 from troupe.actors._supervisor import (
     Backoff,
     ChildInfo,
@@ -20,8 +22,10 @@ from troupe.actors._supervisor import (
 )
 from troupe.actors._system import ActorSystem
 from troupe.actors._watcher import Joined, Left, Subscribe, Unsubscribe, WatcherActor
+from troupe.actors._worker import WorkerActor
 
 __all__ = [
+    "POLICIES",
     "Actor",
     "ActorRef",
     "ActorSystem",
@@ -36,9 +40,14 @@ __all__ = [
     "LeaseInfo",
     "Left",
     "MonitorRef",
+    "ProcessActor",
     "Register",
     "Reply",
     "RestartType",
+    "Router",
+    "RouterActor",
+    "RouterSnapshot",
+    "SetAside",
     "StartChild",
     "Strategy",
     "Subscribe",
@@ -48,4 +57,5 @@ __all__ = [
     "Unsubscribe",
     "WatcherActor",
     "WhichChildren",
+    "WorkerActor",
 ]

@@ -1,0 +1,439 @@
+"""RouterActor and Router: policies, snapshots, set-aside, migration, and the loop bridges.
+
+Workers are separate Runtimes sharing one MemoryKvServer with the frontend, so each has its own
+instance id and lease: in-process servers (on the frontend's I/O loop, the in-process transport
+needs one loop) or real TCP servers on 127.0.0.1 (``Runtime.serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from troupe import Config, Runtime
+from troupe._clock import VirtualClock
+from troupe._payload import decode_payload, encode_payload
+from troupe.actors import Actor, ActorSystem, Joined, Left, Subscribe
+from troupe.actors._router import (
+    Router,
+    RouterActor,
+    SetAside,
+    SnapshotHolder,
+    choose_address,
+    spawn_router,
+)
+from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig
+from troupe.discovery import InstanceRecord, MemoryKvServer
+from troupe.errors import ConfigError, InstanceNotFound, NoInstances, StreamBroken, TroupeError
+from troupe.testing._wait import eventually
+from troupe.transports import InprocRegistry, InprocServer, NetworkManager, RequestContext
+
+NS, COMP, NAME = "ns", "comp", "ep"
+EP = f"{NS}.{COMP}.{NAME}"
+PLANE = RequestPlaneConfig(plane="tcp", tcp=TcpConfig(host="127.0.0.1", connect_timeout=0.5))
+CONFIG = Config(discovery=DiscoveryConfig(kv_store="memory"), request_plane=PLANE)
+
+UserHandler = Callable[[Any, RequestContext], AsyncIterator[Any]]
+
+
+def adapt(handler: UserHandler) -> Callable[[bytes, RequestContext], AsyncIterator[bytes]]:
+    """A transport-level handler (bytes in, bytes out) from an object-level one."""
+
+    async def serve(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        async for item in handler(decode_payload(payload), ctx):
+            yield encode_payload(item)
+
+    return serve
+
+
+@dataclass
+class Worker:
+    rt: Runtime
+    server: Any
+    io: Any
+    seen: list[tuple[str, int]] = field(default_factory=list)  # (request kind, ctx.attempt)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    stop_reason: list[str | None] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.rt.instance_id
+
+    def kill(self) -> None:
+        """Close the worker's server abruptly; its registration stays (as after a hang)."""
+        self.io.run(self.server.close(), timeout=10)
+
+
+def behaviour(worker_box: list[Worker]) -> UserHandler:
+    """What every test worker does, by request kind.
+
+    ``"who"``: yields the worker's id. ``"count"``: yields 0..n-1. ``"hang"``: yields its id, then
+    waits until stopped. ``"resume"``: on attempt 0 yields its id and hangs; later attempts yield
+    ``("rest", id, attempt)``.
+    """
+
+    async def handler(request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
+        worker = worker_box[0]
+        kind = request["kind"]
+        worker.seen.append((kind, ctx.attempt))
+        if kind == "who":
+            yield worker.id
+        elif kind == "count":
+            for i in range(request["n"]):
+                yield i
+        elif kind == "hang" or (kind == "resume" and ctx.attempt == 0):
+            yield worker.id
+            try:
+                await ctx.wait_stopped()
+            finally:
+                worker.stop_reason.append(ctx.stop_reason)
+                worker.stopped.set()
+        else:
+            yield ("rest", worker.id, ctx.attempt)
+
+    return handler
+
+
+class Cluster:
+    """A frontend runtime plus workers registered under ``ns/comp/ep``."""
+
+    def __init__(self) -> None:
+        self.kv = MemoryKvServer()
+        self.rt = Runtime(CONFIG, handle_signals=False, memory_server=self.kv).start()
+        self.registry = InprocRegistry()
+        self.net = NetworkManager(PLANE, inproc=self.registry)
+        self.workers: list[Worker] = []
+        self.routers: list[Router] = []
+
+    def _runtime(self) -> Runtime:
+        return Runtime(CONFIG, handle_signals=False, memory_server=self.kv).start()
+
+    def inproc_worker(self) -> Worker:
+        wrt = self._runtime()
+        box: list[Worker] = []
+        server = InprocServer(self.registry)
+
+        async def start() -> None:
+            server.add_endpoint(EP, adapt(behaviour(box)))
+            await server.start()
+
+        self.rt.io.run(start(), timeout=5)
+        box.append(Worker(wrt, server, self.rt.io))
+        self.workers.append(box[0])
+        wrt.register(NS, COMP, NAME, {"inproc": server.address})
+        return box[0]
+
+    def tcp_worker(self) -> Worker:
+        wrt = self._runtime()
+        box: list[Worker] = []
+        handler = behaviour(box)
+
+        async def serve(request: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+            async for item in handler(request, ctx):
+                yield item
+
+        box.append(Worker(wrt, None, wrt.io))
+        self.workers.append(box[0])
+        wrt.serve(EP, serve, grace=0.0)
+        box[0].server = wrt.server()
+        return box[0]
+
+    def router(self, *, expect: int, **kwargs: Any) -> Router:
+        router = spawn_router(self.rt.system, self.rt.store, self.net, self.rt.io, EP, **kwargs)
+        self.routers.append(router)
+        eventually(lambda: len(router.instance_ids()) == expect, what=f"{expect} instances")
+        return router
+
+    def close(self) -> None:
+        for router in self.routers:
+            router.close()
+        for worker in self.workers:
+            worker.rt.close()
+        for worker in self.workers:
+            if isinstance(worker.server, InprocServer):
+                self.rt.io.run(worker.server.close(), timeout=5)
+        self.rt.io.run(self.net.close(), timeout=5)
+        self.rt.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def call(router: Router, kind: str = "who", **kw: Any) -> list[Any]:
+    instance_id = kw.pop("instance_id", None)
+    return list(router.generate_sync({"kind": kind, **kw}, instance_id=instance_id))
+
+
+# --- policies ------------------------------------------------------------------------------------
+
+
+def test_round_robin_visits_each_of_three_once_per_three_calls(cluster: Cluster) -> None:
+    ids = {cluster.inproc_worker().id for _ in range(3)}
+    router = cluster.router(expect=3, policy="round_robin")
+    served = [call(router)[0] for _ in range(9)]
+    for start in (0, 3, 6):
+        assert set(served[start : start + 3]) == ids
+    assert served[0:3] == served[3:6] == served[6:9]
+
+
+def test_direct_routing_and_unknown_instance_fails_at_once(cluster: Cluster) -> None:
+    a, b = cluster.inproc_worker(), cluster.inproc_worker()
+    router = cluster.router(expect=2)
+    assert call(router, instance_id=b.id) == [b.id]
+    assert call(router, instance_id=a.id) == [a.id]
+    with pytest.raises(InstanceNotFound) as info:
+        call(router, instance_id="0123456789abcdef")
+    assert info.value.instance_id == "0123456789abcdef"
+    assert a.seen == [("who", 0)]  # nothing was sent for the unknown id
+
+
+def test_least_loaded_prefers_the_idle_instance(cluster: Cluster) -> None:
+    a, b = cluster.inproc_worker(), cluster.inproc_worker()
+    router = cluster.router(expect=2, policy="least_loaded")
+    hanging = router.generate_sync({"kind": "hang"})
+    busy = next(hanging)
+    idle = b.id if busy == a.id else a.id
+    assert [call(router)[0] for _ in range(10)] == [idle] * 10
+    hanging.close()  # cancels the request
+    busy_worker = a if busy == a.id else b
+    assert busy_worker.stopped.wait(5)
+    assert busy_worker.stop_reason == ["cancelled"]
+
+
+def test_random_policy_reaches_every_instance(cluster: Cluster) -> None:
+    ids = {cluster.inproc_worker().id for _ in range(2)}
+    router = cluster.router(expect=2, policy="random")
+    served: set[str] = set()
+    eventually(lambda: served.add(call(router)[0]) or served == ids)
+
+
+def test_unknown_policy_is_a_config_error(cluster: Cluster) -> None:
+    with pytest.raises(ConfigError) as info:
+        spawn_router(
+            cluster.rt.system, cluster.rt.store, cluster.net, cluster.rt.io, EP, policy="x"
+        )
+    assert "round_robin" in str(info.value)
+    with pytest.raises(ConfigError):
+        spawn_router(
+            cluster.rt.system, cluster.rt.store, cluster.net, cluster.rt.io, EP, migration_limit=-1
+        )
+
+
+# --- membership ----------------------------------------------------------------------------------
+
+
+def test_no_instances_fails_at_once_then_wait_for_instances_succeeds(cluster: Cluster) -> None:
+    router = cluster.router(expect=0)
+    with pytest.raises(NoInstances) as info:
+        call(router)
+    assert info.value.endpoint == EP
+    with pytest.raises(NoInstances):
+        router.wait_for_instances_sync(timeout=0.05)
+    waiting = cluster.rt.io.submit(router.wait_for_instances(timeout=5))
+    waiting_sync: list[list[str]] = []
+    thread = threading.Thread(
+        target=lambda: waiting_sync.append(router.wait_for_instances_sync(5)), name="waiter"
+    )
+    thread.start()
+    worker = cluster.inproc_worker()
+    assert waiting.result(5) == [worker.id]
+    thread.join(5)
+    assert waiting_sync == [[worker.id]]
+    assert call(router) == [worker.id]
+
+
+def test_left_removes_the_instance_at_once(cluster: Cluster) -> None:
+    a, b = cluster.inproc_worker(), cluster.inproc_worker()
+    router = cluster.router(expect=2)
+    a.rt.close()  # the clean stop revokes its lease: Left
+    eventually(lambda: router.instance_ids() == [b.id])
+    assert [call(router)[0] for _ in range(4)] == [b.id] * 4
+    assert a.seen == []
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+def test_killed_worker_gives_a_typed_error_and_is_set_aside(cluster: Cluster) -> None:
+    a, b = cluster.tcp_worker(), cluster.tcp_worker()
+    router = cluster.router(expect=2, set_aside_for=30.0)
+    stream = router.generate_sync({"kind": "hang"})
+    victim_id = next(stream)
+    victim, survivor = (a, b) if victim_id == a.id else (b, a)
+    victim.kill()
+    with pytest.raises(StreamBroken):
+        next(stream)
+    eventually(lambda: victim.id in router.snapshot.set_aside)
+    assert router.instance_ids() == sorted([a.id, b.id])  # still registered, only set aside
+    assert [call(router)[0] for _ in range(4)] == [survivor.id] * 4
+
+
+def test_migration_completes_a_broken_stream_on_another_instance(cluster: Cluster) -> None:
+    a, b = cluster.tcp_worker(), cluster.tcp_worker()
+    router = cluster.router(expect=2, migration_limit=2)
+    stream = router.generate_sync({"kind": "resume"})
+    first = next(stream)
+    victim, survivor = (a, b) if first == a.id else (b, a)
+    victim.kill()
+    assert list(stream) == [["rest", survivor.id, 1]]  # msgpack turns tuples into lists
+    assert survivor.seen == [("resume", 1)]
+    assert victim.seen == [("resume", 0)]
+    eventually(lambda: victim.id in router.snapshot.set_aside)
+
+
+def test_migration_gives_up_when_no_other_instance_is_left(cluster: Cluster) -> None:
+    only = cluster.tcp_worker()
+    router = cluster.router(expect=1, migration_limit=2)
+    stream = router.generate_sync({"kind": "resume"})
+    assert next(stream) == only.id
+    only.kill()
+    with pytest.raises(StreamBroken):
+        next(stream)
+
+
+# --- the bridges ---------------------------------------------------------------------------------
+
+
+async def test_generate_from_a_foreign_loop_streams_and_cancels(cluster: Cluster) -> None:
+    worker = await asyncio.to_thread(cluster.inproc_worker)
+    router = await asyncio.to_thread(cluster.router, expect=1)
+    assert asyncio.get_running_loop() is not cluster.rt.io.loop
+    assert [c async for c in router.generate({"kind": "who"})] == [worker.id]
+    # Many more chunks than the bridge's window: flow control must not lose or reorder any.
+    assert [c async for c in router.generate({"kind": "count", "n": 300})] == list(range(300))
+
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in router.generate({"kind": "hang"}):
+            got_first.set()
+
+    task = asyncio.create_task(consume(), name="router-consumer")
+    await asyncio.wait_for(got_first.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(worker.stopped.wait, 5)
+    assert worker.stop_reason == ["cancelled"]
+
+    with pytest.raises(InstanceNotFound):
+        await anext(router.generate({"kind": "who"}, instance_id="0123456789abcdef"))
+    with pytest.raises(TroupeError, match="generate_sync"):
+        router.generate_sync({"kind": "who"})
+    assert await router.wait_for_instances(timeout=1) == [worker.id]
+
+
+def test_generate_on_the_io_loop_itself(cluster: Cluster) -> None:
+    worker = cluster.inproc_worker()
+    router = cluster.router(expect=1)
+
+    async def go() -> list[Any]:
+        return [c async for c in router.generate({"kind": "count", "n": 3})]
+
+    assert cluster.rt.io.run(go(), timeout=5) == [0, 1, 2]
+    assert worker.seen == [("count", 0)]
+
+
+def test_generate_sync_from_threads(cluster: Cluster) -> None:
+    cluster.inproc_worker()
+    router = cluster.router(expect=1)
+    results: dict[int, list[Any]] = {}
+
+    def run(n: int) -> None:
+        results[n] = list(router.generate_sync({"kind": "count", "n": n}))
+
+    threads = [threading.Thread(target=run, args=(n,), name=f"caller-{n}") for n in (5, 100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == {5: list(range(5)), 100: list(range(100))}
+
+
+# --- the actor on its own, with a virtual clock ---------------------------------------------------
+
+
+class FakeWatcher(Actor[Subscribe]):
+    def __init__(self, subscribed: threading.Event) -> None:
+        super().__init__()
+        self.subscribed = subscribed
+
+    def receive(self, message: Subscribe) -> int:
+        self.subscribed.set()
+        return 0
+
+
+def record(instance_id: str, transport: dict[str, str]) -> InstanceRecord:
+    return InstanceRecord.create(
+        NS, COMP, NAME, instance_id=instance_id, transport=transport, started_at=0.0
+    )
+
+
+def test_address_preference_is_tcp_http_nats_inproc() -> None:
+    both = record("00000000000000aa", {"inproc": "inproc://w", "http": "http://h:1", "nats": "n"})
+    assert choose_address(both) == "http://h:1"
+    assert choose_address(record("00000000000000aa", {"tcp": "tcp://a:1", "http": "x"})) == (
+        "tcp://a:1"
+    )
+    assert choose_address(record("00000000000000aa", {"other": "x"})) is None
+
+
+def test_set_aside_excludes_for_the_window_then_re_includes() -> None:
+    clock = VirtualClock()
+    system = ActorSystem("router-test", clock=clock)
+    holder = SnapshotHolder()
+    subscribed = threading.Event()
+    try:
+        watcher = system.spawn(lambda: FakeWatcher(subscribed))
+        actor = system.spawn(lambda: RouterActor(watcher, holder, set_aside_for=5.0))
+        assert subscribed.wait(5)
+        a, b = "00000000000000aa", "00000000000000bb"
+        actor.tell(Joined(f"/k/{a}", a, record(a, {"tcp": "tcp://127.0.0.1:1"})))
+        actor.tell(Joined(f"/k/{b}", b, record(b, {"inproc": "inproc://b"})))
+        snap = holder.wait_sync(lambda s: len(s.instances) == 2, 5)
+        assert snap is not None
+        assert [(i.instance_id, i.address) for i in snap.available] == [
+            (a, "tcp://127.0.0.1:1"),
+            (b, "inproc://b"),
+        ]
+
+        actor.tell(SetAside(a))
+        snap = holder.wait_sync(lambda s: a in s.set_aside, 5)
+        assert snap is not None
+        assert snap.set_aside[a] == 5.0
+        assert [i.instance_id for i in snap.available] == [b]
+        version = snap.version
+
+        assert clock.pending() == [5.0]
+        clock.advance(4.9)
+        actor.ask(SetAside("00000000000000cc"))  # a barrier (unknown ids are ignored)
+        assert holder.current.version == version  # still aside
+        clock.advance(0.2)
+        snap = holder.wait_sync(lambda s: a not in s.set_aside, 5)
+        assert snap is not None
+        assert [i.instance_id for i in snap.available] == [a, b]
+
+        actor.tell(SetAside(b))
+        actor.tell(Left(f"/k/{b}", b, "expired"))
+        snap = holder.wait_sync(lambda s: b not in s.by_id, 5)
+        assert snap is not None
+        assert dict(snap.set_aside) == {}
+        assert clock.pending() == []  # Left cancelled the re-inclusion timer
+        version = snap.version
+        clock.advance(10)
+        actor.ask(SetAside("00000000000000cc"))  # barrier
+        assert holder.current.version == version
+        assert [i.instance_id for i in holder.current.instances] == [a]
+    finally:
+        system.shutdown(timeout=5)

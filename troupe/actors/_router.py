@@ -1,0 +1,813 @@
+"""RouterActor and Router: which instance serves the next request, and sending it there.
+
+The :class:`RouterActor` subscribes to a :class:`~troupe.actors.WatcherActor`, owns the table of
+live instances of one endpoint, and after every change publishes an immutable
+:class:`RouterSnapshot` by assigning one attribute of a shared :class:`SnapshotHolder`. The
+:class:`Router` handle (what users call) reads that attribute without any mailbox hop (DESIGN
+§3), picks an instance with its policy (a table lookup), and streams the answer over the
+transport named by the instance's address. A connect failure or a broken stream sets the
+instance aside for a few seconds (told to the actor); with ``migration_limit`` the request is
+re-sent to another instance, the handler seeing ``ctx.attempt``.
+
+Transports' clients are used only on the runtime's I/O loop: a caller on another event loop (a
+web framework's) or on a plain thread is bridged, chunks flowing through a queue fed with
+``call_soon_threadsafe`` and acknowledged in batches so that a slow reader holds the worker back
+rather than filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import queue
+import random
+import threading
+import types
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import msgspec
+
+from troupe._endpoint import Endpoint, parse_endpoint
+from troupe._ioloop import IOLoop
+from troupe._logging import get_logger
+from troupe._payload import decode_payload, encode_payload
+from troupe.actors._actor import Actor, ActorRef, ExitReason
+from troupe.actors._system import ActorSystem
+from troupe.actors._watcher import Joined, Left, Subscribe, Unsubscribe, WatcherActor
+from troupe.discovery import InstanceRecord, KeyValueStore, decode_record
+from troupe.errors import (
+    ActorDead,
+    Cancelled,
+    ConfigError,
+    ConnectionLost,
+    ConnectTimeout,
+    InstanceNotFound,
+    NoInstances,
+    StreamBroken,
+    TroupeError,
+)
+from troupe.transports import NetworkManager
+
+__all__ = [
+    "ADDRESS_PREFERENCE",
+    "MIGRATABLE",
+    "POLICIES",
+    "Policy",
+    "RoutedInstance",
+    "Router",
+    "RouterActor",
+    "RouterMessage",
+    "RouterSnapshot",
+    "SetAside",
+    "SnapshotHolder",
+    "choose_address",
+    "spawn_router",
+]
+
+_log = get_logger("troupe.actors.router")
+
+ADDRESS_PREFERENCE: Final[tuple[str, ...]] = ("tcp", "http", "nats", "inproc")
+"""The order in which a record's transport addresses are preferred (independent of
+``DYN_REQUEST_PLANE``: the client is chosen by the address's scheme)."""
+
+MIGRATABLE: Final[tuple[type[TroupeError], ...]] = (ConnectTimeout, ConnectionLost, StreamBroken)
+"""Failures that set the instance aside and may be migrated to another instance. Errors raised
+by the handler (``RemoteError``, ``Overloaded``, ...) and timeouts are not: they propagate."""
+
+_WINDOW: Final = 64
+"""Chunks a bridged request may run ahead of its reader before it waits for acknowledgement."""
+
+
+# --- the published snapshot --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedInstance:
+    """One routable instance: its id, the address chosen from its record, and the record."""
+
+    instance_id: str
+    address: str
+    record: InstanceRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSnapshot:
+    """What callers read without a mailbox hop; replaced as a whole, never mutated.
+
+    Attributes:
+        instances: every known instance, sorted by id (set-aside ones included).
+        available: the instances not set aside, sorted by id: what policies choose from.
+        set_aside: ``instance_id -> clock time`` until which the instance is excluded.
+        by_id: every known instance by id.
+        version: increases with every publication.
+    """
+
+    instances: tuple[RoutedInstance, ...] = ()
+    available: tuple[RoutedInstance, ...] = ()
+    set_aside: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))
+    by_id: Mapping[str, RoutedInstance] = field(default_factory=lambda: types.MappingProxyType({}))
+    version: int = 0
+
+    @classmethod
+    def build(
+        cls, table: Mapping[str, RoutedInstance], set_aside: Mapping[str, float], version: int
+    ) -> RouterSnapshot:
+        """A snapshot of ``table`` with ``set_aside`` excluded from :attr:`available`."""
+        instances = tuple(table[key] for key in sorted(table))
+        return cls(
+            instances=instances,
+            available=tuple(i for i in instances if i.instance_id not in set_aside),
+            set_aside=types.MappingProxyType(dict(set_aside)),
+            by_id=types.MappingProxyType(dict(table)),
+            version=version,
+        )
+
+
+class SnapshotHolder:
+    """Holds the current :class:`RouterSnapshot` in one attribute, :attr:`current`.
+
+    The RouterActor is its only writer (:meth:`publish`); readers just read ``current``.
+    Waiters (:meth:`wait_sync`, :meth:`add_listener`) are woken on every publication.
+    """
+
+    __slots__ = ("_cond", "_listeners", "current")
+
+    def __init__(self) -> None:
+        self.current = RouterSnapshot()
+        self._cond = threading.Condition()
+        self._listeners: set[Callable[[], None]] = set()
+
+    def publish(self, snapshot: RouterSnapshot) -> None:
+        """Make ``snapshot`` current and wake every waiter."""
+        with self._cond:
+            self.current = snapshot
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def wait_sync(
+        self, predicate: Callable[[RouterSnapshot], bool], timeout: float | None
+    ) -> RouterSnapshot | None:
+        """Block until ``predicate(current)`` holds; the snapshot, or ``None`` on timeout."""
+        with self._cond:
+            if self._cond.wait_for(lambda: predicate(self.current), timeout):
+                return self.current
+        return None
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (on the publisher's thread; it must not block) on publications."""
+        with self._cond:
+            self._listeners.add(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener``."""
+        with self._cond:
+            self._listeners.discard(listener)
+
+
+def choose_address(record: InstanceRecord) -> str | None:
+    """The address to call ``record`` on: the first of :data:`ADDRESS_PREFERENCE` it has."""
+    transport = record.transport
+    for plane in ADDRESS_PREFERENCE:
+        address = transport.get(plane)
+        if address:
+            return address
+    return None
+
+
+# --- the actor ---------------------------------------------------------------------------------
+
+
+class SetAside(msgspec.Struct, frozen=True, tag=True):
+    """Tell: exclude ``instance_id`` from routing for the actor's set-aside window."""
+
+    instance_id: str
+
+
+class _Reinclude(msgspec.Struct, frozen=True, tag=True):
+    instance_id: str
+    token: int
+
+
+RouterMessage = Joined | Left | SetAside | _Reinclude
+
+
+class RouterActor(Actor[RouterMessage]):
+    """Owns the instance table of one endpoint and publishes snapshots of it.
+
+    Args:
+        watcher: the WatcherActor of the endpoint's prefix (its decoder must yield
+            :class:`~troupe.discovery.InstanceRecord`); the actor subscribes on start.
+        holder: where snapshots are published.
+        set_aside_for: seconds (of the system clock) a failed instance stays excluded.
+    """
+
+    def __init__(
+        self,
+        watcher: ActorRef[Any],
+        holder: SnapshotHolder,
+        *,
+        set_aside_for: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if not set_aside_for > 0:
+            raise ConfigError("set_aside_for", set_aside_for, "a number of seconds > 0")
+        self._watcher = watcher
+        self._holder = holder
+        self._set_aside_for = set_aside_for
+        self._table: dict[str, RoutedInstance] = {}
+        self._set_aside: dict[str, float] = {}
+        self._tokens = itertools.count(1)
+        self._timers: dict[str, tuple[int, Any]] = {}  # instance_id -> (token, TimerHandle)
+        self._version = 0
+
+    def started(self) -> None:
+        self._watcher.tell(Subscribe(self.ref))
+
+    def stopped(self, reason: ExitReason, error: BaseException | None) -> None:
+        for _, timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        try:
+            self._watcher.tell(Unsubscribe(self.ref))
+        except ActorDead:
+            pass  # the watcher is gone; nothing to unsubscribe from
+
+    def receive(self, message: RouterMessage) -> None:
+        match message:
+            case Joined(instance_id=instance_id, instance=record):
+                self._joined(instance_id, record)
+            case Left(instance_id=instance_id):
+                if self._table.pop(instance_id, None) is not None:
+                    self._include(instance_id)
+                    self._publish()
+            case SetAside(instance_id=instance_id):
+                if instance_id in self._table:
+                    self._exclude(instance_id)
+                    self._publish()
+            case _Reinclude(instance_id=instance_id, token=token):
+                current = self._timers.get(instance_id)
+                if current is not None and current[0] == token:
+                    self._include(instance_id)
+                    self._publish()
+
+    def _joined(self, instance_id: str, record: object) -> None:
+        address = choose_address(record) if isinstance(record, InstanceRecord) else None
+        if address is None:
+            _log.warning(
+                "ignoring an instance with no usable address",
+                instance_id=instance_id,
+                record=repr(record),
+            )
+            if self._table.pop(instance_id, None) is not None:
+                self._include(instance_id)
+                self._publish()
+            return
+        assert isinstance(record, InstanceRecord)
+        self._table[instance_id] = RoutedInstance(instance_id, address, record)
+        self._publish()
+
+    def _exclude(self, instance_id: str) -> None:
+        previous = self._timers.pop(instance_id, None)
+        if previous is not None:
+            previous[1].cancel()
+        token = next(self._tokens)
+        self._set_aside[instance_id] = self.system.clock.now() + self._set_aside_for
+        timer = self.send_after(self._set_aside_for, _Reinclude(instance_id, token))
+        self._timers[instance_id] = (token, timer)
+        _log.info("instance set aside", instance_id=instance_id, seconds=self._set_aside_for)
+
+    def _include(self, instance_id: str) -> None:
+        self._set_aside.pop(instance_id, None)
+        previous = self._timers.pop(instance_id, None)
+        if previous is not None:
+            previous[1].cancel()
+
+    def _publish(self) -> None:
+        self._version += 1
+        self._holder.publish(RouterSnapshot.build(self._table, self._set_aside, self._version))
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    """Chooses one of ``candidates`` (never empty); ``inflight`` counts this router's requests."""
+
+    def choose(
+        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+    ) -> RoutedInstance:
+        """The instance to send the next request to."""
+        ...
+
+
+class _RoundRobin:
+    """Each of N instances once per N calls (while the set does not change)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._counter = itertools.count()
+
+    def choose(
+        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+    ) -> RoutedInstance:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+class _Random:
+    """Uniformly at random."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(
+        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+    ) -> RoutedInstance:
+        return candidates[self._rng.randrange(len(candidates))]
+
+
+class _LeastLoaded:
+    """Power of two choices: of two random instances, the one with fewer requests in flight."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(
+        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+    ) -> RoutedInstance:
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self._rng.sample(candidates, 2)
+        if inflight.get(second.instance_id, 0) < inflight.get(first.instance_id, 0):
+            return second
+        return first
+
+
+POLICIES: Final[Mapping[str, Callable[[random.Random], Policy]]] = {
+    "round_robin": _RoundRobin,
+    "random": _Random,
+    "least_loaded": _LeastLoaded,
+}
+"""Policy name → factory. Direct routing is ``generate(..., instance_id=...)``."""
+
+
+def _validate(policy: str, migration_limit: int) -> Callable[[random.Random], Policy]:
+    factory = POLICIES.get(policy)
+    if factory is None:
+        raise ConfigError("policy", policy, choices=tuple(POLICIES))
+    if not isinstance(migration_limit, int) or migration_limit < 0:
+        raise ConfigError("migration_limit", migration_limit, "an integer >= 0")
+    return factory
+
+
+# --- the bridge between the caller's thread or loop and the I/O loop ---------------------------
+
+_ITEM: Final = 0
+_END: Final = 1
+_FAIL: Final = 2
+
+_Message = tuple[int, Any]
+_Sink = Callable[[_Message], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request as the caller made it."""
+
+    request: Any
+    instance_id: str | None
+    deadline: float | None
+    headers: dict[str, str] | None
+
+
+class _Flow:
+    """Credit between a bridged request (on the I/O loop) and its reader (elsewhere)."""
+
+    __slots__ = ("acked", "room", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.acked = 0
+        self.room: asyncio.Event | None = None  # created on the I/O loop
+
+    def ack(self, count: int) -> None:
+        """Runs on the I/O loop: ``count`` more chunks were read."""
+        self.acked += count
+        if self.room is not None and self.sent - self.acked < _WINDOW:
+            self.room.set()
+
+
+def _finish(sink: _Sink, fut: concurrent.futures.Future[None]) -> None:
+    """Done callback of a bridged request: tell the reader how it ended."""
+    if fut.cancelled():
+        sink((_FAIL, Cancelled("request cancelled: the runtime's I/O loop stopped it")))
+        return
+    exc = fut.exception()
+    sink((_END, None) if exc is None else (_FAIL, exc))
+
+
+# --- the handle --------------------------------------------------------------------------------
+
+
+class Router:
+    """Sends requests for one endpoint to its instances; safe to share between threads.
+
+    Args:
+        actor: the endpoint's RouterActor (told ``SetAside`` on failures).
+        holder: the holder the actor publishes snapshots to.
+        network: the clients, used only on ``io``.
+        io: the runtime's I/O loop.
+        endpoint: the endpoint's name on the request plane, ``"{namespace}.{component}.{name}"``.
+        policy: a key of :data:`POLICIES`.
+        migration_limit: how many times a request whose instance fails (connect failure or a
+            stream broken before its end) is re-sent to another instance.
+        rng: randomness of the ``random`` and ``least_loaded`` policies.
+        owned: actors stopped by :meth:`close` (the RouterActor and its watcher, when the
+            router was built by :func:`spawn_router`).
+
+    Raises:
+        ConfigError: unknown policy or negative migration limit.
+    """
+
+    def __init__(
+        self,
+        actor: ActorRef[RouterMessage],
+        holder: SnapshotHolder,
+        network: NetworkManager,
+        io: IOLoop,
+        endpoint: str,
+        *,
+        policy: str = "round_robin",
+        migration_limit: int = 0,
+        rng: random.Random | None = None,
+        owned: tuple[ActorRef[Any], ...] = (),
+    ) -> None:
+        factory = _validate(policy, migration_limit)
+        self._actor = actor
+        self._holder = holder
+        self._network = network
+        self._io = io
+        self.endpoint = endpoint
+        self.policy = policy
+        self.migration_limit = migration_limit
+        self._policy = factory(rng or random.Random())
+        self._inflight: dict[str, int] = {}  # touched only on the I/O loop
+        self._owned = owned
+        self._bridged: set[concurrent.futures.Future[None]] = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Router {self.endpoint} policy={self.policy} "
+            f"instances={len(self._holder.current.instances)}>"
+        )
+
+    # --- instances -----------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> RouterSnapshot:
+        """The current snapshot (no mailbox hop)."""
+        return self._holder.current
+
+    def instance_ids(self) -> list[str]:
+        """The ids of every known instance (set-aside ones included), sorted."""
+        return [i.instance_id for i in self._holder.current.instances]
+
+    async def wait_for_instances(self, timeout: float | None = None) -> list[str]:
+        """Wait until at least one instance is known; return the known ids.
+
+        Raises:
+            NoInstances: none appeared within ``timeout`` seconds.
+        """
+        if self._holder.current.instances:
+            return self.instance_ids()
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, woken)
+            except RuntimeError:
+                pass  # the waiting loop is closed; nobody is left to wake
+
+        self._holder.add_listener(wake)
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._holder.current.instances:
+                    await woken
+                    woken = loop.create_future()
+        except TimeoutError:
+            raise NoInstances(self.endpoint) from None
+        finally:
+            self._holder.remove_listener(wake)
+        return self.instance_ids()
+
+    def wait_for_instances_sync(self, timeout: float | None = None) -> list[str]:
+        """Blocking :meth:`wait_for_instances`, for scripts (not from an event loop)."""
+        if self._holder.wait_sync(lambda s: bool(s.instances), timeout) is None:
+            raise NoInstances(self.endpoint)
+        return self.instance_ids()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request: Any,
+        *,
+        instance_id: str | None = None,
+        deadline: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Send ``request`` and yield the decoded chunks of the answer.
+
+        Works from any event loop: on the runtime's I/O loop directly, elsewhere through a
+        bridge. Closing the generator early, or cancelling the task iterating it, cancels the
+        request (the worker's handler sees ``ctx.is_stopped()``).
+
+        Args:
+            request: any msgpack-encodable object.
+            instance_id: route to this instance only (no migration).
+            deadline: UNIX epoch seconds after which the answer is useless.
+            headers: string metadata for the handler's context.
+
+        Raises:
+            NoInstances: no instance serves the endpoint (at once).
+            InstanceNotFound: ``instance_id`` is not a known instance (at once).
+            TransportError: the typed failure of the last attempt (``StreamBroken``,
+                ``ConnectTimeout``, ``RequestTimeout``, ``RemoteError``, ...).
+            Overloaded: the worker is at its admission limit.
+        """
+        self._check(instance_id)
+        call = _Call(request, instance_id, deadline, headers)
+        if asyncio.get_running_loop() is self._io.loop:
+            async with contextlib.aclosing(self._run(call)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[_Message] = asyncio.Queue()
+
+        def sink(message: _Message) -> None:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, message)
+            except RuntimeError:
+                pass  # the caller's loop is closed: the reader is gone
+
+        flow, fut = self._bridge(call, sink)
+        try:
+            unacked = 0
+            while True:
+                kind, value = await inbox.get()
+                if kind == _ITEM:
+                    unacked += 1
+                    if unacked >= _WINDOW // 2:
+                        self._io.call_soon(_acker(flow, unacked))
+                        unacked = 0
+                    yield value
+                elif kind == _END:
+                    return
+                else:
+                    raise value
+        finally:
+            fut.cancel()  # no-op once finished; otherwise cancels the request on the I/O loop
+
+    def generate_sync(
+        self,
+        request: Any,
+        *,
+        instance_id: str | None = None,
+        deadline: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Iterator[Any]:
+        """Blocking :meth:`generate` for scripts and threads; never call it from an event loop.
+
+        Closing the iterator early (``break``, ``close()``) cancels the request.
+
+        Raises:
+            TroupeError: called from a thread running an event loop.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise TroupeError("generate_sync() called from an event loop; use generate()")
+        self._check(instance_id)
+        return self._generate_sync(_Call(request, instance_id, deadline, headers))
+
+    def _generate_sync(self, call: _Call) -> Iterator[Any]:
+        inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        flow, fut = self._bridge(call, inbox.put)
+        try:
+            unacked = 0
+            while True:
+                kind, value = inbox.get()
+                if kind == _ITEM:
+                    unacked += 1
+                    if unacked >= _WINDOW // 2:
+                        self._io.call_soon(_acker(flow, unacked))
+                        unacked = 0
+                    yield value
+                elif kind == _END:
+                    return
+                else:
+                    raise value
+        finally:
+            fut.cancel()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel bridged requests in flight and stop the actors this router owns."""
+        with self._lock:
+            bridged = list(self._bridged)
+        for fut in bridged:
+            fut.cancel()
+        for ref in self._owned:
+            ref.stop(timeout=timeout)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _check(self, instance_id: str | None) -> None:
+        """Fail at once, on the caller's thread, when nothing can be routed to."""
+        snapshot = self._holder.current
+        if instance_id is not None:
+            if instance_id not in snapshot.by_id:
+                raise InstanceNotFound(self.endpoint, instance_id)
+        elif not snapshot.instances:
+            raise NoInstances(self.endpoint)
+
+    def _bridge(self, call: _Call, sink: _Sink) -> tuple[_Flow, concurrent.futures.Future[None]]:
+        flow = _Flow()
+        fut = self._io.submit(self._pump(call, sink, flow))
+        with self._lock:
+            self._bridged.add(fut)
+
+        def done(fut: concurrent.futures.Future[None]) -> None:
+            with self._lock:
+                self._bridged.discard(fut)
+            _finish(sink, fut)
+
+        fut.add_done_callback(done)
+        return flow, fut
+
+    async def _pump(self, call: _Call, sink: _Sink, flow: _Flow) -> None:
+        """On the I/O loop: run the request and push its chunks to a reader elsewhere."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(f"Router-{self.endpoint}-bridge")
+        flow.room = asyncio.Event()
+        async with contextlib.aclosing(self._run(call)) as chunks:
+            async for chunk in chunks:
+                sink((_ITEM, chunk))
+                flow.sent += 1
+                if flow.sent - flow.acked >= _WINDOW:
+                    flow.room.clear()
+                    await flow.room.wait()
+
+    def _pick(self, instance_id: str | None, tried: set[str]) -> RoutedInstance:
+        snapshot = self._holder.current
+        if instance_id is not None:
+            target = snapshot.by_id.get(instance_id)
+            if target is None:
+                raise InstanceNotFound(self.endpoint, instance_id)
+            return target
+        candidates = snapshot.available
+        if tried:
+            candidates = tuple(i for i in candidates if i.instance_id not in tried)
+        if not candidates:
+            # Everything is set aside (or was tried): trying one beats failing outright.
+            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
+            if not candidates:
+                raise NoInstances(self.endpoint)
+        return self._policy.choose(candidates, self._inflight)
+
+    def _set_aside(self, instance_id: str) -> None:
+        try:
+            self._actor.tell(SetAside(instance_id))
+        except ActorDead:
+            pass  # the router actor is stopping; there is no table to update any more
+
+    async def _run(self, call: _Call) -> AsyncGenerator[Any, None]:
+        """On the I/O loop: choose, send, stream, and migrate on instance failures."""
+        instance_id = call.instance_id
+        payload = encode_payload(call.request)
+        tried: set[str] = set()
+        attempt = 0
+        inflight = self._inflight
+        while True:
+            target = self._pick(instance_id, tried)
+            tried.add(target.instance_id)
+            key = target.instance_id
+            inflight[key] = inflight.get(key, 0) + 1
+            try:
+                try:
+                    client = self._network.client_for(target.address)
+                    stream = await client.request(
+                        target.address,
+                        self.endpoint,
+                        payload,
+                        deadline=call.deadline,
+                        headers=call.headers,
+                        attempt=attempt,
+                    )
+                    async with stream:
+                        async for chunk in stream:
+                            yield decode_payload(chunk)
+                    return
+                except MIGRATABLE as exc:
+                    self._set_aside(key)
+                    if instance_id is not None or attempt >= self.migration_limit:
+                        raise
+                    if not any(i.instance_id not in tried for i in self._holder.current.instances):
+                        raise
+                    attempt += 1
+                    _log.info(
+                        "migrating request",
+                        endpoint=self.endpoint,
+                        failed=key,
+                        attempt=attempt,
+                        error=str(exc),
+                    )
+            finally:
+                left = inflight[key] - 1
+                if left:
+                    inflight[key] = left
+                else:
+                    del inflight[key]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _acker(flow: _Flow, count: int) -> Callable[[], None]:
+    return lambda: flow.ack(count)
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+def _decode_instance(key: str, value: bytes) -> tuple[str, InstanceRecord]:
+    record = decode_record(value, key=key)
+    return record.instance_id, record
+
+
+def spawn_router(
+    system: ActorSystem,
+    store: KeyValueStore,
+    network: NetworkManager,
+    io: IOLoop,
+    endpoint: str | Endpoint,
+    *,
+    policy: str = "round_robin",
+    migration_limit: int = 0,
+    set_aside_for: float = 5.0,
+    rng: random.Random | None = None,
+) -> Router:
+    """Start a WatcherActor and a RouterActor for an endpoint; return a Router owning both.
+
+    ``Router.close()`` stops them (the actor system's shutdown does too).
+
+    Args:
+        system: the runtime's actor system.
+        store: the connected discovery store (used on the I/O loop only).
+        network: the clients (used on ``io`` only).
+        io: the runtime's I/O loop.
+        endpoint: ``"ns.component.endpoint"`` (or ``dyn://...``, or an Endpoint).
+        policy: a key of :data:`POLICIES`.
+        migration_limit: re-sends allowed after an instance failure.
+        set_aside_for: seconds a failed instance is excluded.
+        rng: randomness for the ``random`` and ``least_loaded`` policies.
+
+    Raises:
+        ConfigError: a bad endpoint, policy, migration limit or set-aside window (checked
+            before any actor starts).
+    """
+    ep = parse_endpoint(endpoint)
+    prefix, path = ep.prefix, ep.path
+    _validate(policy, migration_limit)
+    if not set_aside_for > 0:
+        raise ConfigError("set_aside_for", set_aside_for, "a number of seconds > 0")
+    holder = SnapshotHolder()
+    watcher = system.spawn(
+        lambda: WatcherActor(store, prefix, _decode_instance), name=f"WatcherActor-{path}"
+    )
+    actor: ActorRef[RouterMessage] = system.spawn(
+        lambda: RouterActor(watcher, holder, set_aside_for=set_aside_for),
+        name=f"RouterActor-{path}",
+    )
+    return Router(
+        actor,
+        holder,
+        network,
+        io,
+        path,
+        policy=policy,
+        migration_limit=migration_limit,
+        rng=rng,
+        owned=(actor, watcher),
+    )
