@@ -22,6 +22,8 @@ from troupe._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe._handlers import handler_spec
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
+from troupe._metrics import RuntimeMetrics
+from troupe._status import HealthReport, StatusServer
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, ChildSpec, Intensity, Supervisor
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._process import ProcessActor
@@ -76,10 +78,15 @@ class Runtime:
         self._network: NetworkManager | None = None
         self._server: Server | None = None
         self._routers: list[Router] = []
+        self._workers: dict[str, ActorRef[Health]] = {}
+        self.status: StatusServer | None = None
+        """The system status server, when ``DYN_SYSTEM_PORT`` >= 0."""
         self._owns_clock = clock is None
         self.clock: Clock = clock if clock is not None else SystemClock("troupe-clock")
         self.io = IOLoop("troupe-io")
         self.system = ActorSystem("troupe", clock=self.clock, io_loop=self.io)
+        self.metrics = RuntimeMetrics(now=self.clock.now)
+        """This runtime's Prometheus metrics (its own registry)."""
         self._handle_signals = handle_signals
         self._previous_handlers: dict[int, Any] = {}
         self._shutdown = threading.Event()
@@ -111,6 +118,17 @@ class Runtime:
             self._state = "running"
         configure_logging(self.config.log)
         self.io.start()
+        if self.config.system.enabled:
+            status = StatusServer(self.config.system, self.metrics, self._health)
+            try:
+                self.io.run(status.start(), timeout=10)
+            except BaseException:
+                self.io.stop()
+                with self._lock:
+                    self._state = "closed"
+                raise
+            self.status = status
+            _log.info("status server listening", url=status.url)
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for sig in _SHUTDOWN_SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -129,6 +147,11 @@ class Runtime:
             for router in self._routers:
                 router.close(timeout=timeout)
             self.system.shutdown(timeout=timeout)  # workers drain; the LeaseActor revokes
+            if self.status is not None:
+                try:
+                    self.io.run(self.status.close(), timeout=timeout)
+                except (TroupeError, TimeoutError) as exc:
+                    _log.warning("status server did not close cleanly", error=str(exc))
             for closing in (self._server, self._network):
                 if closing is not None:
                     try:
@@ -313,13 +336,25 @@ class Runtime:
                 unregister=self.unregister,
                 max_inflight=worker_config.max_inflight if max_inflight is None else max_inflight,
                 grace=worker_config.graceful_shutdown_timeout if grace is None else grace,
+                metrics=self.metrics.endpoint(ep.namespace, ep.component, ep.name),
             ),
             name=f"WorkerActor-{ep.path}",
         )
         # The ask is handled after started(): once it answers, the endpoint is installed and
         # registered. A worker that failed to start raises ActorDead (the cause attached).
         worker.ask(Health(), timeout=30)
+        self._workers[ep.path] = worker
         return worker
+
+    async def _health(self) -> HealthReport:
+        """Each endpoint's worker state, for the status server's health route."""
+        states: dict[str, str] = {}
+        for path, ref in list(self._workers.items()):
+            try:
+                states[path] = (await ref.ask_async(Health(), timeout=1.0))[0]
+            except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
+                states[path] = "stopped"
+        return HealthReport.from_states(states, running=self._state == "running")
 
     def router(
         self,

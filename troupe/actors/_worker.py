@@ -25,6 +25,7 @@ import msgspec
 from troupe._endpoint import Endpoint
 from troupe._ioloop import IOLoop
 from troupe._logging import get_logger
+from troupe._metrics import EndpointMetrics
 from troupe._payload import decode_payload, encode_payload
 from troupe.actors._actor import Actor, ExitReason
 from troupe.errors import Overloaded, TroupeError
@@ -61,6 +62,7 @@ class WorkerActor(Actor[Health]):
         max_inflight: admission limit; beyond it callers get ``Overloaded`` at once (0 = none).
         grace: seconds in-flight requests get to finish when stopping.
         threads: size of the pool that runs sync handlers.
+        metrics: the endpoint's Prometheus series (requests, in-flight, durations, errors, bytes).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class WorkerActor(Actor[Health]):
         max_inflight: int = 0,
         grace: float = 5.0,
         threads: int = 16,
+        metrics: EndpointMetrics | None = None,
     ) -> None:
         super().__init__()
         if max_inflight < 0:
@@ -94,6 +97,7 @@ class WorkerActor(Actor[Health]):
         self._inflight = 0  # touched only on the I/O loop
         self._drained: asyncio.Event | None = None
         self._kind = _handler_kind(handler)
+        self._metrics = metrics
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -152,15 +156,25 @@ class WorkerActor(Actor[Health]):
 
     async def _serve(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         """The transport-level handler: admission, decoding, the user handler, encoding."""
+        metrics = self._metrics
         if self.state in ("draining", "stopped"):
+            self._refused(len(payload))
             raise Overloaded(self.endpoint.path)
         if self._max_inflight and self._inflight >= self._max_inflight:
+            self._refused(len(payload))
             raise Overloaded(self.endpoint.path, self._max_inflight)
         self._inflight += 1
         try:
             request = decode_payload(payload)
-            async for item in self._invoke(request, ctx):
-                yield encode_payload(item)
+            if metrics is None:
+                async for item in self._invoke(request, ctx):
+                    yield encode_payload(item)
+            else:
+                with metrics.track(len(payload)) as scope:
+                    async for item in self._invoke(request, ctx):
+                        chunk = encode_payload(item)
+                        scope.add_response_bytes(len(chunk))
+                        yield chunk
         finally:
             self._inflight -= 1
             if self._inflight == 0 and self._draining() and self._drained is not None:
@@ -190,6 +204,11 @@ class WorkerActor(Actor[Health]):
                     await loop.run_in_executor(self._pool, close)
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _refused(self, request_bytes: int) -> None:
+        if self._metrics is not None:
+            self._metrics.started(request_bytes)
+            self._metrics.finished("overloaded", 0.0)
 
     def _draining(self) -> bool:
         # A method, not an inline comparison: the state changes on the actor's thread while a
