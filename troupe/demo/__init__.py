@@ -6,6 +6,7 @@ troupe worker demo.backend.words troupe.demo:words
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,8 @@ async def words(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, An
     """Stream back the words of ``request["text"]``, one chunk each.
 
     ``request["delay"]`` (seconds, optional) is waited between words. Stops early when the
-    caller goes away. Each chunk says which attempt served it (``ctx.attempt``).
+    caller goes away. Each chunk says which process (``pid``) and which attempt
+    (``ctx.attempt``, above 0 after a migration) produced it.
     """
     if not isinstance(request, dict) or not isinstance(request.get("text"), str):
         raise ConfigError("request", request, 'a JSON object like {"text": "hello world"}')
@@ -31,4 +33,4 @@ async def words(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, An
             return
         if delay and index:
             await asyncio.sleep(delay)
-        yield {"index": index, "word": word, "attempt": ctx.attempt}
+        yield {"index": index, "word": word, "attempt": ctx.attempt, "pid": os.getpid()}

@@ -1,111 +1,90 @@
-"""``python -m troupe.demo`` (what ``make demo`` runs): a supervised tree of local actors.
+"""``python -m troupe.demo`` (what ``make demo`` runs): workers in processes, a router, a crash.
 
-A supervisor runs three word-counting workers. Jobs are spread over them round robin; one job is
-poisoned and crashes its worker midway. The supervisor restarts it, and the job is retried, so
-every job still gets an answer. The request plane and discovery replace this with real worker
-processes in a later release of the demo.
+Embedded defaults, nothing to install: file-backed discovery in a temporary directory and the
+TCP request plane on loopback. Three worker processes serve ``troupe.demo:words`` under a
+supervisor; a router streams requests to them round robin. Midway, one worker is SIGKILLed while
+it streams: the router migrates the request to another worker, the dead instance's lease
+expires, and the supervisor starts a replacement — the demo carries on.
 """
 
 from __future__ import annotations
 
-import functools
+import os
+import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
-import msgspec
+from troupe import Config, Runtime
+from troupe.actors import WhichChildren
+from troupe.config import DiscoveryConfig, FileKvConfig, LogConfig, RequestPlaneConfig, TcpConfig
 
-from troupe import Runtime
-from troupe.actors import (
-    Actor,
-    ActorRef,
-    Backoff,
-    ChildSpec,
-    Intensity,
-    Supervisor,
-    WhichChildren,
-)
-from troupe.config import Config, LogConfig
-from troupe.errors import ActorDead
-
-JOBS = [
-    "the quick brown fox",
-    "jumps over the lazy dog",
-    "actors share nothing",
-    "POISON: this job crashes its worker",
-    "supervisors restart what crashes",
-    "and the show goes on",
+ENDPOINT = "demo.backend.words"
+TEXTS = [
+    "workers register themselves and routers find them",
+    "every answer streams back word by word",
+    "a worker is killed in the middle of this sentence yet the stream goes on",
+    "the supervisor has started a replacement meanwhile",
 ]
 
 
-class Count(msgspec.Struct, frozen=True, tag=True):
-    """Count the words of ``text``."""
-
-    text: str
-
-
-class WordCounter(Actor[Count]):
-    """A worker actor; a poisoned job makes it crash (and its supervisor restart it)."""
-
-    def __init__(self, label: str) -> None:
-        super().__init__()
-        self.label = label
-
-    def started(self) -> None:
-        print(f"  [{self.label}] started on thread {self.name}")
-
-    def receive(self, message: Count) -> Any:
-        if message.text.startswith("POISON"):
-            raise RuntimeError("poisoned job")
-        return len(message.text.split())
+def _config(kv_dir: str) -> Config:
+    return Config(
+        discovery=DiscoveryConfig(backend="file", lease_ttl=2.0, file=FileKvConfig(path=kv_dir)),
+        request_plane=RequestPlaneConfig(plane="tcp", tcp=TcpConfig(host="127.0.0.1")),
+        log=LogConfig(level="critical"),  # the demo narrates what happens itself
+    )
 
 
-def _children(sup: ActorRef[Any]) -> list[ActorRef[Any]]:
-    return [c.ref for c in sup.ask(WhichChildren()) if c.ref is not None and c.ref.is_alive()]
+def _stream(rt: Runtime, router: Any, text: str, *, kill_after: int | None = None) -> None:
+    seen: set[int] = set()
+    pids: list[int] = []
+    print(f"\n> {text!r}")
+    for chunk in router.generate_sync({"text": text, "delay": 0.05}):
+        if chunk["attempt"] and pids[-1:] != [chunk["pid"]] and chunk["index"] == 0:
+            print(
+                f"\n  ! stream broke; migrated to worker {chunk['pid']} "
+                f"(attempt {chunk['attempt']}), skipping words already shown"
+            )
+        pids.append(chunk["pid"])
+        if chunk["index"] in seen:
+            continue
+        seen.add(chunk["index"])
+        print(f"  [{chunk['pid']}] {chunk['word']}", flush=True)
+        if kill_after is not None and len(seen) == kill_after:
+            print(f"\n  ! kill -9 worker {chunk['pid']} mid-stream")
+            os.kill(chunk["pid"], signal.SIGKILL)
+            kill_after = None
 
 
-def _ask_with_retry(sup: ActorRef[Any], index: int, job: str, attempts: int = 3) -> Any:
-    for attempt in range(1, attempts + 1):
-        deadline = time.monotonic() + 5.0
-        workers = _children(sup)
-        while len(workers) < 3 and time.monotonic() < deadline:  # a restart may be under way
-            time.sleep(0.01)
-            workers = _children(sup)
-        worker = workers[index % len(workers)]
-        try:
-            return worker.ask(Count(job), timeout=5.0)
-        except ActorDead as exc:
-            print(f"  ! {worker.name} died on job {index} ({exc.__cause__}); attempt {attempt}")
-            if job.startswith("POISON"):
-                return "rejected (poisoned)"
-    return "failed"
+def _workers(rt: Runtime, router: Any) -> str:
+    return ", ".join(sorted(str(i.record.pid) for i in router.snapshot.instances))
 
 
 def main() -> int:
     """Run the demo; returns the exit status."""
-    print("troupe demo: a supervised tree of local actors\n")
-    config = Config(log=LogConfig(level="critical"))  # the demo narrates crashes itself
-    with Runtime(config) as rt:
-        specs = [
-            ChildSpec(f"counter-{i}", functools.partial(WordCounter, f"counter-{i}"))
-            for i in range(3)
-        ]
-        sup = rt.spawn(
-            lambda: Supervisor(
-                specs,
-                strategy="one_for_one",
-                intensity=Intensity(max_restarts=3, within=5.0),
-                backoff=Backoff(min=0.05, max=1.0),
-            ),
-            name="counters",
-        )
-        print("supervisor 'counters' started 3 workers; sending jobs round robin:\n")
-        for index, job in enumerate(JOBS):
-            answer = _ask_with_retry(sup, index, job)
-            print(f"  job {index}: {job!r:45} -> {answer}")
-        restarts = {c.id: c.restarts for c in sup.ask(WhichChildren())}
-        print(f"\nrestarts per worker: {restarts}")
-    print("runtime closed: every actor stopped, every thread joined.")
+    print("troupe demo: 3 worker processes, file discovery, TCP request plane\n")
+    with (
+        tempfile.TemporaryDirectory(prefix="troupe-demo-") as kv_dir,
+        Runtime(_config(kv_dir)) as rt,
+    ):
+        supervisor = rt.spawn_workers(ENDPOINT, "troupe.demo:words", processes=3)
+        router = rt.router(ENDPOINT, policy="round_robin", migration_limit=2)
+        deadline = time.monotonic() + 30
+        while len(router.instance_ids()) < 3 and time.monotonic() < deadline:
+            router.wait_for_instances_sync(timeout=30)
+            time.sleep(0.05)
+        print(f"router sees {len(router.instance_ids())} workers: pids {_workers(rt, router)}")
+        for index, text in enumerate(TEXTS):
+            _stream(rt, router, text, kill_after=4 if index == 2 else None)
+            if index == 2:
+                while len(router.instance_ids()) != 3 and time.monotonic() < deadline + 30:
+                    time.sleep(0.05)  # the dead lease expires; the replacement registers
+                restarts = {c.id: c.restarts for c in supervisor.ask(WhichChildren())}
+                print(f"\nrouter sees workers {_workers(rt, router)}; restarts: {restarts}")
+        print("\nstopping: each worker unregisters, finishes what it was doing, and exits")
+    print("done: every process stopped, every thread joined.")
     return 0
 
 
