@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +46,65 @@ def test_demo_runs_and_carries_on_after_a_crash() -> None:
     restarts = ast.literal_eval(out.split("restarts: ", 1)[1].splitlines()[0])
     assert sorted(restarts.values()) == [0, 0, 1]  # exactly the killed worker was replaced
     assert "done: every process stopped, every thread joined." in out
+
+
+def test_hello_world_worker_and_client(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    env |= {
+        "DYN_DISCOVERY_BACKEND": "file",
+        "DYN_FILE_KV": str(tmp_path / "kv"),
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "DYN_LOG": "error",
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "examples/hello_world/worker.py"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().startswith("serving hello.world.generate")
+        client = subprocess.run(
+            [sys.executable, "examples/hello_world/client.py", "Ada", "Grace"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=30,
+            check=False,
+        )
+        assert client.returncode == 0, client.stderr
+        assert client.stdout.splitlines() == ["hello, Ada!", "hello, Grace!"]
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+@pytest.mark.parametrize("plane", ["tcp", "http", "nats"])
+def test_request_planes_script(plane: str, request: pytest.FixtureRequest) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    env["PYTHON"] = sys.executable
+    if plane == "nats":
+        env["NATS_SERVER"] = request.getfixturevalue("nats_server").url
+    result = subprocess.run(
+        ["bash", "examples/request_planes.sh", plane],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"workers on the {plane} plane:" in out
+    scheme = {"tcp": "tcp://", "http": "http://", "nats": "nats:"}[plane]
+    table = out.split("calling", 1)[0]
+    assert table.count(scheme) == 2, out
+    chunks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [c["word"] for c in chunks] == ["hello", "from", "the", "request", "plane"] * 2
+    assert len({c["pid"] for c in chunks}) == 2  # round robin reached both workers
