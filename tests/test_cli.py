@@ -13,7 +13,7 @@ from troupe.cli import main
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
     return subprocess.run(
         [sys.executable, "-m", "troupe", *args],
         capture_output=True,

@@ -26,7 +26,7 @@ PREFIX = endpoint_prefix("demo", "backend", "words")
 
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
     return clean | {
         "DYN_DISCOVERY_BACKEND": "file",
         "DYN_FILE_KV": str(tmp_path / "kv"),

@@ -49,7 +49,7 @@ def test_demo_runs_and_carries_on_after_a_crash() -> None:
 
 
 def test_hello_world_worker_and_client(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    env = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
     env |= {
         "DYN_DISCOVERY_BACKEND": "file",
         "DYN_FILE_KV": str(tmp_path / "kv"),
@@ -86,7 +86,7 @@ def test_hello_world_worker_and_client(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("plane", ["tcp", "http", "nats"])
 def test_request_planes_script(plane: str, request: pytest.FixtureRequest) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    env = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
     env["PYTHON"] = sys.executable
     if plane == "nats":
         env["NATS_SERVER"] = request.getfixturevalue("nats_server").url

@@ -28,7 +28,7 @@ TEXT = "one two three four five"
 
 @pytest.fixture
 def env(etcd_server: EtcdServer) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "ETCD_", "NATS_"))}
+    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
     # A fresh namespace of keys per test: the etcd server is shared by the session.
     etcd_server.etcdctl("del", "--prefix", "/services/")
     return clean | {

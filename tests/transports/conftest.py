@@ -397,7 +397,7 @@ class WorkerProcess:
     """A worker in a child process (``_worker.py``): serves test endpoints on one plane."""
 
     def __init__(self, plane: str, args: list[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "NATS_"))}
+        env = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
         src = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = subprocess.Popen(
