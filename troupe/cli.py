@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from troupe import _cli_discovery, _cli_serve
+from troupe import _cli_discovery, _cli_frontend, _cli_serve
 from troupe._version import __version__
 from troupe.config import Config, format_table
 from troupe.errors import ConfigError, TroupeError
@@ -55,6 +55,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cli_discovery.cmd_instances,
         _cli_discovery.add_arguments,
         "list (or --watch) the instances registered in discovery",
+    ),
+    "frontend": (
+        _cli_frontend.cmd_frontend,
+        _cli_frontend.add_arguments,
+        "serve the OpenAI-compatible HTTP API over the models registered in discovery",
     ),
 }
 

@@ -24,6 +24,7 @@ __all__ = [
     "InstanceNotFound",
     "InvalidName",
     "InvalidRecord",
+    "InvalidRequest",
     "KeyExists",
     "LeaseLost",
     "MessageTooLarge",
@@ -326,3 +327,21 @@ class InvalidRecord(DiscoveryError):
         self.key = key
         self.reason = reason
         super().__init__(f"invalid discovery record{f' at {key}' if key else ''}: {reason}")
+
+
+# --- the OpenAI-compatible frontend (added with troupe.frontend) ---------------------------------
+
+
+class InvalidRequest(TroupeError, ValueError):
+    """A client's request body is malformed or has a field with an unusable value.
+
+    Attributes:
+        param: the offending field as a dotted path (``"messages[0].content"``), or ``None``
+            when the body as a whole is unusable (not JSON, not an object).
+        detail: what is wrong, in words.
+    """
+
+    def __init__(self, detail: str, *, param: str | None = None) -> None:
+        self.param = param
+        self.detail = detail
+        super().__init__(f"invalid request: {detail}" + (f" (field {param})" if param else ""))

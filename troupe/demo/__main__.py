@@ -1,32 +1,41 @@
-"""``python -m troupe.demo`` (what ``make demo`` runs): workers in processes, a router, a crash.
+"""``python -m troupe.demo`` (what ``make demo`` runs): an OpenAI-compatible frontend over mock
+LLM workers, a worker killed mid-stream, and the stream carrying on.
 
 Embedded defaults, nothing to install: file-backed discovery in a temporary directory and the
-TCP request plane on loopback. Three worker processes serve ``troupe.demo:words`` under a
-supervisor; a router streams requests to them round robin. Midway, one worker is SIGKILLed while
-it streams: the router migrates the request to another worker, the dead instance's lease
-expires, and the supervisor starts a replacement — the demo carries on.
+TCP request plane on loopback. Two worker processes serve the mock engine
+(``troupe.demo.mocker:generate``) as model ``troupe-mock`` under a supervisor; the frontend runs
+in this process on 127.0.0.1 (a free port) and finds them through discovery. The demo then talks
+plain HTTP to it, as any OpenAI client would:
+
+1. a streamed chat completion, printed token by token as the Server-Sent Events arrive;
+2. a non-streaming completion, with its usage;
+3. another streamed chat completion during which the worker producing it is SIGKILLed: the
+   frontend resumes the generation on the other worker (``--migration-limit``), the client sees
+   one uninterrupted answer, and the supervisor starts a replacement worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from typing import Any
+
+import httpx
 
 from troupe import Config, Runtime
 from troupe.actors import WhichChildren
 from troupe.config import DiscoveryConfig, FileKvConfig, LogConfig, RequestPlaneConfig, TcpConfig
+from troupe.frontend import Frontend, FrontendSettings
 
-ENDPOINT = "demo.backend.words"
-TEXTS = [
-    "workers register themselves and routers find them",
-    "every answer streams back word by word",
-    "a worker is killed in the middle of this sentence yet the stream goes on",
-    "the supervisor has started a replacement meanwhile",
-]
+ENDPOINT = "demo.mocker.generate"
+MODEL = "troupe-mock"
+WORKERS = 2
 
 
 def _config(kv_dir: str) -> Config:
@@ -37,53 +46,153 @@ def _config(kv_dir: str) -> Config:
     )
 
 
-def _stream(rt: Runtime, router: Any, text: str, *, kill_after: int | None = None) -> None:
-    seen: set[int] = set()
-    pids: list[int] = []
-    print(f"\n> {text!r}")
-    for chunk in router.generate_sync({"text": text, "delay": 0.05}):
-        if chunk["attempt"] and pids[-1:] != [chunk["pid"]] and chunk["index"] == 0:
-            print(
-                f"\n  ! stream broke; migrated to worker {chunk['pid']} "
-                f"(attempt {chunk['attempt']}), skipping words already shown"
+async def _events(
+    http: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of one SSE response, until ``data: [DONE]``."""
+    async with http.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+def _pid(event: dict[str, Any]) -> int | None:
+    fingerprint = event.get("system_fingerprint") or ""
+    return int(fingerprint.rsplit("-", 1)[1]) if fingerprint.startswith("mocker-") else None
+
+
+async def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _worker_pids(frontend: Frontend) -> list[int]:
+    entry = frontend.registry.get(MODEL)
+    if entry is None:
+        return []
+    router = frontend.registry.router(entry)
+    return sorted(i.record.pid for i in router.snapshot.instances)
+
+
+async def _chat(http: httpx.AsyncClient, prompt: str, **extra: Any) -> tuple[str, dict[str, Any]]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    } | extra
+    print(f"\n> POST /v1/chat/completions (stream) {prompt!r}\n  ", end="", flush=True)
+    texts: list[str] = []
+    usage: dict[str, Any] = {}
+    async for event in _events(http, "/v1/chat/completions", body):
+        usage = event.get("usage") or usage
+        for choice in event["choices"]:
+            text = choice["delta"].get("content") or ""
+            texts.append(text)
+            print(text, end="", flush=True)
+    print()
+    return "".join(texts), usage
+
+
+async def _crash_mid_stream(http: httpx.AsyncClient) -> str:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "tell me a longer story"}],
+        "stream": True,
+        "max_tokens": 24,
+        "ext": {"mocker": {"tokens_per_second": 20, "output_tokens": 24}},
+    }
+    print("\n> POST /v1/chat/completions (stream), a worker is killed midway\n  ", end="")
+    texts: list[str] = []
+    serving: int | None = None
+    killed: int | None = None
+    fresh_line = False
+    async for event in _events(http, "/v1/chat/completions", body):
+        pid = _pid(event)
+        if pid is not None and pid != serving:
+            if serving is not None:
+                print(
+                    f"  ! resumed on worker {pid} (migration): nothing lost or repeated\n  ", end=""
+                )
+                fresh_line = True
+            serving = pid
+        for choice in event["choices"]:
+            text = choice["delta"].get("content") or ""
+            if text:
+                texts.append(text)
+                print(text.lstrip() if fresh_line else text, end="", flush=True)
+                fresh_line = False
+        if killed is None and serving is not None and len(texts) == 6:
+            killed = serving
+            print(f"\n  ! kill -9 worker {killed} mid-stream", flush=True)
+            os.kill(killed, signal.SIGKILL)
+    print()
+    if killed is None or serving == killed:
+        raise RuntimeError("the stream did not move to another worker")
+    return "".join(texts)
+
+
+async def _run(rt: Runtime, supervisor: Any) -> None:
+    settings = FrontendSettings(host="127.0.0.1", port=0, migration_limit=2, grace=2.0)
+    async with (
+        Frontend(rt, settings) as frontend,
+        httpx.AsyncClient(base_url=frontend.url, timeout=30) as http,
+    ):
+        print(f"frontend listening on {frontend.url}")
+        await _wait(lambda: len(_worker_pids(frontend)) == WORKERS, 30, "the workers")
+        models = (await http.get("/v1/models")).json()
+        print(f"GET /v1/models -> {[m['id'] for m in models['data']]}")
+        print(f"workers (pids): {_worker_pids(frontend)}")
+
+        _, usage = await _chat(http, "hello troupe, how are you today?")
+        print(f"  usage: {usage}")
+
+        print("\n> POST /v1/completions (non-streaming) 'once upon a time'")
+        reply = (
+            await http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "once upon a time", "max_tokens": 8},
             )
-        pids.append(chunk["pid"])
-        if chunk["index"] in seen:
-            continue
-        seen.add(chunk["index"])
-        print(f"  [{chunk['pid']}] {chunk['word']}", flush=True)
-        if kill_after is not None and len(seen) == kill_after:
-            print(f"\n  ! kill -9 worker {chunk['pid']} mid-stream")
-            os.kill(chunk["pid"], signal.SIGKILL)
-            kill_after = None
+        ).json()
+        choice = reply["choices"][0]
+        print(f"  {choice['text']!r} (finish_reason={choice['finish_reason']})")
+        print(f"  usage: {reply['usage']}")
 
-
-def _workers(rt: Runtime, router: Any) -> str:
-    return ", ".join(sorted(str(i.record.pid) for i in router.snapshot.instances))
+        before = set(_worker_pids(frontend))
+        await _crash_mid_stream(http)
+        await _wait(
+            lambda: (
+                len(_worker_pids(frontend)) == WORKERS and set(_worker_pids(frontend)) != before
+            ),
+            30,
+            "the replacement worker",
+        )
+        restarts = {c.id: c.restarts for c in supervisor.ask(WhichChildren())}
+        print(f"\nworkers (pids): {_worker_pids(frontend)}; restarts: {restarts}")
+        print("\nstopping: the frontend drains, each worker unregisters and exits")
 
 
 def main() -> int:
     """Run the demo; returns the exit status."""
-    print("troupe demo: 3 worker processes, file discovery, TCP request plane\n")
+    print(f"troupe demo: OpenAI-compatible frontend, {WORKERS} mock LLM worker processes\n")
     with (
         tempfile.TemporaryDirectory(prefix="troupe-demo-") as kv_dir,
-        Runtime(_config(kv_dir)) as rt,
+        Runtime(_config(kv_dir), handle_signals=False) as rt,
     ):
-        supervisor = rt.spawn_workers(ENDPOINT, "troupe.demo:words", processes=3)
-        router = rt.router(ENDPOINT, policy="round_robin", migration_limit=2)
-        deadline = time.monotonic() + 30
-        while len(router.instance_ids()) < 3 and time.monotonic() < deadline:
-            router.wait_for_instances_sync(timeout=30)
-            time.sleep(0.05)
-        print(f"router sees {len(router.instance_ids())} workers: pids {_workers(rt, router)}")
-        for index, text in enumerate(TEXTS):
-            _stream(rt, router, text, kill_after=4 if index == 2 else None)
-            if index == 2:
-                while len(router.instance_ids()) != 3 and time.monotonic() < deadline + 30:
-                    time.sleep(0.05)  # the dead lease expires; the replacement registers
-                restarts = {c.id: c.restarts for c in supervisor.ask(WhichChildren())}
-                print(f"\nrouter sees workers {_workers(rt, router)}; restarts: {restarts}")
-        print("\nstopping: each worker unregisters, finishes what it was doing, and exits")
+        supervisor = rt.spawn_workers(
+            ENDPOINT, "troupe.demo.mocker:generate", processes=WORKERS, model=MODEL
+        )
+        asyncio.run(_run(rt, supervisor))
     print("done: every process stopped, every thread joined.")
     return 0
 

@@ -1,0 +1,437 @@
+"""The frontend over raw HTTP (httpx): SSE framing, every error status, health, metrics,
+cancellation on disconnect, and many concurrent streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from troupe.demo.mocker import VOCABULARY, make_generate
+from troupe.errors import ConfigError, NoInstances, Overloaded, RemoteError, StreamBroken
+from troupe.frontend import Frontend, FrontendSettings
+from troupe.frontend._app import error_status
+from troupe.testing import eventually_async
+from troupe.transports import RequestContext
+
+from .conftest import Workers, wait_for_model
+
+FAST = make_generate(tokens_per_second=5000, time_to_first_token=0.0, output_tokens=8)
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def events(body: str) -> list[str]:
+    """The ``data:`` payloads of an SSE body, checking the framing on the way."""
+    assert body.endswith("\n\n")
+    out = []
+    for block in body.strip("\n").split("\n\n"):
+        assert block.startswith("data: "), block
+        out.append(block.removeprefix("data: "))
+    return out
+
+
+@pytest.fixture
+async def mock(frontend: Frontend, workers: Workers) -> None:
+    await workers.serve("demo.mocker.generate", FAST, model="mock")
+    await wait_for_model(frontend, "mock")
+
+
+def assert_openai_error(
+    response: httpx.Response, status: int, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert "Traceback" not in error["message"]
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+# --- the SSE format ------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("mock")
+async def test_chat_stream_is_server_sent_events(http: httpx.AsyncClient) -> None:
+    body = {"model": "mock", "messages": HELLO, "stream": True, "max_tokens": 3}
+    response = await http.post(CHAT, json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    data = events(response.text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    contents = [c["choices"][0]["delta"].get("content", "") for c in chunks[1:]]
+    assert "".join(contents) == " ".join(VOCABULARY[:3])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert "usage" not in chunks[-1]  # only with stream_options.include_usage
+
+
+@pytest.mark.usefixtures("mock")
+async def test_completion_stream_with_usage(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": "mock",
+        "prompt": "a b c",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    response = await http.post("/v1/completions", json=body)
+    data = events(response.text)
+    assert data[-1] == "[DONE]"
+    last = json.loads(data[-2])
+    assert last["choices"] == []
+    assert last["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    texts = [json.loads(d)["choices"][0]["text"] for d in data[:-2]]
+    assert "".join(texts) == " ".join(VOCABULARY[:8])
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("mock")
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"", None),
+        (b"[1, 2]", None),
+        (b'{"messages": []}', "model"),
+        (b'{"model": "mock"}', "messages"),
+        (b'{"model": "mock", "messages": "hi"}', "messages"),
+        (b'{"model": "mock", "messages": []}', "messages"),
+        (b'{"model": "mock", "messages": [{"content": "hi"}]}', "messages[0].role"),
+        (b'{"model": "mock", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
+        (
+            b'{"model": "mock", "messages": [{"role": "wizard", "content": "x"}]}',
+            "messages[0].role",
+        ),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "max_tokens": 1.5}', "max_tokens"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "temperature": 3}', "temperature"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "n": 2}', "n"),
+        (b'{"model": 7, "messages": [{"role": "user"}]}', "model"),
+    ],
+)
+async def test_malformed_chat_requests_are_400_naming_the_field(
+    http: httpx.AsyncClient, body: bytes, param: str | None
+) -> None:
+    response = await http.post(CHAT, content=body, headers={"content-type": "application/json"})
+    error = assert_openai_error(response, 400, param=param)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.usefixtures("mock")
+async def test_malformed_completion_request(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/completions", json={"model": "mock", "prompt": ["a", "b"]})
+    assert_openai_error(response, 400, param="prompt")
+    response = await http.post("/v1/completions", json={"model": "mock", "prompt": 12})
+    assert_openai_error(response, 400, param="prompt")
+
+
+@pytest.mark.usefixtures("mock")
+@pytest.mark.parametrize("stream", [False, True])
+async def test_unknown_model_is_404(http: httpx.AsyncClient, stream: bool) -> None:
+    body = {"model": "nope", "messages": HELLO, "stream": stream}
+    response = await http.post(CHAT, json=body)
+    error = assert_openai_error(response, 404, param="model", code="model_not_found")
+    assert "nope" in error["message"]
+
+
+async def test_unknown_route_and_method_are_json(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/v2/nothing")).status_code == 404
+    assert (await http.get("/v2/nothing")).json()["error"]["message"]
+    assert (await http.get(CHAT)).status_code == 405
+
+
+async def test_model_without_reachable_instances_is_503(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    # A record that declares a model but has no address any client can use: the registry
+    # lists the model, the router never gets an instance.
+    rt = await workers.serve("demo.mocker.generate", FAST, model="mock")
+    await asyncio.to_thread(
+        rt.register, "ghost", "engine", "generate", {"carrier-pigeon": "coo"}, {"model": "ghost"}
+    )
+    await wait_for_model(frontend, "ghost")
+    for stream in (False, True):
+        body = {"model": "ghost", "messages": HELLO, "stream": stream}
+        response = await http.post(CHAT, json=body)
+        assert_openai_error(response, 503, code="no_instances")
+
+
+async def test_overloaded_worker_is_503(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    slow = make_generate(tokens_per_second=20, time_to_first_token=0.0, output_tokens=100)
+    rt = await workers.serve("demo.mocker.generate", slow, model="mock", max_inflight=1)
+    await wait_for_model(frontend, "mock")
+    body = {"model": "mock", "messages": HELLO, "stream": True}
+    async with http.stream("POST", CHAT, json=body) as first:
+        lines = first.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")  # the first request holds the slot
+        response = await http.post(CHAT, json={"model": "mock", "messages": HELLO})
+        assert_openai_error(response, 503, code="overloaded")
+    # closing the stream cancelled the first request on the worker
+    labels = {"namespace": "demo", "component": "mocker", "endpoint": "generate"}
+    await eventually_async(
+        lambda: rt.metrics.registry.get_sample_value("troupe_inflight_requests", labels) == 0
+    )
+
+
+async def failing(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+    if request["prompt"].endswith("late"):
+        yield {"text": "one", "prompt_tokens": 1}
+    raise ValueError("the engine broke")
+
+
+async def bad_chunks(request: Any, ctx: RequestContext) -> AsyncIterator[Any]:
+    yield ["not", "a", "chunk"]
+
+
+async def test_worker_failure_is_502(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    await workers.serve("broken.engine.generate", failing, model="broken")
+    await wait_for_model(frontend, "broken")
+    response = await http.post("/v1/completions", json={"model": "broken", "prompt": "x"})
+    error = assert_openai_error(response, 502, code="worker_error")
+    assert "the engine broke" in error["message"]
+    # before the first chunk, a streaming request still gets the status code
+    body = {"model": "broken", "prompt": "x", "stream": True}
+    response = await http.post("/v1/completions", json=body)
+    assert_openai_error(response, 502, code="worker_error")
+
+
+async def test_failure_after_the_stream_started_is_a_last_error_event(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    await workers.serve("broken.engine.generate", failing, model="broken")
+    await wait_for_model(frontend, "broken")
+    body = {"model": "broken", "prompt": "late", "stream": True}
+    response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    data = events(response.text)
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[0])["choices"][0]["text"] == "one"
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == "worker_error"
+    assert "the engine broke" in error["message"]
+
+
+async def test_unreachable_worker_is_502(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    rt = await workers.serve("demo.mocker.generate", FAST, model="mock")
+    # nothing listens there: the connect fails (connect_timeout 0.5 s)
+    await asyncio.to_thread(
+        rt.register, "dead", "engine", "generate", {"tcp": "tcp://127.0.0.1:9"}, {"model": "dead"}
+    )
+    await wait_for_model(frontend, "dead")
+    response = await http.post("/v1/completions", json={"model": "dead", "prompt": "x"})
+    assert_openai_error(response, 502, code="worker_error")
+
+
+async def test_malformed_engine_chunk_is_502(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    await workers.serve("bad.engine.generate", bad_chunks, model="bad")
+    await wait_for_model(frontend, "bad")
+    response = await http.post("/v1/completions", json={"model": "bad", "prompt": "x"})
+    assert_openai_error(response, 502)
+
+
+# --- health, liveness, draining, metrics ---------------------------------------------------------
+
+
+@pytest.mark.usefixtures("mock")
+async def test_health_live_and_draining(frontend: Frontend, http: httpx.AsyncClient) -> None:
+    health = await http.get("/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "healthy", "models": ["mock"]}
+    assert (await http.get("/live")).json() == {"status": "live"}
+    assert await frontend.drain(0)
+    assert (await http.get("/health")).status_code == 503
+    assert (await http.get("/live")).status_code == 200
+    response = await http.post(CHAT, json={"model": "mock", "messages": HELLO})
+    assert_openai_error(response, 503, code="shutting_down")
+
+
+def sample(frontend: Frontend, name: str, **labels: str) -> float:
+    value = frontend.rt.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@pytest.mark.usefixtures("mock")
+async def test_metrics(frontend: Frontend, http: httpx.AsyncClient) -> None:
+    await http.post(CHAT, json={"model": "mock", "messages": HELLO, "stream": True})
+    await http.post("/v1/completions", json={"model": "mock", "prompt": "a b"})
+    await http.post(CHAT, json={"model": "nope", "messages": HELLO})
+    text = (await http.get("/metrics")).text
+    assert "troupe_frontend_requests_total" in text
+    assert "troupe_frontend_time_to_first_token_seconds_bucket" in text
+    m = "troupe_frontend_requests_total"
+    assert (
+        sample(
+            frontend,
+            m,
+            model="mock",
+            endpoint="chat_completions",
+            request_type="stream",
+            status="success",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            frontend,
+            m,
+            model="mock",
+            endpoint="completions",
+            request_type="unary",
+            status="success",
+        )
+        == 1
+    )
+    assert (
+        sample(
+            frontend,
+            "troupe_frontend_errors_total",
+            model="",
+            endpoint="chat_completions",
+            code="404",
+        )
+        == 1
+    )
+    assert sample(frontend, "troupe_frontend_time_to_first_token_seconds_count", model="mock") == 2
+    assert sample(frontend, "troupe_frontend_inter_token_latency_seconds_count", model="mock") == 14
+    assert sample(frontend, "troupe_frontend_output_sequence_tokens_sum", model="mock") == 16
+    assert sample(frontend, "troupe_frontend_input_sequence_tokens_sum", model="mock") == 4
+    assert sample(frontend, "troupe_frontend_inflight_requests", model="mock") == 0
+
+
+# --- cancellation --------------------------------------------------------------------------------
+
+
+class Recorder:
+    """A slow engine that records when, and whether stopped, its generation ended."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.ended_at = 0.0
+        self.saw_stop = False
+
+    async def __call__(self, request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        try:
+            for index in range(1000):
+                yield {"text": f" t{index}", "prompt_tokens": 1}
+                await asyncio.sleep(0.01)
+        finally:
+            self.saw_stop = ctx.is_stopped()
+            self.ended_at = time.monotonic()
+            self.ended.set()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_stops_the_worker(
+    frontend: Frontend, workers: Workers, stream: bool
+) -> None:
+    recorder = Recorder()
+
+    async def handler(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in recorder(request, ctx):
+            yield chunk
+
+    await workers.serve("slow.engine.generate", handler, model="slow")
+    await wait_for_model(frontend, "slow")
+    body = {"model": "slow", "messages": HELLO, "stream": stream}
+    async with httpx.AsyncClient(base_url=frontend.url, timeout=10) as http:
+        if stream:
+            async with http.stream("POST", CHAT, json=body) as response:
+                lines = response.aiter_lines()
+                seen = 0
+                while seen < 3:
+                    if (await anext(lines)).startswith("data: "):
+                        seen += 1
+                gone = time.monotonic()
+                # leaving the block closes the connection mid-stream
+        else:
+            task = asyncio.create_task(http.post(CHAT, json=body))
+            await asyncio.sleep(0.1)  # the worker is generating (no chunk reaches the client)
+            task.cancel()
+            gone = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert await asyncio.to_thread(recorder.ended.wait, 5)
+    assert recorder.saw_stop
+    assert recorder.ended_at - gone < 0.2, f"worker stopped {recorder.ended_at - gone:.3f} s late"
+    await _eventually_counted(frontend, "stream" if stream else "unary")
+
+
+async def _eventually_counted(frontend: Frontend, request_type: str) -> None:
+    labels = {"model": "slow", "endpoint": "chat_completions", "request_type": request_type}
+    await eventually_async(
+        lambda: sample(frontend, "troupe_frontend_cancellation_total", **labels) == 1,
+        what="cancellation counted",
+    )
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+async def test_hundred_concurrent_streams_over_two_workers(
+    frontend: Frontend, workers: Workers, http: httpx.AsyncClient
+) -> None:
+    first = await workers.serve("demo.mocker.generate", FAST, model="mock")
+    second = await workers.serve("demo.mocker.generate", FAST, model="mock")
+    await wait_for_model(frontend, "mock")
+    router = frontend.registry.router(frontend.registry.get("mock"))  # type: ignore[arg-type]
+    await eventually_async(lambda: len(router.instance_ids()) == 2)
+
+    async def one(n: int) -> str:
+        body = {"model": "mock", "messages": HELLO, "stream": True, "max_tokens": 4}
+        response = await http.post(CHAT, json=body)
+        assert response.status_code == 200
+        data = events(response.text)
+        assert data[-1] == "[DONE]"
+        return "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1])
+
+    texts = await asyncio.gather(*(one(n) for n in range(100)))
+    assert texts == [" ".join(VOCABULARY[:4])] * 100
+    served = [
+        rt.metrics.registry.get_sample_value(
+            "troupe_requests_total",
+            {"namespace": "demo", "component": "mocker", "endpoint": "generate"},
+        )
+        for rt in (first, second)
+    ]
+    assert served == [50, 50]  # round robin over both workers
+
+
+def test_error_status_table() -> None:
+    assert error_status(Overloaded("x"))[:2] == (503, "service_unavailable_error")
+    assert error_status(NoInstances("a.b.c"))[0] == 503
+    assert error_status(StreamBroken("gone"))[0] == 502
+    assert error_status(RemoteError("ValueError", "boom"))[0] == 502
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("port", 70000), ("router_mode", "fastest"), ("migration_limit", -1), ("grace", -1.0)],
+)
+def test_settings_are_validated(field: str, value: Any) -> None:
+    with pytest.raises(ConfigError):
+        FrontendSettings(**{field: value})

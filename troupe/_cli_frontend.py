@@ -1,0 +1,81 @@
+"""``troupe frontend``: the OpenAI-compatible HTTP frontend, on the main thread's event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Callable
+
+from troupe.config import Config
+from troupe.frontend import Frontend, FrontendSettings
+from troupe.runtime import Runtime
+
+__all__ = ["add_arguments", "cmd_frontend"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``frontend`` subcommand's options."""
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to bind; 0 lets the OS pick (default 8000)"
+    )
+    parser.add_argument(
+        "--router-mode",
+        default="round_robin",
+        choices=("round_robin", "random", "least_loaded"),
+        help="how to pick a worker for each request",
+    )
+    parser.add_argument(
+        "--migration-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resume a generation on another worker up to N times if its worker fails",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long in-flight requests may finish on SIGTERM/SIGINT (default 5)",
+    )
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    try:
+        import uvloop  # noqa: PLC0415 - optional dependency (extra "fast")
+    except ImportError:
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+async def _serve(rt: Runtime, settings: FrontendSettings) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        frontend = await Frontend(rt, settings).start()
+        print(f"frontend listening on {frontend.url}", flush=True)
+        await frontend.serve_until(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
+    """Serve until SIGINT/SIGTERM; then drain (``--grace``) and exit 0."""
+    settings = FrontendSettings(
+        host=args.host,
+        port=args.port,
+        router_mode=args.router_mode,
+        migration_limit=args.migration_limit,
+        grace=args.grace,
+    )
+    with (
+        Runtime(config, handle_signals=False) as rt,
+        asyncio.Runner(loop_factory=_loop_factory()) as runner,
+    ):
+        runner.run(_serve(rt, settings))
+    return 0

@@ -1,0 +1,24 @@
+"""The OpenAI-compatible HTTP frontend: ``troupe frontend``, or :class:`Frontend` in code.
+
+It watches discovery for instances that declare a model (``metadata["model"]``), keeps one
+Router per serving endpoint, and answers ``/v1/models``, ``/v1/chat/completions`` and
+``/v1/completions`` (streamed as Server-Sent Events or not), plus ``/health``, ``/live`` and
+``/metrics``. See ``docs/frontend.md`` for the routes, the engine protocol and the errors.
+
+    async with Frontend(rt, FrontendSettings(host="127.0.0.1", port=0)) as fe:
+        print(fe.url)
+"""
+
+from troupe.frontend._app import FrontendSettings
+from troupe.frontend._metrics import FrontendMetrics
+from troupe.frontend._models import ModelEntry, ModelRegistry, ModelTable
+from troupe.frontend._serve import Frontend
+
+__all__ = [
+    "Frontend",
+    "FrontendMetrics",
+    "FrontendSettings",
+    "ModelEntry",
+    "ModelRegistry",
+    "ModelTable",
+]

@@ -1,0 +1,213 @@
+"""The :class:`Frontend`: hypercorn serving the Starlette app on the caller's event loop.
+
+The frontend's event loop (the main thread under ``troupe frontend``, the test's loop in tests)
+is not the runtime's I/O loop: HTTP parsing and SSE framing stay off the thread that owns the
+request-plane sockets, and ``Router.generate`` bridges the two without blocking either.
+
+The socket is bound before hypercorn starts (so port 0 works and :attr:`Frontend.port` is the
+real one); hypercorn runs as one task owned by the frontend. :meth:`Frontend.close` drains first:
+``/health`` answers 503 and new generations 503 while in-flight ones get ``grace`` seconds,
+then hypercorn stops (cancelling what is left, which cancels those requests on their workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import sys
+import types
+from collections.abc import AsyncIterator
+from typing import Final, cast
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.typing import ASGIFramework
+from hypercorn.utils import wrap_app
+from starlette.applications import Starlette
+
+from troupe._logging import get_logger
+from troupe.errors import ConfigError, TroupeError
+from troupe.frontend._app import FrontendSettings, FrontendState, build_app
+from troupe.frontend._metrics import FrontendMetrics
+from troupe.frontend._models import ModelRegistry
+from troupe.runtime import Runtime
+
+__all__ = ["Frontend"]
+
+_log = get_logger("troupe.frontend")
+
+_BACKLOG: Final = 1024
+# Seconds hypercorn waits for connections at shutdown, after the frontend has drained.
+_GRACEFUL_TIMEOUT: Final = 1.0
+
+
+class Frontend:
+    """The OpenAI-compatible HTTP frontend of one runtime.
+
+    Use ``async with Frontend(rt, settings) as fe:`` on any event loop (or :meth:`start` and
+    :meth:`close`). One frontend per runtime: its metrics live in the runtime's registry.
+
+    Args:
+        rt: a running runtime (discovery and request plane from its configuration).
+        settings: host, port, routing and shutdown settings.
+    """
+
+    def __init__(self, rt: Runtime, settings: FrontendSettings | None = None) -> None:
+        self.rt = rt
+        self.settings = settings if settings is not None else FrontendSettings()
+        self.registry = ModelRegistry(rt, policy=self.settings.router_mode)
+        self.metrics = FrontendMetrics(rt.metrics.registry)
+        self.state = FrontendState(rt, self.registry, self.metrics, self.settings)
+        self._started: asyncio.Future[None] | None = None
+        self.app: Starlette = build_app(self.state, lifespan=self._lifespan)
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._shutdown: asyncio.Event | None = None
+        self._port = 0
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        """The bound port (the OS's choice when the settings say 0)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` (``127.0.0.1`` when bound to every interface)."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{self._port}"
+
+    async def start(self) -> Frontend:
+        """Watch discovery for models, bind the socket and start serving.
+
+        Raises:
+            ConfigError: the port is in use or the host cannot be bound.
+            TroupeError: hypercorn failed to start.
+        """
+        if self._task is not None or self._closed:
+            raise TroupeError("the frontend was already started")
+        await asyncio.to_thread(self.registry.start)  # opens the store once (blocking)
+        sock = self._bind()
+        self._port = int(sock.getsockname()[1])
+        self._sock = sock
+        loop = asyncio.get_running_loop()
+        self._shutdown = asyncio.Event()
+        started = self._started = loop.create_future()
+        app = wrap_app(cast("ASGIFramework", self.app), 0, "asgi")
+        self._task = loop.create_task(
+            worker_serve(
+                app,
+                self._hypercorn_config(),
+                sockets=Sockets([], [sock], []),
+                shutdown_trigger=self._shutdown.wait,
+            ),
+            name=f"frontend-http-{self._port}",
+        )
+        await asyncio.wait((self._task, started), return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            task, self._task = self._task, None
+            sock.close()
+            await asyncio.to_thread(self.registry.close)
+            exc = task.exception()
+            raise TroupeError(f"frontend failed to start: {exc!r}") from exc
+        _log.info("frontend listening", url=self.url)
+        return self
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Refuse new generations (503) and wait for those in flight; ``True`` if all ended."""
+        self.state.draining = True
+        wait = self.settings.grace if grace is None else grace
+        return await self.state.wait_idle(wait)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Drain (up to ``grace`` seconds), stop hypercorn, stop watching discovery."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._task is not None:
+                if not await self.drain(grace):
+                    _log.warning("closing with generations in flight", count=self.state.inflight)
+                assert self._shutdown is not None
+                self._shutdown.set()
+                task, self._task = self._task, None
+                await asyncio.wait((task,))
+                if not task.cancelled() and task.exception() is not None:
+                    _log.error("frontend server stopped with an error", exc_info=task.exception())
+        finally:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            await asyncio.to_thread(self.registry.close)
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set (or the server task ends), then :meth:`close`."""
+        task = self._task
+        if task is None:
+            raise TroupeError("the frontend is not started")
+        stopper = asyncio.create_task(stop.wait(), name="frontend-stop-wait")
+        try:
+            await asyncio.wait((task, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            await asyncio.wait((stopper,))
+            await self.close()
+
+    async def __aenter__(self) -> Frontend:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self._started is not None and not self._started.done():
+            self._started.set_result(None)
+        yield
+
+    def _bind(self) -> socket.socket:
+        host, port = self.settings.host, self.settings.port
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError("--host", host, f"a host name this machine resolves ({exc})") from exc
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    "--port", port, f"a free port: {host}:{port} is in use (0 lets the OS pick)"
+                ) from exc
+            raise ConfigError("--host", host, f"an address this machine can bind ({exc})") from exc
+        return sock
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        config = HypercornConfig()
+        config.keep_alive_max_requests = sys.maxsize
+        config.graceful_timeout = _GRACEFUL_TIMEOUT
+        config.backlog = _BACKLOG
+        config.include_server_header = False
+        config.accesslog = None
+        config.errorlog = logging.getLogger("troupe.frontend.hypercorn")
+        return config
