@@ -129,12 +129,6 @@ class _Printer(Actor[Joined | Left]):
 def cmd_instances(args: argparse.Namespace, config: Config) -> int:
     """List (or watch) the instances registered under a prefix."""
     prefix = resolve_prefix(args.prefix)
-    if config.discovery.backend != "kv_store":
-        raise ConfigError(
-            "DYN_DISCOVERY_BACKEND",
-            config.discovery.backend,
-            "a kv_store backend for `troupe instances` (kubernetes is not supported here yet)",
-        )
     with Runtime(config, handle_signals=args.watch) as rt:
         store: KeyValueStore = open_store(config.discovery, config.nats)
         rt.io.run(store.connect())

@@ -37,6 +37,7 @@ __all__ = [
     "FileKvConfig",
     "Http2Config",
     "HttpConfig",
+    "KubernetesConfig",
     "LogConfig",
     "NatsConfig",
     "PodInfo",
@@ -631,6 +632,13 @@ SETTINGS: tuple[Setting, ...] = (
         "this pod's namespace (Kubernetes)",
     ),
     Setting("POD_UID", "discovery.pod", "uid", _OPTIONAL, "this pod's UID (Kubernetes)"),
+    Setting(
+        "KUBECONFIG",
+        "discovery.kubernetes",
+        "kubeconfig",
+        _OPTIONAL,
+        "kubeconfig file(s) of the kubernetes backend; unset = ~/.kube/config, then in-cluster",
+    ),
     # request plane
     Setting(
         "DYN_REQUEST_PLANE",
@@ -974,6 +982,28 @@ class PodInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """The ``kubernetes`` backend's API-server connection (the pod identity is :class:`PodInfo`).
+
+    ``kubeconfig`` is a path (or ``:``-separated paths) as in ``KUBECONFIG``; when it is unset the
+    client tries ``~/.kube/config`` and then the in-cluster service account (token and CA) in
+    ``serviceaccount`` (default ``/var/run/secrets/kubernetes.io/serviceaccount``).
+    """
+
+    kubeconfig: str | None = None
+    serviceaccount: str | None = None
+    connect_timeout: float = 5.0
+    request_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _validate(self, "discovery.kubernetes")
+        for name in ("connect_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ConfigError(f"KubernetesConfig.{name}", value, "a number of seconds > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     """Discovery plane: backend, KV store and lease.
 
@@ -987,6 +1017,7 @@ class DiscoveryConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     file: FileKvConfig = field(default_factory=FileKvConfig)
     pod: PodInfo = field(default_factory=PodInfo)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         _validate(self, "discovery")
@@ -1071,6 +1102,7 @@ _SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("discovery.etcd", EtcdConfig, "Discovery: etcd"),
     ("discovery.file", FileKvConfig, "Discovery: file store"),
     ("discovery.pod", PodInfo, "Discovery: Kubernetes pod"),
+    ("discovery.kubernetes", KubernetesConfig, "Discovery: Kubernetes API server"),
     ("request_plane", RequestPlaneConfig, "Request plane"),
     ("request_plane.tcp", TcpConfig, "Request plane: TCP"),
     ("request_plane.http", HttpConfig, "Request plane: HTTP/2 server"),

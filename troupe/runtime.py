@@ -221,10 +221,6 @@ class Runtime:
         self._require_running()
         if self._store is None:
             discovery = self.config.discovery
-            if discovery.backend != "kv_store":
-                raise ConfigError(
-                    "DYN_DISCOVERY_BACKEND", discovery.backend, "kv_store (kubernetes: not yet)"
-                )
             store = open_store(
                 discovery, self.config.nats, clock=self.clock, memory_server=self._memory_server
             )

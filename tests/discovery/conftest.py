@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from troupe.config import EtcdConfig, FileKvConfig, NatsConfig
+from troupe.config import EtcdConfig, FileKvConfig, KubernetesConfig, NatsConfig, PodInfo
 from troupe.discovery import (
     EtcdStore,
     FileStore,
     KeyValueStore,
+    KubernetesStore,
     MemoryKvServer,
     MemoryStore,
     NatsStore,
@@ -21,7 +23,13 @@ from troupe.discovery import (
 
 from ._helpers import StoreFactory, WatchReader
 
-BACKENDS = ("memory", "file", "etcd", "nats")
+BACKENDS = ("memory", "file", "etcd", "nats", "kubernetes")
+"""Every store the conformance suite runs against."""
+
+KV_BACKENDS = ("memory", "file", "etcd", "nats")
+"""The stores with one key space and TTL leases. Not ``kubernetes``: its keys live in one
+resource per pod (so ``create`` is atomic only within a pod) and its only lease is the pod's
+life (nothing expires by TTL). Tests of those two properties are parametrized over these."""
 
 
 @pytest.fixture
@@ -47,6 +55,18 @@ async def stores(
     elif backend == "file":
         config = FileKvConfig(path=str(tmp_path / "kv"))
         make = lambda: FileStore(config, poll_interval=0.02, reap_interval=0.1)  # noqa: E731
+    elif backend == "kubernetes":
+        # Each store is a pod of its own, ready in an EndpointSlice, in a namespace of this test.
+        fake = request.getfixturevalue("fake_kubernetes")
+        namespace = f"t{uuid.uuid4().hex[:10]}"
+        kube_config = KubernetesConfig(kubeconfig=str(fake.kubeconfig))
+        pods = itertools.count()
+
+        def make() -> KubernetesStore:
+            pod = f"pod-{next(pods)}"
+            fake.set_pod_ready(namespace, pod)
+            return KubernetesStore(kube_config, PodInfo(pod, namespace, f"uid-{pod}"))
+
     elif backend == "etcd":
         etcd = request.getfixturevalue("etcd_server")
         etcd_config = EtcdConfig(endpoints=(etcd.url,))

@@ -70,6 +70,7 @@ EXPECTED = {
         "InstanceRecord",
         "KeyValue",
         "KeyValueStore",
+        "KubernetesStore",
         "MemoryKvServer",
         "MemoryStore",
         "MonotonicClock",

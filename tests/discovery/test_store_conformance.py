@@ -1,7 +1,10 @@
-"""One suite, every store: memory, file, etcd and NATS (the last two on real servers).
+"""One suite, every store: memory, file, etcd, NATS (real servers) and Kubernetes (the fake).
 
 Each test gets stores of one backend that see each other (``stores``) and a key root of its own
-(``root``): the etcd and NATS servers are shared by the session.
+(``root``): the etcd and NATS servers are shared by the session. Two properties do not apply to
+the kubernetes store, and their tests run over ``KV_BACKENDS`` only (see ``conftest.py``): an
+atomic ``create`` across processes (each pod writes its own resource) and TTL leases (the pod's
+life is the lease; ``tests/discovery/test_kubernetes_store.py`` covers it).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from troupe.config import EtcdConfig, FileKvConfig, NatsConfig
+from troupe.config import EtcdConfig, FileKvConfig, KubernetesConfig, NatsConfig
 from troupe.discovery import (
     Delete,
     EtcdStore,
     FileStore,
     KeyValue,
     KeyValueStore,
+    KubernetesStore,
     MemoryKvServer,
     MemoryStore,
     NatsStore,
@@ -32,6 +36,7 @@ from troupe.discovery import (
 from troupe.errors import DiscoveryError, DiscoveryUnavailable, KeyExists, LeaseLost
 
 from ._helpers import StoreFactory, WatchReader, apply, is_delete
+from .conftest import KV_BACKENDS
 
 Readers = Callable[[Watch], WatchReader]
 TTL = 1.0  # short leases: etcd and NATS count whole seconds, 1 s is their minimum
@@ -69,6 +74,7 @@ async def test_another_store_sees_the_writes(stores: StoreFactory, root: str) ->
     assert (kv.value, kv.revision) == (b"v", rev)
 
 
+@pytest.mark.parametrize("backend", KV_BACKENDS)  # kubernetes: create is atomic per pod only
 async def test_concurrent_create_of_one_key_has_exactly_one_winner(
     stores: StoreFactory, root: str
 ) -> None:
@@ -129,7 +135,7 @@ async def test_prefixes_respect_path_boundaries(
 
 
 async def test_watch_from_a_snapshot_misses_and_repeats_nothing(
-    stores: StoreFactory, root: str, readers: Readers
+    stores: StoreFactory, root: str, readers: Readers, backend: str
 ) -> None:
     writer, watcher = await stores(), await stores()
     keys = [f"{root}/k{i:02d}" for i in range(12)]
@@ -162,7 +168,13 @@ async def test_watch_from_a_snapshot_misses_and_repeats_nothing(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10.0
     events = []
-    while view != {kv.key: kv for kv in expected}:
+
+    def same(view: dict[str, KeyValue], expected: list[KeyValue]) -> bool:
+        if backend == "kubernetes":  # a watch numbers its own events: compare the values
+            return {k: kv.value for k, kv in view.items()} == {kv.key: kv.value for kv in expected}
+        return view == {kv.key: kv for kv in expected}
+
+    while not same(view, expected):
         event = await reader.next(max(0.0, deadline - loop.time()))
         events.append(event)
         assert not isinstance(event, Snapshot)
@@ -182,6 +194,7 @@ async def test_watch_from_a_snapshot_misses_and_repeats_nothing(
         assert seen_puts == [r for r in put_revisions if r > snapshot.revision]
 
 
+@pytest.mark.parametrize("backend", KV_BACKENDS)  # kubernetes: the pod's life is the lease
 async def test_lease_expiry_deletes_keys_and_notifies_watchers(
     stores: StoreFactory, root: str, readers: Readers
 ) -> None:
@@ -295,6 +308,16 @@ async def test_an_unreachable_store_raises_discovery_unavailable(
     elif backend == "nats":
         url = f"nats://127.0.0.1:{_closed_port()}"
         store = NatsStore(NatsConfig(server=url, connect_timeout=1.0))
+    elif backend == "kubernetes":
+        url = f"http://127.0.0.1:{_closed_port()}"
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            '{"apiVersion": "v1", "kind": "Config", "current-context": "c",'
+            f' "clusters": [{{"name": "c", "cluster": {{"server": "{url}"}}}}],'
+            ' "users": [{"name": "u", "user": {"token": "t"}}],'
+            ' "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}'
+        )
+        store = KubernetesStore(KubernetesConfig(kubeconfig=str(kubeconfig), connect_timeout=1.0))
     elif backend == "file":
         blocker = tmp_path / "a-file"
         blocker.write_text("not a directory")

@@ -1,4 +1,4 @@
-"""Choosing a store: ``DYN_KV_STORE`` looked up in one table."""
+"""Choosing a store: ``DYN_KV_STORE`` looked up in one table, or the ``kubernetes`` backend."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from troupe.config import DiscoveryConfig, NatsConfig
 from troupe.discovery._etcd import EtcdStore
 from troupe.discovery._file import FileStore
+from troupe.discovery._kubernetes import KubernetesStore
 from troupe.discovery._memory import MemoryKvServer, MemoryStore
 from troupe.discovery._nats import NatsStore
 from troupe.discovery._store import KeyValueStore, TimeSource
@@ -57,18 +58,22 @@ def open_store(
     clock: TimeSource | None = None,
     memory_server: MemoryKvServer | None = None,
 ) -> KeyValueStore:
-    """Build (not connect) the store that ``config.kv_store`` names.
+    """Build (not connect) the store of ``config.backend`` (for ``kv_store``: of ``kv_store``).
 
     Args:
-        config: the discovery section; ``kv_store`` picks the backend.
+        config: the discovery section; ``backend`` and ``kv_store`` pick the store
+            (``kubernetes`` uses ``config.kubernetes`` and ``config.pod``).
         nats: the NATS connection settings (used by the ``nats`` store).
         clock: time source for lease bookkeeping (memory, file and nats stores).
         memory_server: the shared state of a ``memory`` store (a private one when omitted), so
             that several runtimes in one process can see each other.
 
     Raises:
-        ConfigError: ``kv_store`` names no known store.
+        ConfigError: ``kv_store`` names no known store, or the kubernetes backend is chosen
+            but kr8s is not installed.
     """
+    if config.backend == "kubernetes":
+        return KubernetesStore(config.kubernetes, config.pod)
     factory = STORES.get(config.kv_store)
     if factory is None:
         raise ConfigError("DYN_KV_STORE", config.kv_store, choices=tuple(STORES))
