@@ -1,10 +1,11 @@
-# The two commands: `make demo` and `make test`. Both set themselves up from nothing but Python 3.11.
+# The commands: `make demo`, `make test`, `make bench` (`make bench-quick`: a reduced run).
+# Each sets itself up from nothing but Python 3.11.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.troupe-installed
 
-.PHONY: demo test check lint typecheck unit clean
+.PHONY: demo test check lint typecheck unit clean bench bench-quick
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,18 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
+
+# The benchmarks also need the bench extras (Ray, pyinstrument): their own stamp.
+BENCH_STAMP := $(VENV)/.troupe-bench-installed
+$(BENCH_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test,fast,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m benchmarks --quick
 
 demo: $(STAMP)
 	$(PY) -m troupe.demo

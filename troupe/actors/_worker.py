@@ -166,12 +166,18 @@ class WorkerActor(Actor[Health]):
         self._inflight += 1
         try:
             request = decode_payload(payload)
+            # An async generator handler is iterated directly: one generator layer less per item.
+            items: AsyncIterator[Any] = (
+                self._handler(request, ctx)
+                if self._kind == "async_gen"
+                else self._invoke(request, ctx)
+            )
             if metrics is None:
-                async for item in self._invoke(request, ctx):
+                async for item in items:
                     yield encode_payload(item)
             else:
                 with metrics.track(len(payload)) as scope:
-                    async for item in self._invoke(request, ctx):
+                    async for item in items:
                         chunk = encode_payload(item)
                         scope.add_response_bytes(len(chunk))
                         yield chunk

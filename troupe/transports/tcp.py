@@ -29,9 +29,10 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Final, cast
+from typing import Final
 
 import zmq
+from zmq.backend import Socket as _ZmqSocket
 
 from troupe.config import TcpConfig
 from troupe.errors import (
@@ -81,10 +82,17 @@ _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _GONE_MEMORY: Final = 4096
 # Frames sent in one multipart message at most.
 _MAX_PARTS: Final = 256
+# A destination's queue is handed to ZeroMQ at once when it holds this many frames, instead of
+# at the end of the loop iteration: the peer works on one batch while the next is produced.
+_EAGER_FRAMES: Final = 16
 # Plain ints: pyzmq's enum wrappers cost more than the socket calls on this path.
 _EVENTS: Final = int(zmq.EVENTS)
 _POLLIN: Final = int(zmq.POLLIN)
 _NOBLOCK: Final = int(zmq.NOBLOCK)
+_RCVMORE: Final = int(zmq.RCVMORE)
+_SEND_MORE: Final = int(zmq.NOBLOCK | zmq.SNDMORE)
+# Frames at least this large are sent without copying (pyzmq's own threshold).
+_COPY_THRESHOLD: Final = zmq.COPY_THRESHOLD
 
 
 def _resolve(host: str) -> str:
@@ -113,19 +121,27 @@ class _Pump:
     Reads: the reader callback drains every message while ``EVENTS`` has ``POLLIN``. Writes:
     frames are queued per destination (the peer identity on a ROUTER, ``b""`` on a DEALER) and
     flushed once per loop iteration, each destination's queue as one multipart message, so a
-    burst of replies or requests costs one ZeroMQ message instead of one each.
+    burst of replies or requests costs one ZeroMQ message instead of one each. A queue that
+    reaches ``_EAGER_FRAMES`` frames is handed over at once, so the peer works on one batch while
+    the next is produced (otherwise the two sides take turns).
+
+    The socket is driven through pyzmq's Cython methods with plain int flags: the Python layer
+    on top (``send_multipart``, ``recv_multipart``, enum flags) cost more than ZeroMQ itself.
     """
 
     __slots__ = (
         "_backoff",
         "_flush_scheduled",
+        "_get",
         "_loop",
         "_on_message",
         "_on_unroutable",
         "_queues",
+        "_recv",
         "_retry",
         "_room",
         "_routed",
+        "_send",
         "check_scheduled",
         "closed",
         "limit",
@@ -144,6 +160,9 @@ class _Pump:
     ) -> None:
         self._loop = loop
         self.sock = sock
+        self._send = _ZmqSocket.send.__get__(sock)
+        self._recv = _ZmqSocket.recv.__get__(sock)
+        self._get = _ZmqSocket.get.__get__(sock)
         self._on_message = on_message
         self._routed = routed
         self.limit = limit
@@ -173,11 +192,16 @@ class _Pump:
             return
         sock = self.sock
         handle = self._on_message
+        get = self._get
+        recv = self._recv
         try:
             for _ in range(_DRAIN_BATCH):
-                if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+                if not get(_EVENTS) & _POLLIN:
                     return
-                handle(sock.recv_multipart(_NOBLOCK))
+                parts = [recv(_NOBLOCK)]
+                while get(_RCVMORE):
+                    parts.append(recv(_NOBLOCK))
+                handle(parts)
                 if sock.closed:  # the handler closed the connection
                     return
         except zmq.Again:
@@ -196,7 +220,13 @@ class _Pump:
         if queue is None:
             queue = self._queues[dest] = []
         queue.append(frame)
-        if not self._flush_scheduled and self._retry is None:
+        if self._retry is not None:
+            return  # the peer's queue is full; the retry timer flushes
+        if len(queue) >= _EAGER_FRAMES:
+            # Hand a full batch over now, so the peer starts on it while this side produces
+            # the rest (one message per loop iteration would make both sides take turns).
+            self._write()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
@@ -236,9 +266,14 @@ class _Pump:
     def _flush(self) -> None:
         self._flush_scheduled = False
         self._retry = None
+        self._write()
+
+    def _write(self) -> None:
+        """Hand every queued frame to ZeroMQ (what it accepts; a full peer queue retries)."""
         if self.closed:
             return
         sock = self.sock
+        send = self._send
         routed = self._routed
         blocked = False
         unroutable: list[bytes] = []
@@ -247,8 +282,18 @@ class _Pump:
             frames = queues[dest]
             while frames:
                 batch = frames[:_MAX_PARTS]
+                last = len(batch) - 1
                 try:
-                    sock.send_multipart([dest, *batch] if routed else batch, _NOBLOCK, copy=False)
+                    # ZeroMQ delivers a multipart message whole or not at all, and only its
+                    # first part can fail (full queue, unroutable peer).
+                    if routed:
+                        send(dest, _SEND_MORE)
+                    for index, frame in enumerate(batch):
+                        send(
+                            frame,
+                            _SEND_MORE if index < last else _NOBLOCK,
+                            len(frame) < _COPY_THRESHOLD,
+                        )
                 except zmq.Again:  # the peer's queue is full (SNDHWM): retry later
                     blocked = True
                     break
