@@ -77,3 +77,19 @@ def test_bad_configuration_is_one_clear_line_not_a_traceback(
 def test_main_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "mentions"),
+    [
+        (["--port", "70000"], {}, "--port"),
+        ([], {"DYN_HTTP_PORT": "http"}, "DYN_HTTP_PORT"),
+    ],
+)
+def test_frontend_rejects_a_bad_port_in_one_line(
+    args: list[str], env: dict[str, str], mentions: str
+) -> None:
+    result = run("frontend", *args, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert mentions in result.stderr.strip().splitlines()[0]

@@ -88,6 +88,8 @@ SEED_DEFAULTS: dict[str, object] = {
     "DYN_SYSTEM_PORT": -1,
     "DYN_SYSTEM_HEALTH_PATH": "/health",
     "DYN_SYSTEM_LIVE_PATH": "/live",
+    "DYN_HTTP_HOST": "0.0.0.0",
+    "DYN_HTTP_PORT": 8000,
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": 5.0,
     "DYN_WORKER_MAX_INFLIGHT": 0,
 }
@@ -141,6 +143,8 @@ OVERRIDES: dict[str, tuple[str, object]] = {
     "DYN_SYSTEM_PORT": ("9090", 9090),
     "DYN_SYSTEM_HEALTH_PATH": ("/healthz", "/healthz"),
     "DYN_SYSTEM_LIVE_PATH": ("/livez", "/livez"),
+    "DYN_HTTP_HOST": ("127.0.0.1", "127.0.0.1"),
+    "DYN_HTTP_PORT": ("8080", 8080),
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": ("30", 30.0),
     "DYN_WORKER_MAX_INFLIGHT": ("64", 64),
 }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 from collections.abc import Callable
 
 from troupe.config import Config
+from troupe.errors import ConfigError
 from troupe.frontend import Frontend, FrontendSettings
 from troupe.runtime import Runtime
 
@@ -16,9 +18,14 @@ __all__ = ["add_arguments", "cmd_frontend"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``frontend`` subcommand's options."""
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.add_argument(
-        "--port", type=int, default=8000, help="port to bind; 0 lets the OS pick (default 8000)"
+        "--host", default=None, help="address to bind (default: DYN_HTTP_HOST, else 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port to bind; 0 lets the OS pick (default: DYN_HTTP_PORT, else 8000)",
     )
     parser.add_argument(
         "--router-mode",
@@ -66,9 +73,17 @@ async def _serve(rt: Runtime, settings: FrontendSettings) -> None:
 
 def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; then drain (``--grace``) and exit 0."""
+    listen = config.frontend
+    for option in ("host", "port"):  # validated like the environment's values
+        value = getattr(args, option)
+        if value is not None:
+            try:
+                listen = dataclasses.replace(listen, **{option: value})
+            except ConfigError as exc:
+                raise ConfigError(f"--{option}", value, exc.expected, exc.choices) from None
     settings = FrontendSettings(
-        host=args.host,
-        port=args.port,
+        host=listen.host,
+        port=listen.port,
         router_mode=args.router_mode,
         migration_limit=args.migration_limit,
         grace=args.grace,

@@ -35,6 +35,7 @@ __all__ = [
     "DiscoveryConfig",
     "EtcdConfig",
     "FileKvConfig",
+    "FrontendConfig",
     "Http2Config",
     "HttpConfig",
     "KubernetesConfig",
@@ -839,6 +840,21 @@ SETTINGS: tuple[Setting, ...] = (
         _UrlPath(strip_trailing=False),
         "path of the liveness route",
     ),
+    # OpenAI-compatible frontend (`troupe frontend`)
+    Setting(
+        "DYN_HTTP_HOST",
+        "frontend",
+        "host",
+        _Text(optional=False, pattern=_HOST_RE, expected="a host name or IP address"),
+        "address the frontend's HTTP server binds",
+    ),
+    Setting(
+        "DYN_HTTP_PORT",
+        "frontend",
+        "port",
+        _PORT,
+        "port of the frontend's HTTP server; 0 lets the OS pick",
+    ),
     # worker
     Setting(
         "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS",
@@ -1096,6 +1112,17 @@ class WorkerConfig:
         _validate(self, "worker")
 
 
+@dataclass(frozen=True, slots=True)
+class FrontendConfig:
+    """The OpenAI-compatible HTTP frontend's listening address (``troupe frontend``)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        _validate(self, "frontend")
+
+
 # Sections: dotted path, class, heading. The tree is built deepest first by Config.from_env.
 _SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("discovery", DiscoveryConfig, "Discovery"),
@@ -1110,6 +1137,7 @@ _SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("nats", NatsConfig, "NATS"),
     ("log", LogConfig, "Logging"),
     ("system", SystemConfig, "System status server"),
+    ("frontend", FrontendConfig, "Frontend"),
     ("worker", WorkerConfig, "Worker"),
 )
 _TITLES = {path: title for path, _, title in _SECTIONS}
@@ -1132,6 +1160,7 @@ class Config:
     nats: NatsConfig = field(default_factory=NatsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sources: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
@@ -1171,6 +1200,7 @@ class Config:
             nats=_as(built["nats"], NatsConfig),
             log=_as(built["log"], LogConfig),
             system=_as(built["system"], SystemConfig),
+            frontend=_as(built["frontend"], FrontendConfig),
             worker=_as(built["worker"], WorkerConfig),
             sources=frozenset(sources),
         )
