@@ -99,3 +99,45 @@ def test_a_worker_is_callable_while_its_pod_is_ready(
             proc.stdout.close()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_several_worker_processes_in_one_pod_are_all_registered(
+    env: dict[str, str], fresh_fake_kubernetes: FakeKubernetes
+) -> None:
+    # `troupe worker --workers 2`: two runtimes share the pod and its resource; neither's first
+    # write drops the other's registration.
+    fake = fresh_fake_kubernetes
+    fake.set_pod_ready(NAMESPACE, POD, True)
+    worker_env = env | {"POD_NAME": POD, "POD_UID": "6f1c0c2e-0000-4000-8000-000000000002"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "troupe",
+            "worker",
+            "demo.backend.words",
+            "troupe.demo:words",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=worker_env,
+    )
+    try:
+
+        def registered() -> list[str]:
+            resource = fake.get_resource(NAMESPACE, DWM_PLURAL, POD)
+            return sorted((resource or {}).get("spec", {}).get("instances", {}))
+
+        keys = eventually(lambda: len(registered()) == 2 and registered(), timeout=20)
+        found = eventually(lambda: len(instances(env)) == 2 and instances(env), timeout=10)
+        assert sorted(f"/services/demo/backend/words/{i['instance_id']}" for i in found) == keys
+        assert registered() == keys  # still both, after several keep-alive periods
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert fake.get_resource(NAMESPACE, DWM_PLURAL, POD) is None  # both revoked
+    finally:
+        proc.kill()
+        proc.wait()

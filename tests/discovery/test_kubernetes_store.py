@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from troupe import Config, Runtime
@@ -35,8 +37,8 @@ from troupe.discovery import (
 )
 from troupe.errors import ConfigError, DiscoveryError, DiscoveryUnavailable, KeyExists, LeaseLost
 from troupe.testing import make_tls_files
-from troupe.testing._wait import eventually
-from troupe.testing.fake_kubernetes import DWM_PLURAL, ES_PLURAL, FakeKubernetes
+from troupe.testing._wait import eventually, eventually_async
+from troupe.testing.fake_kubernetes import DWM_PLURAL, ES_PLURAL, FakeKubernetes, json_patch
 
 from ._helpers import WatchReader, is_delete, is_put
 
@@ -57,11 +59,15 @@ class Pods:
         self.namespace = namespace
         self.opened: list[KubernetesStore] = []
 
-    async def store(self, pod: str | None = None, *, ready: bool | None = None) -> KubernetesStore:
+    async def store(
+        self, pod: str | None = None, *, ready: bool | None = None, **options: Any
+    ) -> KubernetesStore:
+        """A connected store in ``pod`` (``options``: KubernetesStore's keyword arguments)."""
         if pod is not None and ready is not None:
             self.fake.set_pod_ready(self.namespace, pod, ready)
         identity = PodInfo(pod, self.namespace, f"uid-{pod}" if pod else None)
-        store = KubernetesStore(KubernetesConfig(kubeconfig=str(self.fake.kubeconfig)), identity)
+        config = KubernetesConfig(kubeconfig=str(self.fake.kubeconfig))
+        store = KubernetesStore(config, identity, **options)
         await store.connect()
         self.opened.append(store)
         return store
@@ -142,16 +148,126 @@ async def test_create_sees_keys_of_other_pods(pods: Pods) -> None:
     await second.create(f"{PREFIX}/k", b"2")
 
 
-async def test_a_new_process_in_the_pod_drops_the_previous_ones_leased_keys(pods: Pods) -> None:
-    old = await pods.store("worker-0", ready=True)
-    await old.put(f"{PREFIX}/old", b"o", lease=await old.grant_lease(10.0))
+async def test_put_replaces_an_entry_whole(pods: Pods) -> None:
+    store = await pods.store("worker-0", ready=True)
+    lease = await store.grant_lease(10.0)
+    overwrites = {
+        f"{PREFIX}/smaller": (b'{"a":1,"b":2}', b'{"a":1}'),
+        f"{PREFIX}/nested": (b'{"x":{"y":1,"z":2}}', b'{"x":{"y":1}}'),
+        f"{PREFIX}/to-text": (b'{"x":1}', b"plain text"),
+        f"{PREFIX}/to-bytes": (b'{"x":1}', b"\xff\x00"),
+        f"{PREFIX}/to-record": (b"text", b'{"x":1}'),
+        f"{PREFIX}/null": (b'{"x":1}', b'{"x":null}'),
+    }
+    for key, (first, _) in overwrites.items():
+        await store.put(key, first, lease=lease)
+    for key, (_, second) in overwrites.items():
+        await store.put(key, second)  # no lease now
+    for key, (_, second) in overwrites.items():
+        kv = await store.get(key)
+        assert kv is not None
+        assert (kv.value, kv.lease) == (second, None), key
+    spec = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")["spec"]  # type: ignore[index]
+    assert spec["instances"][f"{PREFIX}/to-text"] == {
+        "revision": spec["revision"] - 3,
+        "text": "plain text",
+    }
+    assert "lease" not in spec["instances"][f"{PREFIX}/smaller"]
+
+
+async def test_a_new_process_in_the_pod_drops_stale_leased_keys(pods: Pods) -> None:
+    # An earlier incarnation of the container: its lease was last renewed an hour ago.
+    old = await pods.store("worker-0", ready=True, clock=lambda: time.time() - 3600)
+    old_lease = await old.grant_lease(10.0)
+    await old.put(f"{PREFIX}/old", b"o", lease=old_lease)
     await old.put("/config/static", b"s")  # no lease: kept
     await old.close()  # crashed: nothing revoked; the container restarts in the same pod
 
     new = await pods.store("worker-0")
-    await new.put(f"{PREFIX}/new", b"n", lease=await new.grant_lease(10.0))
+    lease = await new.grant_lease(10.0)
+    await new.put(f"{PREFIX}/new", b"n", lease=lease)
     items, _ = await new.list("")
     assert [kv.key for kv in items] == ["/config/static", f"{PREFIX}/new"]
+    spec = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")["spec"]  # type: ignore[index]
+    assert list(spec["leases"]) == [str(lease)]  # the stale record went too
+
+
+async def test_several_processes_in_one_pod_keep_each_others_keys(pods: Pods) -> None:
+    # troupe worker --workers 2: two runtimes, one pod, one resource.
+    first = await pods.store("worker-0", ready=True)
+    second = await pods.store("worker-0")
+    lease_1 = await first.grant_lease(10.0)
+    await first.put(f"{PREFIX}/aaaa", b"a", lease=lease_1)
+    lease_2 = await second.grant_lease(10.0)
+    await second.put(f"{PREFIX}/bbbb", b"b", lease=lease_2)  # its first write keeps aaaa
+    assert [kv.key for kv in (await first.list(PREFIX))[0]] == [f"{PREFIX}/aaaa", f"{PREFIX}/bbbb"]
+    await first.put(f"{PREFIX}/aaaa", b"a2", lease=lease_1)
+    await first.keep_alive(lease_1)
+    await second.keep_alive(lease_2)
+
+    await first.revoke_lease(lease_1)  # a clean stop of one: the other's key stays
+    assert [kv.key for kv in (await second.list(PREFIX))[0]] == [f"{PREFIX}/bbbb"]
+    await second.keep_alive(lease_2)
+    await second.revoke_lease(lease_2)  # the last one: the resource goes
+    assert pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0") is None
+
+
+async def test_keep_alive_loses_the_lease_when_its_keys_are_gone(pods: Pods) -> None:
+    worker = await pods.store("worker-0", ready=True)
+    other_pod = await pods.store("worker-1", ready=True)
+    lease = await worker.grant_lease(10.0)
+    await worker.put(f"{PREFIX}/a", b"a", lease=lease)
+    await worker.put(f"{PREFIX}/b", b"b", lease=lease)
+    await worker.keep_alive(lease)
+    assert await other_pod.delete(f"{PREFIX}/a") is True  # somebody removes one of its keys
+    with pytest.raises(LeaseLost):
+        await worker.keep_alive(lease)
+
+    again = await worker.grant_lease(10.0)  # the LeaseActor registers everything again
+    await worker.put(f"{PREFIX}/a", b"a", lease=again)
+    await worker.put(f"{PREFIX}/b", b"b", lease=again)
+    await worker.keep_alive(again)
+    spec = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")["spec"]  # type: ignore[index]
+    assert list(spec["leases"]) == [str(again)]  # the lost lease's record was removed
+    assert {entry["lease"] for entry in spec["instances"].values()} == {again}
+
+
+async def test_a_process_that_stopped_renewing_is_dropped_and_loses_its_lease(pods: Pods) -> None:
+    now = time.time()
+    frozen = await pods.store("worker-0", ready=True, clock=lambda: now)
+    lease = await frozen.grant_lease(1.0)
+    await frozen.put(f"{PREFIX}/frozen", b"f", lease=lease)
+    # A new process of the pod starts more than three TTLs after the last renewal.
+    later = await pods.store("worker-0", clock=lambda: now + 3.5)
+    await later.put(f"{PREFIX}/later", b"l", lease=await later.grant_lease(1.0))
+    assert [kv.key for kv in (await later.list(PREFIX))[0]] == [f"{PREFIX}/later"]
+    with pytest.raises(LeaseLost):
+        await frozen.keep_alive(lease)
+
+
+async def test_keep_alive_renews_at_most_once_per_ttl(pods: Pods) -> None:
+    clock = [1_000_000.0]
+    worker = await pods.store("worker-0", ready=True, clock=lambda: clock[0])
+    lease = await worker.grant_lease(6.0)
+    await worker.put(f"{PREFIX}/a", b"a", lease=lease)
+
+    def renew_time() -> str:
+        obj = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+        assert obj is not None
+        return str(obj["spec"]["leases"][str(lease)]["renewTime"])
+
+    written = renew_time()
+    assert written == "1970-01-12T13:46:40.000000Z"
+    patches = pods.fake.calls("patch")
+    for _ in range(3):  # every TTL/3, as the LeaseActor calls it
+        clock[0] += 1.9
+        await worker.keep_alive(lease)
+    assert pods.fake.calls("patch") == patches  # checked, not written
+    assert renew_time() == written
+    clock[0] += 1.9  # now more than one TTL since the last renewal
+    await worker.keep_alive(lease)
+    assert pods.fake.calls("patch") == patches + 1
+    assert renew_time() == "1970-01-12T13:46:47.600000Z"
 
 
 async def test_a_worker_without_its_pod_identity_gets_a_config_error(pods: Pods) -> None:
@@ -189,19 +305,39 @@ async def test_in_cluster_service_account_over_tls(
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(fake.port))
         fake.set_pod_ready(namespace, "worker-0")
+        # POD_NAMESPACE unset: the service account's namespace file names it (not "default").
         store = KubernetesStore(
-            KubernetesConfig(serviceaccount=str(account)), PodInfo("worker-0", namespace, "u")
+            KubernetesConfig(serviceaccount=str(account)), PodInfo("worker-0", None, "u")
         )
         await store.connect()
         try:
             assert store.endpoints == (f"https://127.0.0.1:{fake.port}",)
+            assert store.namespace == namespace
             revision = await store.put(f"{PREFIX}/k", b"v")
             kv = await store.get(f"{PREFIX}/k")
             assert kv is not None
             assert (kv.value, kv.revision) == (b"v", revision)
+            assert fake.get_resource(namespace, DWM_PLURAL, "worker-0") is not None
         finally:
             await store.close()
-    fake.close()
+
+
+async def test_in_cluster_without_a_namespace_anywhere_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("service-account-token")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "1")  # never reached: the namespace is first
+    store = KubernetesStore(KubernetesConfig(serviceaccount=str(account)), PodInfo())
+    with pytest.raises(ConfigError) as info:
+        await store.connect()
+    assert info.value.variable == "POD_NAMESPACE"
+    assert "namespace" in str(info.value)
+    await store.close()
 
 
 async def test_a_wrong_token_is_an_rbac_error_not_an_outage(
@@ -312,6 +448,84 @@ async def test_revoke_removes_the_resource_when_nothing_else_is_left(pods: Pods)
     assert pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0") is None
 
 
+async def test_revoke_that_races_another_process_of_the_pod_keeps_its_key(pods: Pods) -> None:
+    worker = await pods.store("worker-0", ready=True)
+    lease = await worker.grant_lease(10.0)
+    await worker.put(f"{PREFIX}/mine", b"m", lease=lease)
+
+    def another_process_writes() -> None:  # between revoke's read and its delete
+        obj = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+        assert obj is not None
+        obj["spec"]["instances"][f"{PREFIX}/theirs"] = {"revision": 9, "text": "t"}
+        pods.fake.put_resource(pods.namespace, DWM_PLURAL, obj)
+
+    pods.fake.before_next("delete", DWM_PLURAL, another_process_writes)
+    deletes = pods.fake.calls("delete")
+    await worker.revoke_lease(lease)
+    assert pods.fake.calls("delete") == deletes + 1  # tried, refused by its precondition (409)
+    obj = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+    assert obj is not None
+    assert list(obj["spec"]["instances"]) == [f"{PREFIX}/theirs"]
+
+
+def test_the_fake_refuses_a_delete_whose_preconditions_fail(
+    fake_kubernetes: FakeKubernetes, namespace: str
+) -> None:
+    fake = fake_kubernetes
+    obj = fake.put_resource(namespace, DWM_PLURAL, {"metadata": {"name": "p"}, "spec": {}})
+    base = f"{fake.url}/apis/nvidia.com/v1alpha1/namespaces/{namespace}/{DWM_PLURAL}/p"
+    headers = {"authorization": f"Bearer {fake.token}"}
+    with httpx.Client(headers=headers) as client:
+        for preconditions in ({"uid": "other"}, {"resourceVersion": "1"}):
+            body = {"kind": "DeleteOptions", "preconditions": preconditions}
+            answer = client.request("DELETE", base, json=body)
+            assert answer.status_code == 409, answer.text
+        meta = obj["metadata"]
+        body = {"preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}}
+        assert client.request("DELETE", base, json=body).status_code == 200
+    assert fake.get_resource(namespace, DWM_PLURAL, "p") is None
+
+
+def test_the_fake_applies_json_patches_as_rfc_6902_says() -> None:
+    doc = {"a": {"b": 1, "c": [1, 2]}, "x/y": 0, "t~": True}
+    ops = [
+        {"op": "add", "path": "/a/b", "value": {"new": None}},  # replaces the member whole
+        {"op": "add", "path": "/a/c/1", "value": 9},
+        {"op": "add", "path": "/a/c/-", "value": 3},
+        {"op": "remove", "path": "/x~1y"},
+        {"op": "replace", "path": "/t~0", "value": False},
+        {"op": "copy", "from": "/a/c", "path": "/d"},
+        {"op": "move", "from": "/d/0", "path": "/e"},
+        {"op": "test", "path": "/e", "value": 1},
+    ]
+    assert json_patch(doc, ops) == {
+        "a": {"b": {"new": None}, "c": [1, 9, 2, 3]},
+        "t~": False,
+        "d": [9, 2, 3],
+        "e": 1,
+    }
+    assert doc["x/y"] == 0  # the input is not changed
+    for failing in (
+        [{"op": "test", "path": "/t~0", "value": 1}],  # true is not 1
+        [{"op": "remove", "path": "/missing"}],
+        [{"op": "replace", "path": "/missing", "value": 1}],
+        [{"op": "add", "path": "/no/parent", "value": 1}],
+        [{"op": "add", "path": "/a/c/5", "value": 1}],
+        [{"op": "frobnicate", "path": "/a"}],
+    ):
+        with pytest.raises(Exception, match="JSON patch") as info:
+            json_patch(doc, failing)
+        assert getattr(info.value, "code", None) == 422
+
+
+def test_leaving_the_fake_removes_its_kubeconfig() -> None:
+    with FakeKubernetes() as fake:
+        assert fake.kubeconfig is not None
+        directory = fake.kubeconfig.parent
+        assert directory.is_dir()
+    assert not directory.exists()
+
+
 # --- the watch protocol ------------------------------------------------------------------------
 
 
@@ -383,6 +597,63 @@ async def test_410_gone_relists_and_reports_only_the_difference(
         assert all(not (isinstance(e, Put) and e.key == f"{PREFIX}/keep") for e in watch.events)
     finally:
         await pods.close()
+
+
+async def test_watches_ask_for_a_server_timeout_and_resume_after_it(
+    fresh_pods: Pods, readers: Readers
+) -> None:
+    fake = fresh_pods.fake
+    worker = await fresh_pods.store("worker-0", ready=True)
+    observer = await fresh_pods.store(watch_timeout=1.0)
+    await worker.put(f"{PREFIX}/a", b"a")
+    watch = readers(observer.watch(PREFIX))
+    assert len((await watch.snapshot()).items) == 1
+    lists = fake.calls("list", DWM_PLURAL)
+    # The server ends each stream after timeoutSeconds=1; the watch resumes each time.
+    await eventually_async(lambda: len(fake.watch_resource_versions(DWM_PLURAL)) >= 3)
+    assert set(fake.watch_timeouts(DWM_PLURAL)) == {"1"}
+    assert set(fake.watch_timeouts(ES_PLURAL)) == {"1"}
+    resumed_from = fake.watch_resource_versions(DWM_PLURAL)[1:]
+    assert "0" not in resumed_from
+    assert None not in resumed_from
+    await worker.put(f"{PREFIX}/b", b"b")
+    event = await watch.next()
+    assert isinstance(event, Put)
+    assert event.key == f"{PREFIX}/b"
+    assert fake.calls("list", DWM_PLURAL) == lists  # resumed, never relisted
+    assert not any(isinstance(e, Snapshot) for e in watch.events[1:])
+
+
+async def test_the_default_watch_timeout_is_about_five_minutes(
+    fresh_pods: Pods, readers: Readers
+) -> None:
+    observer = await fresh_pods.store()
+    watch = readers(observer.watch(PREFIX))
+    await watch.snapshot()
+    await asyncio.to_thread(fresh_pods.fake.wait_for_watches, 2)
+    for asked in fresh_pods.fake.watch_timeouts(DWM_PLURAL) + fresh_pods.fake.watch_timeouts(
+        ES_PLURAL
+    ):
+        assert asked is not None
+        assert 300 <= int(asked) <= 375
+
+
+async def test_a_silent_half_open_stream_is_abandoned_and_resumed(
+    fresh_pods: Pods, readers: Readers
+) -> None:
+    fake = fresh_pods.fake
+    worker = await fresh_pods.store("worker-0", ready=True)
+    observer = await fresh_pods.store(watch_timeout=1.0)
+    watch = readers(observer.watch(PREFIX))
+    await watch.snapshot()
+    await asyncio.to_thread(fake.wait_for_watches, 2)
+    watches = len(fake.watch_resource_versions(DWM_PLURAL))
+    assert fake.stall_watches() == 2  # no events, no end: only the read timeout can notice
+    await worker.put(f"{PREFIX}/a", b"a")
+    event = await asyncio.wait_for(watch.next(), 10.0)
+    assert isinstance(event, Put)
+    assert event.key == f"{PREFIX}/a"
+    assert len(fake.watch_resource_versions(DWM_PLURAL)) > watches
 
 
 async def test_losing_the_api_server_ends_the_watch_with_discovery_unavailable(

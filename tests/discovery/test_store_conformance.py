@@ -96,6 +96,24 @@ async def test_concurrent_create_of_one_key_has_exactly_one_winner(
     assert kv.value == f"creator-{winners[0]}".encode()
 
 
+async def test_put_overwrites_with_a_smaller_value(stores: StoreFactory, root: str) -> None:
+    writer, reader = await stores(), await stores()
+    lease = await writer.grant_lease(30.0)
+    await writer.put(f"{root}/record", b'{"a":1,"b":{"c":2,"d":3}}', lease=lease)
+    await writer.put(f"{root}/text", b'{"a":1}')
+    await writer.put(f"{root}/record", b'{"b":{"c":2}}')  # fields removed, and no lease now
+    await writer.put(f"{root}/text", b"a")  # no longer a JSON object
+    for key, value in ((f"{root}/record", b'{"b":{"c":2}}'), (f"{root}/text", b"a")):
+        for store in (writer, reader):
+            kv = await store.get(key)
+            assert kv is not None
+            assert (kv.value, kv.lease) == (value, None), key
+    items, _ = await reader.list(root)
+    assert [kv.value for kv in items] == [b'{"b":{"c":2}}', b"a"]
+    await writer.revoke_lease(lease)  # the lease no longer holds the key
+    assert await reader.get(f"{root}/record") is not None
+
+
 async def test_create_after_delete_succeeds(stores: StoreFactory, root: str) -> None:
     store = await stores()
     await store.create(f"{root}/k", b"1")

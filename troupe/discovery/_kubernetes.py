@@ -1,11 +1,14 @@
 """The ``kubernetes`` store: discovery through the Kubernetes API, with no etcd of our own.
 
 Each pod writes one ``DynamoWorkerMetadata`` custom resource (``nvidia.com/v1alpha1``) named
-after the pod (``POD_NAME``, in ``POD_NAMESPACE``) and owned by it (``POD_UID``), so Kubernetes
-deletes it with the pod. Its spec holds the pod's keys::
+after the pod (``POD_NAME``, in the store's namespace) and owned by it (``POD_UID``), so
+Kubernetes deletes it with the pod. Its spec holds the pod's keys, and a renewal record per
+lease of the processes writing it (several runtimes may share one pod)::
 
     spec:
       revision: 7                  # counter of this resource's writes
+      leases:
+        "4181950231": {renewTime: "2025-01-01T00:00:00.000000Z", ttl: 10.0}
       instances:
         /services/ns/comp/ep/0123456789abcdef:
           revision: 7              # the write that set this key (KeyValue.revision)
@@ -14,16 +17,25 @@ deletes it with the pod. Its spec holds the pod's keys::
           # or  text: "..."          a UTF-8 value that is not a JSON object
           # or  data: "base64..."    any other bytes
 
+Writes are JSON patches (RFC 6902), each conditional on the resourceVersion it read (409
+Conflict: read again and retry); a key's entry is replaced whole, never merged.
+
 A key is *visible* (to ``get``, ``list`` and ``watch``) only while its resource exists and the
 pod of that name is ready in an EndpointSlice of the namespace (an endpoint whose ``targetRef``
 is the pod, with ``conditions.ready`` true or absent). Watches list and watch both resources and
 emit the differences of the visible set as ``Put``/``Delete`` events, so the WatcherActor turns
-them into the same ``Joined``/``Left`` messages as with any other store.
+them into the same ``Joined``/``Left`` messages as with any other store. Each watch request asks
+the server to end it after ``timeoutSeconds`` and reads with a slightly longer timeout; the watch
+then resumes from its last resourceVersion.
 
-Leases: the pod's life is the real lease. ``grant_lease`` makes a lease local to this store;
-``keep_alive`` checks that the resource its keys went to still exists (``LeaseLost`` when it was
-deleted, so the LeaseActor writes everything again); ``revoke_lease`` removes the lease's keys
-(the whole resource when nothing else is left), so a clean stop is seen at once.
+Leases: the pod's life is the real lease; watchers look only at readiness. ``grant_lease`` makes
+a lease local to this store. Its record in ``spec.leases`` is written with its first key and
+renewed by ``keep_alive`` at most once per TTL. ``keep_alive`` raises ``LeaseLost`` when the
+resource was deleted or the lease's keys or record are gone (the LeaseActor then writes
+everything again). A process's first write drops the keys of leases not renewed for three TTLs
+(an earlier incarnation of a restarted container) and keeps those of live processes of the pod.
+``revoke_lease`` removes the lease's keys and record (the whole resource when no key is left),
+so a clean stop is seen at once.
 
 Revisions: a key's ``KeyValue.revision`` from ``put``/``get``/``list`` is the resource's write
 counter; a watch numbers its own events (resourceVersions of different objects cannot be
@@ -41,10 +53,13 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import datetime
 import json
 import random
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -87,12 +102,26 @@ ES_GROUP_VERSION = "discovery.k8s.io/v1"
 ES_PLURAL = "endpointslices"
 
 _INSTALL_HINT = "pip install 'troupe[kubernetes]'"
-_MERGE_PATCH = "application/merge-patch+json"
+_JSON_PATCH = "application/json-patch+json"
+_SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"  # kr8s's default too
 _WRITE_ATTEMPTS = 8  # optimistic-concurrency retries of one write (409 Conflict)
-_RESUME_DELAY = (0.02, 1.0)  # backoff between watch resumes that brought no event
+_STALE_AFTER = 3.0  # TTLs without renewal after which another process drops a lease's keys
+_RESUME_DELAY = (0.02, 1.0)  # backoff between watch resumes that ended at once, empty
+_WATCH_TIMEOUT = 300.0  # seconds: a watch request's timeoutSeconds, before jitter
+_WATCH_JITTER = 0.25  # timeoutSeconds is _WATCH_TIMEOUT times 1 to 1 + this
 
 _Object = dict[str, Any]
 _Entry = tuple[bytes, int, int | None]  # value, revision, lease
+
+
+@dataclass
+class _Lease:
+    """What this process knows of one of its leases."""
+
+    ttl: float
+    uid: str | None = None  # the resource its keys went to (None: nothing written yet)
+    keys: set[str] = field(default_factory=set)  # the keys it wrote that are still its own
+    renewed: float = 0.0  # clock time of the renewTime last written for it
 
 
 @dataclass(frozen=True)
@@ -199,6 +228,131 @@ def _resource_version(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion", ""))
 
 
+def _uid(obj: Mapping[str, Any]) -> str | None:
+    uid = (obj.get("metadata") or {}).get("uid")
+    return str(uid) if uid is not None else None
+
+
+def _spec_section(obj: Mapping[str, Any], section: str) -> dict[str, Any]:
+    spec = obj.get("spec")
+    found = spec.get(section) if isinstance(spec, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _raw_instances(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec.instances`` as stored (malformed entries included)."""
+    return _spec_section(obj, "instances")
+
+
+def _lease_records(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec.leases``: ``{lease id: {renewTime, ttl}}`` of the processes writing this resource."""
+    return _spec_section(obj, "leases")
+
+
+def _spec_revision(obj: Mapping[str, Any]) -> int:
+    spec = obj.get("spec")
+    revision = spec.get("revision", 0) if isinstance(spec, dict) else 0
+    return revision if isinstance(revision, int) and not isinstance(revision, bool) else 0
+
+
+def _lease_record(now: float, ttl: float) -> _Object:
+    """The ``spec.leases`` record of a lease renewed at ``now`` (seconds since the epoch)."""
+    renewed = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return {"renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "ttl": ttl}
+
+
+def _renewal(record: object) -> tuple[float, float] | None:
+    """``(renewTime in seconds since the epoch, ttl)`` of a lease record; None if malformed."""
+    if not isinstance(record, dict):
+        return None
+    renew_time, ttl = record.get("renewTime"), record.get("ttl")
+    if not isinstance(renew_time, str) or isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        return None
+    try:
+        renewed = datetime.datetime.fromisoformat(renew_time)
+    except ValueError:
+        return None
+    if renewed.tzinfo is None:
+        renewed = renewed.replace(tzinfo=datetime.UTC)
+    return renewed.timestamp(), float(ttl)
+
+
+def stale_leases(obj: Mapping[str, Any], now: float, *, keep: Collection[int] = ()) -> set[str]:
+    """The lease ids (as in ``spec.leases``) of ``obj`` not renewed for ``_STALE_AFTER`` TTLs
+    at ``now`` (or malformed), except those in ``keep``."""
+    kept = {str(lease) for lease in keep}
+    stale = set()
+    for name, record in _lease_records(obj).items():
+        renewal = _renewal(record)
+        if name in kept:
+            continue
+        if renewal is None or now - renewal[0] > _STALE_AFTER * renewal[1]:
+            stale.add(name)
+    return stale
+
+
+def _service_account_namespace(directory: str) -> str:
+    """The ``namespace`` file of a service-account directory, or a ConfigError."""
+    path = Path(directory).expanduser() / "namespace"
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            "POD_NAMESPACE",
+            None,
+            f"the namespace to use; it is unset and {path} could not be read ({exc})",
+        ) from exc
+    if not text:
+        raise ConfigError(
+            "POD_NAMESPACE", None, f"the namespace to use; it is unset and {path} is empty"
+        )
+    return text
+
+
+def _pointer(*tokens: str) -> str:
+    """An RFC 6901 JSON pointer (``~`` is written ``~0`` and ``/`` is written ``~1``)."""
+    return "".join("/" + token.replace("~", "~0").replace("/", "~1") for token in tokens)
+
+
+def _spec_patch(
+    own: Mapping[str, Any],
+    *,
+    revision: int | None,
+    instances: Mapping[str, _Object | None],
+    leases: Mapping[str, _Object | None],
+) -> builtins.list[_Object]:
+    """The JSON patch (RFC 6902) that writes these members of ``own``'s spec.
+
+    It first replaces ``metadata.resourceVersion`` with ``own``'s: the API server takes a
+    patched resourceVersion as a precondition (409 Conflict when the resource changed since).
+    A value replaces its member whole (``add`` of an existing member replaces it); None removes
+    the member if ``own`` has it. ``revision``, when given, becomes ``spec.revision``.
+    """
+    operations: builtins.list[_Object] = [
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": _resource_version(own)}
+    ]
+    spec = own.get("spec")
+    if not isinstance(spec, dict):
+        operations.append({"op": "add", "path": "/spec", "value": {}})
+        spec = {}
+    if revision is not None:
+        operations.append({"op": "add", "path": "/spec/revision", "value": revision})
+    for section, updates in (("instances", instances), ("leases", leases)):
+        current = spec.get(section)
+        if not isinstance(current, dict):
+            if all(value is None for value in updates.values()):
+                continue
+            operations.append({"op": "add", "path": _pointer("spec", section), "value": {}})
+            current = {}
+        for name, value in updates.items():
+            path = _pointer("spec", section, name)
+            if value is not None:
+                operations.append({"op": "add", "path": path, "value": value})
+            elif name in current:
+                operations.append({"op": "remove", "path": path})
+    return operations
+
+
 # --- the visible set --------------------------------------------------------------------------
 
 
@@ -279,8 +433,14 @@ class KubernetesStore(KeyValueStore):
     Args:
         config: the API-server connection (kubeconfig, timeouts).
         pod: this pod's identity; writes need ``name``, ``namespace`` and ``uid``, watching
-            needs only ``namespace`` (default: the kubeconfig context's namespace).
+            needs only ``namespace`` (default: the kubeconfig context's namespace, or in a pod
+            the service account's ``namespace`` file).
         rng: source of lease ids (tests may seed it).
+        watch_timeout: seconds a watch request asks the server to stream before it ends it
+            (``timeoutSeconds``, plus up to 25 % jitter); the watch then resumes from its last
+            resourceVersion. The client's read timeout is slightly longer, so a half-open
+            connection is noticed too. Tests shorten it.
+        clock: wall-clock seconds since the epoch, for lease renewal times (tests may fake it).
     """
 
     name = "kubernetes"
@@ -292,17 +452,24 @@ class KubernetesStore(KeyValueStore):
         pod: PodInfo | None = None,
         *,
         rng: random.Random | None = None,
+        watch_timeout: float = _WATCH_TIMEOUT,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        if isinstance(watch_timeout, bool) or not watch_timeout > 0:
+            raise ValueError(f"watch_timeout must be > 0 seconds, got {watch_timeout!r}")
         self._kr8s = _load_kr8s()
         self._config = config if config is not None else KubernetesConfig()
         self._pod = pod if pod is not None else PodInfo()
         self._rng = rng or random.Random()
+        self._jitter = random.Random()
+        self._watch_timeout = float(watch_timeout)
+        self._clock = clock
         self._api: Api | None = None
         self._server: str | None = None
         self._namespace: str | None = self._pod.namespace
-        self._leases: dict[int, str | None] = {}  # lease -> uid of the resource it wrote to
-        self._own: _Object | None = None  # this pod's resource as last seen
-        self._took_over = False
+        self._leases: dict[int, _Lease] = {}
+        self._lost: set[int] = set()  # lost leases whose renewal records are still to remove
+        self._took_over = False  # this process has written: stale keys were dropped
         self._lock: asyncio.Lock | None = None
         self._watches: set[_OpenWatch] = set()
 
@@ -339,12 +506,13 @@ class KubernetesStore(KeyValueStore):
                 except (ValueError, KeyError, OSError) as exc:
                     raise self._unavailable(f"no usable Kubernetes credentials: {exc}") from exc
                 self._server = api.auth.server
+                self._namespace = self._pod.namespace or await self._default_namespace(api)
                 api.timeout = httpx.Timeout(
                     self._config.request_timeout, connect=self._config.connect_timeout
                 )
                 async with api.call_api("GET", version="", base="/version"):
                     pass
-        except DiscoveryError:
+        except (DiscoveryError, ConfigError):
             await _close_api(api)
             raise
         except TimeoutError as exc:
@@ -353,9 +521,21 @@ class KubernetesStore(KeyValueStore):
         except self._kr8s.errors as exc:
             await _close_api(api)
             raise self._translate(exc, "reach the API server") from exc
-        self._namespace = self._pod.namespace or api.namespace
         self._lock = asyncio.Lock()
         self._api = api
+
+    async def _default_namespace(self, api: Api) -> str:
+        """The namespace when ``POD_NAMESPACE`` is unset: the kubeconfig context's, or in a pod
+        (credentials from the service account) the service account's ``namespace`` file.
+
+        kr8s would answer ``default`` in a pod: it never reads that file when no namespace is
+        given, so it is read here.
+        """
+        if api.auth.active_context:  # a kubeconfig was loaded
+            return str(api.namespace)
+        return await asyncio.to_thread(
+            _service_account_namespace, self._config.serviceaccount or _SERVICE_ACCOUNT
+        )
 
     async def close(self) -> None:
         watches, self._watches = self._watches, set()
@@ -380,42 +560,73 @@ class KubernetesStore(KeyValueStore):
             raise ValueError(f"lease ttl must be > 0, got {ttl!r}")
         self._require_open()
         lease = self._rng.randrange(1, 2**63)
-        self._leases[lease] = None
+        self._leases[lease] = _Lease(float(ttl))
         return lease
 
     async def keep_alive(self, lease: int) -> None:
         self._require_open()
-        if lease not in self._leases:
+        state = self._leases.get(lease)
+        if state is None:
             raise LeaseLost(lease, "unknown or revoked")
-        bound = self._leases[lease]
-        if bound is None:
+        if state.uid is None:
             return  # nothing written yet: nothing to lose
-        own = await self._fetch_own()
-        if own is None or own["metadata"].get("uid") != bound:
-            self._leases.pop(lease, None)
-            raise LeaseLost(lease, f"{DWM_KIND} {self._pod.name} was deleted")
+        async with self._write_lock():
+            for _ in range(_WRITE_ATTEMPTS):
+                own = await self._fetch_own()
+                if own is None or _uid(own) != state.uid:
+                    self._lose(lease)
+                    raise LeaseLost(lease, f"{DWM_KIND} {self._pod.name} was deleted")
+                entries = resource_entries(own)
+                # A key another process overwrote is no longer this lease's; a key that is gone
+                # was removed (by a delete, or as stale by another process of this pod).
+                state.keys = {k for k in state.keys if k not in entries or entries[k][2] == lease}
+                missing = sorted(k for k in state.keys if k not in entries)
+                if missing or str(lease) not in _lease_records(own):
+                    self._lose(lease)
+                    gone = ", ".join(missing[:3]) or "its renewal record"
+                    raise LeaseLost(lease, f"removed from {DWM_KIND} {self._pod.name}: {gone}")
+                now = self._clock()
+                if now - state.renewed < state.ttl:
+                    return  # renewTime is written at most once per TTL
+                record = {str(lease): _lease_record(now, state.ttl)}
+                ops = _spec_patch(own, revision=None, instances={}, leases=record)
+                if await self._patch_own(own, ops) is not None:
+                    state.renewed = now
+                    return
+            raise self._unavailable(f"could not renew lease {lease}: the resource kept changing")
 
     async def revoke_lease(self, lease: int) -> None:
         self._require_open()
-        bound = self._leases.pop(lease, None)
-        if bound is None:
+        state = self._leases.pop(lease, None)
+        if state is None or state.uid is None:
             return
         async with self._write_lock():
             for _ in range(_WRITE_ATTEMPTS):
                 own = await self._fetch_own()
-                if own is None or own["metadata"].get("uid") != bound:
+                if own is None or _uid(own) != state.uid:
                     return
                 entries = resource_entries(own)
                 doomed = [key for key, (_, _, owner) in entries.items() if owner == lease]
-                if len(doomed) == len(entries):
+                if len(doomed) == len(_raw_instances(own)):
                     if await self._delete_own(own):
                         return
-                    continue
-                if not doomed:
+                    continue  # written meanwhile (another process of this pod): read again
+                if not doomed and str(lease) not in _lease_records(own):
                     return
-                if await self._patch_own(own, dict.fromkeys(doomed)) is not None:
+                ops = _spec_patch(
+                    own,
+                    revision=_spec_revision(own) + 1,
+                    instances=dict.fromkeys(doomed),
+                    leases={str(lease): None},
+                )
+                if await self._patch_own(own, ops) is not None:
                     return
             raise DiscoveryError(f"could not revoke lease {lease}: the resource kept changing")
+
+    def _lose(self, lease: int) -> None:
+        """Forget a lost lease; its renewal record goes with this process's next write."""
+        self._leases.pop(lease, None)
+        self._lost.add(lease)
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -436,10 +647,17 @@ class KubernetesStore(KeyValueStore):
             async with self._write_lock():
                 for _ in range(_WRITE_ATTEMPTS):
                     own = await self._fetch_own()
-                    if own is None or key not in resource_entries(own):
+                    if own is None or key not in _raw_instances(own):
                         break
-                    if await self._patch_own(own, {key: None}) is not None:
+                    ops = _spec_patch(
+                        own, revision=_spec_revision(own) + 1, instances={key: None}, leases={}
+                    )
+                    if await self._patch_own(own, ops) is not None:
+                        for state in self._leases.values():
+                            state.keys.discard(key)
                         return True
+                else:
+                    raise DiscoveryError(f"could not delete {key}: the resource kept changing")
         for obj in (await self._list_raw(DWM_PLURAL))[0]:  # somebody else's key
             if key in resource_entries(obj) and _name(obj) != self._pod.name:
                 return await self._remove_foreign(_name(obj), key)
@@ -453,56 +671,80 @@ class KubernetesStore(KeyValueStore):
         async with self._write_lock():
             for _ in range(_WRITE_ATTEMPTS):
                 own = await self._fetch_own()
+                now = self._clock()
+                records: dict[str, _Object | None] = {}
                 if lease is not None:
-                    bound = self._leases.get(lease)
-                    uid = None if own is None else own["metadata"].get("uid")
-                    if lease not in self._leases or (bound is not None and bound != uid):
-                        self._leases.pop(lease, None)
-                        raise LeaseLost(lease, f"{DWM_KIND} {pod.name} was deleted")
+                    state = self._leases.get(lease)
+                    if state is None:
+                        raise LeaseLost(lease, "unknown or revoked")
+                    if state.uid is not None and (
+                        own is None
+                        or _uid(own) != state.uid
+                        or str(lease) not in _lease_records(own)
+                    ):
+                        self._lose(lease)
+                        raise LeaseLost(lease, f"its keys were removed from {DWM_KIND} {pod.name}")
+                    records[str(lease)] = _lease_record(now, state.ttl)
                 if own is None:
-                    created = await self._create_own(pod, key, encode_entry(value, 1, lease))
+                    entry = encode_entry(value, 1, lease)
+                    created = await self._create_own(pod, {key: entry}, records)
                     if created is None:
-                        continue  # created meanwhile by someone else: patch it instead
-                    self._bind(lease, created)
-                    self._took_over = True
+                        continue  # created meanwhile by another process: patch it instead
+                    self._wrote(key, lease, created, now)
                     return 1
                 entries = resource_entries(own)
                 if create and key in entries:
                     raise KeyExists(key)
-                revision = int((own.get("spec") or {}).get("revision", 0)) + 1
-                updates: dict[str, _Object | None] = {key: encode_entry(value, revision, lease)}
+                revision = _spec_revision(own) + 1
+                instances: dict[str, _Object | None] = {key: encode_entry(value, revision, lease)}
+                for lost in self._lost:
+                    records.setdefault(str(lost), None)
                 if not self._took_over:
-                    # A new process in this pod: keys of an earlier one (a restarted container)
-                    # are stale. Keys without a lease are kept.
+                    # This process's first write: drop what earlier incarnations of this pod's
+                    # containers left, the keys of leases not renewed for _STALE_AFTER TTLs.
+                    # Other live processes of the pod renew theirs; keys without a lease stay.
+                    known = _lease_records(own)
+                    stale = stale_leases(own, now, keep=self._leases)
                     for other, (_, _, owner) in entries.items():
-                        if owner is not None and owner not in self._leases and other != key:
-                            updates[other] = None
-                patched = await self._patch_own(own, updates, revision=revision)
+                        if other == key or owner is None or owner in self._leases:
+                            continue
+                        if str(owner) in stale or str(owner) not in known:
+                            instances[other] = None
+                    for name in stale:
+                        records.setdefault(name, None)
+                ops = _spec_patch(own, revision=revision, instances=instances, leases=records)
+                patched = await self._patch_own(own, ops)
                 if patched is None:
                     continue
-                self._took_over = True
-                self._bind(lease, patched)
+                self._wrote(key, lease, patched, now)
                 return revision
             raise DiscoveryError(f"could not write {key}: the resource kept changing")
 
-    def _bind(self, lease: int | None, obj: _Object) -> None:
-        if lease is not None and lease in self._leases:
-            self._leases[lease] = obj["metadata"].get("uid")
+    def _wrote(self, key: str, lease: int | None, obj: _Object, now: float) -> None:
+        """Book a successful write of ``key`` (under ``lease``) that produced ``obj``."""
+        self._took_over = True
+        self._lost.clear()  # their records were removed by this write (or the resource is new)
+        for known in self._leases.values():
+            known.keys.discard(key)
+        state = self._leases.get(lease) if lease is not None else None
+        if state is not None:
+            state.uid = _uid(obj)
+            state.keys.add(key)
+            state.renewed = now
 
     def _require_identity(self) -> PodInfo:
-        for variable, value in (
-            ("POD_NAME", self._pod.name),
-            ("POD_NAMESPACE", self._pod.namespace),
-            ("POD_UID", self._pod.uid),
-        ):
+        """This pod's identity, in the namespace this store uses (``POD_NAMESPACE``, or the one
+        found at connect)."""
+        for variable, value in (("POD_NAME", self._pod.name), ("POD_UID", self._pod.uid)):
             if not value:
                 raise ConfigError(
                     variable,
                     value,
                     "this pod's identity (the operator sets POD_NAME, POD_NAMESPACE and POD_UID "
-                    "from the downward API); a worker on the kubernetes backend needs all three",
+                    "from the downward API); a worker on the kubernetes backend needs POD_NAME "
+                    "and POD_UID",
                 )
-        return self._pod
+        return PodInfo(self._pod.name, self._namespace, self._pod.uid)
 
     def _write_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -600,8 +842,10 @@ class KubernetesStore(KeyValueStore):
 
     async def _pump(self, plural: str, since: str, queue: asyncio.Queue[_Item]) -> None:
         """Follow one resource's watch stream into ``queue``; resume or relist as needed."""
-        quiet = 0  # resumes in a row that brought no event
+        quiet = 0  # resumes in a row that ended at once and brought no event
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 since, saw_events, gone = await self._follow(plural, since, queue)
                 if gone:  # 410: our resourceVersion is too old; start again from a list
@@ -616,7 +860,8 @@ class KubernetesStore(KeyValueStore):
                 # it waiting forever; the exception stays on this task for the owner's gather.
                 queue.put_nowait(self._unavailable(f"watch of {plural} failed: {exc!r}"))
                 raise
-            quiet = 0 if saw_events else quiet + 1
+            lasted = loop.time() - started
+            quiet = 0 if saw_events or lasted >= 1.0 else quiet + 1
             if quiet > 1:  # a server that keeps closing streams at once: do not spin
                 await asyncio.sleep(min(_RESUME_DELAY[1], _RESUME_DELAY[0] * 2**quiet))
 
@@ -625,11 +870,21 @@ class KubernetesStore(KeyValueStore):
     ) -> tuple[str, bool, bool]:
         """One watch request: ``(last resourceVersion, saw events, 410 Gone)``."""
         api = self._require_open()
-        params = {"watch": "true", "resourceVersion": since, "allowWatchBookmarks": "true"}
+        seconds = max(1, round(self._watch_timeout * (1 + _WATCH_JITTER * self._jitter.random())))
+        params = {
+            "watch": "true",
+            "resourceVersion": since,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }
+        # Longer than the server's end of the stream: a read timeout means a dead connection.
+        timeout = httpx.Timeout(
+            seconds + max(1.0, 0.1 * seconds), connect=self._config.connect_timeout
+        )
         saw = False
         try:
             async with self._call(
-                api, "GET", plural, params=params, stream=True, timeout=self._watch_timeout()
+                api, "GET", plural, params=params, stream=True, timeout=timeout
             ) as response:
                 lines = response.aiter_lines()
                 while True:
@@ -638,7 +893,9 @@ class KubernetesStore(KeyValueStore):
                     except StopAsyncIteration:
                         break  # the server ended the stream (timeout, restart): resume
                     except httpx.TransportError:
-                        break  # the stream broke: resume (a dead server fails the reconnect)
+                        # The stream broke, or was silent past the read timeout (a half-open
+                        # connection): resume (a dead server fails the reconnect).
+                        break
                     try:
                         event = json.loads(line) if line.strip() else None
                         if event is None:
@@ -657,9 +914,6 @@ class KubernetesStore(KeyValueStore):
         except _Gone:
             return since, saw, True
         return since, saw, False
-
-    def _watch_timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(None, connect=self._config.connect_timeout)
 
     # --- HTTP --------------------------------------------------------------------------------
 
@@ -724,16 +978,20 @@ class KubernetesStore(KeyValueStore):
             async with self._call(api, "GET", DWM_PLURAL, self._pod.name) as response:
                 obj: _Object = response.json()
         except _NotFound:
-            self._own = None
             return None
         except (_Conflict, _Gone) as exc:
             raise self._unavailable(f"could not read {DWM_KIND} {self._pod.name}") from exc
-        self._own = obj
         return obj
 
-    async def _create_own(self, pod: PodInfo, key: str, entry: _Object) -> _Object | None:
-        """Create this pod's resource holding one key; None when it exists already."""
+    async def _create_own(
+        self, pod: PodInfo, instances: Mapping[str, _Object], leases: Mapping[str, _Object | None]
+    ) -> _Object | None:
+        """Create this pod's resource holding ``instances``; None when it exists already."""
         api = self._require_open()
+        spec: _Object = {"revision": 1, "instances": dict(instances)}
+        records = {name: record for name, record in leases.items() if record is not None}
+        if records:
+            spec["leases"] = records
         body = {
             "apiVersion": DWM_GROUP_VERSION,
             "kind": DWM_KIND,
@@ -752,7 +1010,7 @@ class KubernetesStore(KeyValueStore):
                     }
                 ],
             },
-            "spec": {"revision": 1, "instances": {key: entry}},
+            "spec": spec,
         }
         try:
             async with self._call(api, "POST", DWM_PLURAL, content=json.dumps(body)) as response:
@@ -761,36 +1019,29 @@ class KubernetesStore(KeyValueStore):
             return None
         except (_NotFound, _Gone) as exc:
             raise self._translate(exc, f"create {DWM_KIND} {pod.name}") from exc
-        self._own = created
         return created
 
-    async def _patch_own(
-        self, own: _Object, updates: Mapping[str, _Object | None], *, revision: int | None = None
-    ) -> _Object | None:
-        """Merge-patch this pod's resource, conditional on its resourceVersion; None on 409."""
+    async def _patch_own(self, own: _Object, operations: builtins.list[_Object]) -> _Object | None:
+        """JSON-patch this pod's resource (conditional on ``own``'s resourceVersion, which
+        ``operations`` replace first: see :func:`_spec_patch`); None on 409 or 404."""
+        return await self._json_patch(_name(own), operations)
+
+    async def _json_patch(self, name: str, operations: builtins.list[_Object]) -> _Object | None:
         api = self._require_open()
-        if revision is None:
-            revision = int((own.get("spec") or {}).get("revision", 0)) + 1
-        patch = {
-            "metadata": {"resourceVersion": _resource_version(own)},
-            "spec": {"revision": revision, "instances": dict(updates)},
-        }
         try:
             async with self._call(
                 api,
                 "PATCH",
                 DWM_PLURAL,
-                _name(own),
-                content=json.dumps(patch),
-                headers={"content-type": _MERGE_PATCH},
+                name,
+                content=json.dumps(operations),
+                headers={"content-type": _JSON_PATCH},
             ) as response:
                 patched: _Object = response.json()
         except (_Conflict, _NotFound):
-            self._own = None
             return None
         except _Gone as exc:
-            raise self._translate(exc, f"patch {DWM_KIND} {_name(own)}") from exc
-        self._own = patched
+            raise self._translate(exc, f"patch {DWM_KIND} {name}") from exc
         return patched
 
     async def _delete_own(self, own: _Object) -> bool:
@@ -799,7 +1050,7 @@ class KubernetesStore(KeyValueStore):
         options = {
             "kind": "DeleteOptions",
             "apiVersion": "v1",
-            "preconditions": {"resourceVersion": _resource_version(own)},
+            "preconditions": {"uid": _uid(own), "resourceVersion": _resource_version(own)},
         }
         try:
             async with self._call(
@@ -809,11 +1060,9 @@ class KubernetesStore(KeyValueStore):
         except _NotFound:
             return True
         except _Conflict:
-            return False
+            return False  # written (or re-created) since ``own`` was read
         except _Gone as exc:
             raise self._translate(exc, f"delete {DWM_KIND} {_name(own)}") from exc
-        finally:
-            self._own = None
         return True
 
     async def _remove_foreign(self, name: str, key: str) -> bool:
@@ -826,23 +1075,11 @@ class KubernetesStore(KeyValueStore):
                 return False
             if key not in resource_entries(obj):
                 return False
-            revision = int((obj.get("spec") or {}).get("revision", 0)) + 1
-            patch = {
-                "metadata": {"resourceVersion": _resource_version(obj)},
-                "spec": {"revision": revision, "instances": {key: None}},
-            }
-            try:
-                async with self._call(
-                    api,
-                    "PATCH",
-                    DWM_PLURAL,
-                    name,
-                    content=json.dumps(patch),
-                    headers={"content-type": _MERGE_PATCH},
-                ):
-                    return True
-            except (_Conflict, _NotFound):
-                continue
+            ops = _spec_patch(
+                obj, revision=_spec_revision(obj) + 1, instances={key: None}, leases={}
+            )
+            if await self._json_patch(name, ops) is not None:
+                return True
         raise DiscoveryError(f"could not delete {key}: the resource kept changing")
 
 

@@ -6,21 +6,28 @@ discovery needs, for two namespaced resources: ``endpointslices`` (``discovery.k
 the ``dynamoworkermetadatas`` custom resource (``nvidia.com/v1alpha1``):
 
 - discovery: ``/version``, ``/api``, ``/api/v1``, ``/apis`` and each group version;
-- list (``metadata.resourceVersion`` of the collection), get, create, replace, delete, and patch
-  with ``application/merge-patch+json`` (RFC 7386; a ``metadata.resourceVersion`` in the patch is
-  a precondition, as on a real server: 409 Conflict when it is stale);
+- list (``metadata.resourceVersion`` of the collection), get, create, replace;
+- delete, honouring ``DeleteOptions.preconditions`` (``uid``, ``resourceVersion``: 409 Conflict
+  when they do not match, as on a real server);
+- patch with ``application/merge-patch+json`` (RFC 7386) or ``application/json-patch+json``
+  (RFC 6902: ``add``, ``remove``, ``replace``, ``move``, ``copy``, ``test``; an operation that
+  cannot be applied, a failed ``test`` included, is 422 Unprocessable Entity as upstream). A
+  patched object whose ``metadata.resourceVersion`` differs from the stored one (a merge patch
+  that names one, a JSON patch that replaces it) is a precondition: 409 Conflict when stale;
 - ``?watch=true&resourceVersion=N``: a JSON-lines stream of ``ADDED``/``MODIFIED``/``DELETED``
-  events after ``N`` (all current objects as ``ADDED`` when ``N`` is unset or ``0``), honouring
-  ``timeoutSeconds``; a ``resourceVersion`` older than the retained history gets the real
-  server's answer, an ``ERROR`` event carrying a ``Status`` with code 410 (or, with
-  ``gone_as_http_status=True``, an HTTP 410 response, as some proxies and old servers give);
+  events after ``N`` (all current objects as ``ADDED`` when ``N`` is unset or ``0``), ended by the
+  server after ``timeoutSeconds`` when given; a ``resourceVersion`` older than the retained
+  history gets the real server's answer, an ``ERROR`` event carrying a ``Status`` with code 410
+  (or, with ``gone_as_http_status=True``, an HTTP 410 response, as some proxies and old servers
+  give);
 - bearer-token authentication (401 with a wrong token).
 
 One global resourceVersion counter numbers every write, like etcd's revision behind a real API
 server. Test hooks (thread-safe, callable from any thread or event loop): :meth:`set_pod_ready`,
 :meth:`remove_pod` (the pod is gone: its endpoints and the resources it owns are deleted, as the
 garbage collector would), :meth:`delete_resource`, :meth:`drop_watches`, :meth:`hold_watches`,
-:meth:`compact`, :meth:`calls` and :meth:`wait_for_watches`.
+:meth:`stall_watches` (a half-open connection), :meth:`compact`, :meth:`before_next` (run a
+change just before the next request of a kind), :meth:`calls` and :meth:`wait_for_watches`.
 
 The server runs hypercorn on an event loop in a thread of its own, bound to 127.0.0.1, and writes
 a kubeconfig file that points at it. ``python -m troupe.testing.fake_kubernetes --port P`` serves
@@ -113,7 +120,12 @@ class _Drop:
     """Queued to a watch stream to end it (``drop_watches``, ``stop``)."""
 
 
+class _Stall:
+    """Queued to a watch stream to make it go silent without ending (``stall_watches``)."""
+
+
 _DROP = _Drop()
+_STALL = _Stall()
 
 
 @dataclass(eq=False)
@@ -121,9 +133,10 @@ class _Watcher:
     kind: _Kind
     namespace: str | None
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[_Object | _Drop] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[_Object | _Drop | _Stall] = field(default_factory=asyncio.Queue)
+    stalled: bool = False  # silent from now on (a half-open connection); not counted as open
 
-    def offer(self, item: _Object | _Drop) -> None:
+    def offer(self, item: _Object | _Drop | _Stall) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the server's loop is closed: the stream is gone anyway
@@ -173,6 +186,128 @@ def merge_patch(target: object, patch: object) -> object:
     return result
 
 
+class _PatchFailed(_HttpError):
+    """A JSON patch operation that cannot be applied: 422, as the real API server answers."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, "Invalid", f"the JSON patch cannot be applied: {message}")
+
+
+def json_patch(document: object, operations: object) -> object:
+    """RFC 6902 JSON patch: apply ``operations`` to a copy of ``document``; all or nothing.
+
+    Raises:
+        _HttpError: 400 when ``operations`` is not a list; 422 when an operation is malformed or
+            cannot be applied (a missing path, a failed ``test``).
+    """
+    if not isinstance(operations, list):
+        raise _HttpError(400, "BadRequest", "a JSON patch must be a JSON array of operations")
+    result = copy.deepcopy(document)
+    for operation in operations:
+        if not isinstance(operation, dict) or not isinstance(operation.get("path"), str):
+            raise _PatchFailed(f"malformed operation {operation!r}")
+        name, path = operation.get("op"), _pointer(operation["path"])
+        if name in ("add", "replace", "test") and "value" not in operation:
+            raise _PatchFailed(f"{name} {operation['path']!r} has no value")
+        if name == "add":
+            result = _pointer_add(result, path, copy.deepcopy(operation["value"]))
+        elif name == "remove":
+            result, _ = _pointer_remove(result, path)
+        elif name == "replace":
+            result, _ = _pointer_remove(result, path)
+            result = _pointer_add(result, path, copy.deepcopy(operation["value"]))
+        elif name == "test":
+            if not _json_equal(_pointer_get(result, path), operation["value"]):
+                raise _PatchFailed(f"test of {operation['path']!r} failed")
+        elif name in ("move", "copy"):
+            if not isinstance(operation.get("from"), str):
+                raise _PatchFailed(f"{name} {operation['path']!r} has no from")
+            source = _pointer(operation["from"])
+            if name == "move":
+                if path[: len(source)] == source and path != source:
+                    raise _PatchFailed("cannot move a value into itself")
+                result, value = _pointer_remove(result, source)
+            else:
+                value = copy.deepcopy(_pointer_get(result, source))
+            result = _pointer_add(result, path, value)
+        else:
+            raise _PatchFailed(f"unknown operation {name!r}")
+    return result
+
+
+def _pointer(text: str) -> list[str]:
+    """The reference tokens of an RFC 6901 JSON pointer (``~1`` is ``/``, ``~0`` is ``~``)."""
+    if text == "":
+        return []
+    if not text.startswith("/"):
+        raise _PatchFailed(f"invalid JSON pointer {text!r}")
+    return [token.replace("~1", "/").replace("~0", "~") for token in text[1:].split("/")]
+
+
+def _index(part: str, size: int, *, end: bool) -> int:
+    if end and part == "-":
+        return size
+    if not part.isdigit() or (len(part) > 1 and part.startswith("0")):
+        raise _PatchFailed(f"invalid array index {part!r}")
+    index = int(part)
+    if index > size or (index == size and not end):
+        raise _PatchFailed(f"array index {index} out of range")
+    return index
+
+
+def _pointer_get(document: object, path: list[str]) -> object:
+    node = document
+    for token in path:
+        if isinstance(node, dict):
+            if token not in node:
+                raise _PatchFailed(f"no member {token!r}")
+            node = node[token]
+        elif isinstance(node, list):
+            node = node[_index(token, len(node), end=False)]
+        else:
+            raise _PatchFailed(f"cannot descend into {token!r}")
+    return node
+
+
+def _pointer_add(document: object, path: list[str], value: object) -> object:
+    if not path:
+        return value
+    parent, last = _pointer_get(document, path[:-1]), path[-1]
+    if isinstance(parent, dict):
+        parent[last] = value  # an existing member is replaced whole
+    elif isinstance(parent, list):
+        parent.insert(_index(last, len(parent), end=True), value)
+    else:
+        raise _PatchFailed(f"cannot add {last!r} to a scalar")
+    return document
+
+
+def _pointer_remove(document: object, path: list[str]) -> tuple[object, object]:
+    if not path:
+        return None, document
+    parent, last = _pointer_get(document, path[:-1]), path[-1]
+    if isinstance(parent, dict):
+        if last not in parent:
+            raise _PatchFailed(f"no member {last!r} to remove")
+        return document, parent.pop(last)
+    if isinstance(parent, list):
+        return document, parent.pop(_index(last, len(parent), end=False))
+    raise _PatchFailed(f"cannot remove {last!r} from a scalar")
+
+
+def _json_equal(a: object, b: object) -> bool:
+    """Equality of JSON values (``true`` is not ``1``, unlike Python's ``==``)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
 def _selector_matches(labels: dict[str, str], selector: str) -> bool:
     for term in filter(None, (t.strip() for t in selector.split(","))):
         if "!=" in term:
@@ -206,7 +341,7 @@ class FakeKubernetes:
     Args:
         port: the port to listen on (0: a free one; kept across :meth:`stop`/:meth:`start`).
         directory: where to write the kubeconfig (a temporary directory when omitted, removed by
-            :meth:`stop`).
+            :meth:`close` and on leaving a ``with`` block).
         token: the bearer token clients must send (it is written into the kubeconfig).
         history_limit: how many events are retained for watches that resume from an old
             resourceVersion; older ones get 410 Gone.
@@ -240,7 +375,8 @@ class FakeKubernetes:
         self._history: list[tuple[int, str, str, str, _Object]] = []  # rv, plural, ns, type, obj
         self._watchers: list[_Watcher] = []
         self._calls: Counter[tuple[str, str]] = Counter()
-        self._watch_params: list[tuple[str, str | None]] = []  # (plural, resourceVersion asked)
+        self._watch_params: list[tuple[str, str | None, str | None]] = []  # plural, rv, timeout
+        self._hooks: list[tuple[str, str, Callable[[], object]]] = []  # before_next
         self._changed = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,7 +404,7 @@ class FakeKubernetes:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
     def start(self) -> None:
         """Listen (on the same port as before after a :meth:`stop`) and write the kubeconfig."""
@@ -410,12 +546,30 @@ class FakeKubernetes:
     def watch_resource_versions(self, plural: str = DWM_PLURAL) -> list[str | None]:
         """The ``resourceVersion`` each watch request of ``plural`` asked for, in order."""
         with self._lock:
-            return [rv for p, rv in self._watch_params if p == plural]
+            return [rv for p, rv, _ in self._watch_params if p == plural]
+
+    def watch_timeouts(self, plural: str = DWM_PLURAL) -> list[str | None]:
+        """The ``timeoutSeconds`` each watch request of ``plural`` asked for, in order."""
+        with self._lock:
+            return [timeout for p, _, timeout in self._watch_params if p == plural]
 
     def open_watches(self, plural: str | None = None) -> int:
-        """How many watch streams are open (of ``plural``, or of every resource)."""
+        """How many watch streams are open and live (of ``plural``, or of every resource)."""
         with self._lock:
-            return sum(1 for w in self._watchers if plural is None or w.kind.plural == plural)
+            return sum(
+                1
+                for w in self._watchers
+                if not w.stalled and (plural is None or w.kind.plural == plural)
+            )
+
+    def before_next(self, verb: str, plural: str, action: Callable[[], object]) -> None:
+        """Run ``action`` once, on the server's thread, just before the next ``verb`` request
+        (as in :meth:`calls`) of ``plural`` is served: a change that races a client's request.
+
+        ``action`` may call the other hooks (``put_resource``, ``delete_resource``...).
+        """
+        with self._lock:
+            self._hooks.append((verb, plural, action))
 
     def wait_for_watches(
         self, count: int, plural: str | None = None, *, timeout: float = 10.0
@@ -539,6 +693,19 @@ class FakeKubernetes:
             watcher.offer(_DROP)
         return len(watchers)
 
+    def stall_watches(self) -> int:
+        """Make every open watch stream go silent without ending, as a half-open connection
+        does: no more events, no end at ``timeoutSeconds``; only the client's read timeout (or
+        :meth:`drop_watches`, :meth:`stop`) ends it. Return how many were stalled."""
+        with self._lock:
+            watchers = [w for w in self._watchers if not w.stalled]
+            for watcher in watchers:
+                watcher.stalled = True
+            self._changed.notify_all()
+        for watcher in watchers:
+            watcher.offer(_STALL)
+        return len(watchers)
+
     def hold_watches(self, hold: bool = True) -> None:
         """While held, new watch requests wait before they start (their responses included).
 
@@ -565,6 +732,14 @@ class FakeKubernetes:
             if p == plural:
                 return kind
         raise ValueError(f"the fake API server does not serve {plural!r}")
+
+    def _count(self, verb: str, plural: str) -> None:
+        """Count one request and run the :meth:`before_next` actions waiting for it."""
+        self._calls[(verb, plural)] += 1
+        due = [hook for hook in self._hooks if hook[:2] == (verb, plural)]
+        self._hooks = [hook for hook in self._hooks if hook[:2] != (verb, plural)]
+        for _, _, action in due:
+            action()
 
     def _next_rv(self) -> int:
         self._rv += 1
@@ -710,7 +885,7 @@ class FakeKubernetes:
             return await self._watch(kind, namespace, query, request.receive, send)
         if method == "GET":
             with self._lock:
-                self._calls[("list", kind.plural)] += 1
+                self._count("list", kind.plural)
                 items, rv = self._list(kind, namespace, query)
             doc = {
                 "kind": f"{kind.kind}List",
@@ -722,7 +897,7 @@ class FakeKubernetes:
         if method == "POST" and namespace is not None:
             obj = _parse_object(request.body)
             with self._lock:
-                self._calls[("create", kind.plural)] += 1
+                self._count("create", kind.plural)
                 created = self._create(kind, namespace, obj)
             return await _send_json(send, 201, created)
         raise _HttpError(405, "MethodNotAllowed", f"{method} is not supported here")
@@ -734,44 +909,79 @@ class FakeKubernetes:
         result: _Object
         if method == "GET":
             with self._lock:
-                self._calls[("get", kind.plural)] += 1
+                self._count("get", kind.plural)
                 found = self._objects.get(key)
                 if found is None:
                     raise missing
                 result = copy.deepcopy(found)
         elif method == "PATCH":
-            content_type = request.headers.get("content-type", "").split(";")[0].strip()
-            if content_type not in (
-                "application/merge-patch+json",
-                "application/strategic-merge-patch+json",  # treated as a merge patch here
-            ):
-                raise _HttpError(
-                    415, "UnsupportedMediaType", f"the fake does not support {content_type!r}"
-                )
-            patch = _parse_object(request.body)
-            with self._lock:
-                self._calls[("patch", kind.plural)] += 1
-                current = self._objects.get(key)
-                if current is None:
-                    raise missing
-                merged = cast(_Object, merge_patch(current, patch))
-                asked = (patch.get("metadata") or {}).get("resourceVersion")
-                merged.setdefault("metadata", {})["resourceVersion"] = asked
-                result = self._replace(kind, namespace, name, merged)
+            result = self._patch(kind, namespace, name, request)
         elif method == "PUT":
             obj = _parse_object(request.body)
             with self._lock:
-                self._calls[("update", kind.plural)] += 1
+                self._count("update", kind.plural)
                 result = self._replace(kind, namespace, name, obj)
         elif method == "DELETE":
-            with self._lock:
-                self._calls[("delete", kind.plural)] += 1
-                if key not in self._objects:
-                    raise missing
-                result = self._delete(kind, namespace, name)
+            result = self._delete_with_options(kind, namespace, name, request)
         else:
             raise _HttpError(405, "MethodNotAllowed", f"{method} is not supported here")
         await _send_json(send, 200, result)
+
+    def _patch(self, kind: _Kind, namespace: str, name: str, request: _Request) -> _Object:
+        key = (kind.plural, namespace, name)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        patch: object
+        if content_type == "application/json-patch+json":
+            patch = _parse_json(request.body)
+        elif content_type in (
+            "application/merge-patch+json",
+            "application/strategic-merge-patch+json",  # treated as a merge patch here
+        ):
+            patch = _parse_object(request.body)
+        else:
+            raise _HttpError(
+                415, "UnsupportedMediaType", f"the fake does not support {content_type!r}"
+            )
+        with self._lock:
+            self._count("patch", kind.plural)
+            current = self._objects.get(key)
+            if current is None:
+                raise _missing(kind, name)
+            if content_type != "application/json-patch+json" and isinstance(patch, dict):
+                patched = merge_patch(current, patch)
+                asked = (patch.get("metadata") or {}).get("resourceVersion")
+            else:  # the patched object's resourceVersion is the precondition
+                patched = json_patch(current, patch)
+                asked = None
+                if isinstance(patched, dict) and isinstance(patched.get("metadata"), dict):
+                    asked = patched["metadata"].get("resourceVersion")
+            if not isinstance(patched, dict):
+                raise _PatchFailed("the result is not an object")
+            patched.setdefault("metadata", {})["resourceVersion"] = asked
+            return self._replace(kind, namespace, name, patched)
+
+    def _delete_with_options(
+        self, kind: _Kind, namespace: str, name: str, request: _Request
+    ) -> _Object:
+        key = (kind.plural, namespace, name)
+        options = _parse_object(request.body) if request.body.strip() else {}
+        preconditions = options.get("preconditions") or {}
+        with self._lock:
+            self._count("delete", kind.plural)
+            current = self._objects.get(key)
+            if current is None:
+                raise _missing(kind, name)
+            for field_name in ("uid", "resourceVersion"):
+                wanted, actual = preconditions.get(field_name), current["metadata"][field_name]
+                if wanted is not None and wanted != actual:
+                    raise _HttpError(
+                        409,
+                        "Conflict",
+                        f"Operation cannot be fulfilled on {kind.plural}.{_group(kind)} "
+                        f'"{name}": Precondition failed: {field_name} in precondition: '
+                        f"{wanted}, {field_name} in object meta: {actual}",
+                    )
+            return self._delete(kind, namespace, name)
 
     async def _watch(
         self,
@@ -786,8 +996,8 @@ class FakeKubernetes:
             await self._released.wait()
         watcher = _Watcher(kind, namespace, asyncio.get_running_loop())
         with self._lock:
-            self._calls[("watch", kind.plural)] += 1
-            self._watch_params.append((kind.plural, since_text))
+            self._count("watch", kind.plural)
+            self._watch_params.append((kind.plural, since_text, query.get("timeoutSeconds")))
             try:
                 since = int(since_text) if since_text is not None else 0
             except ValueError:
@@ -854,10 +1064,17 @@ class FakeKubernetes:
                 item = getting.result()
                 if isinstance(item, _Drop):
                     break
+                if isinstance(item, _Stall) or watcher.stalled:
+                    deadline = None  # silent, and never ended by timeoutSeconds
+                    continue
                 await _send_line(send, item)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             disconnected.cancel()
+
+
+def _missing(kind: _Kind, name: str) -> _HttpError:
+    return _HttpError(404, "NotFound", f'{kind.plural}.{_group(kind)} "{name}" not found')
 
 
 def obj_gv(obj: _Object) -> str:
@@ -924,6 +1141,13 @@ def _discovery_document(parts: list[str]) -> _Object | None:
                 "resources": resources,
             }
     return None
+
+
+def _parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body or b"null")
+    except ValueError as exc:
+        raise _HttpError(400, "BadRequest", f"the body is not JSON: {exc}") from exc
 
 
 def _parse_object(body: bytes) -> _Object:
