@@ -5,8 +5,9 @@ process-wide default registry), so several runtimes can share a process (tests d
 series colliding. The system status server (:mod:`troupe._status`) serves :meth:`render` on
 ``/metrics``.
 
-Worker hot path: :meth:`RuntimeMetrics.endpoint` returns an :class:`EndpointMetrics` with every
-label child bound once, so recording a request is a few lock-protected float additions. Use
+Worker hot path: :meth:`RuntimeMetrics.endpoint` returns an :class:`EndpointMetrics` that keeps
+plain numbers, so recording a request is a few additions under one lock; a collector turns them
+into Prometheus samples when ``/metrics`` is scraped. Use
 :meth:`EndpointMetrics.track` (a context manager that always settles in-flight, whatever happens),
 or the low-level :meth:`EndpointMetrics.started` / :meth:`EndpointMetrics.finished` pair.
 
@@ -19,14 +20,23 @@ Series (prefix ``troupe_``, labels ``namespace``, ``component``, ``endpoint``):
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import threading
 import time
 import types
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Final, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from troupe.errors import Cancelled, Overloaded, TransportError
 
@@ -34,6 +44,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DURATION_BUCKETS",
     "LABELS",
+    "OK",
     "EndpointMetrics",
     "RequestScope",
     "RuntimeMetrics",
@@ -68,7 +79,11 @@ DURATION_BUCKETS: Final = (
 """Histogram buckets for ``request_duration_seconds``: sub-millisecond RPCs to minute-long
 streams (LLM generations)."""
 
+# The ``le`` labels of the buckets, as prometheus_client writes them.
+_BOUNDS: Final = tuple("+Inf" if b == float("inf") else repr(b) for b in DURATION_BUCKETS)
+
 OK: Final = "ok"
+"""The outcome of a request that ended normally."""
 CANCELLED: Final = "cancelled"
 
 
@@ -92,35 +107,39 @@ def error_kind(exc: BaseException) -> str:
 
 
 class EndpointMetrics:
-    """The series of one endpoint, label children bound once (cheap per request).
+    """The series of one endpoint, kept as plain numbers (cheap per request).
 
-    Thread-safe: each child guards its value with its own lock, as prometheus_client does.
+    Recording a request is two short critical sections under one lock (:meth:`started`,
+    :meth:`finished`) instead of eight lock-protected Prometheus children; the values are
+    turned into Prometheus samples only when scraped (:class:`RuntimeMetrics` registers a
+    collector). Thread-safe.
     """
 
     __slots__ = (
+        "_buckets",
         "_cancellations",
-        "_duration",
+        "_duration_sum",
         "_errors",
-        "_errors_family",
-        "_errors_lock",
         "_inflight",
         "_labels",
+        "_lock",
         "_request_bytes",
         "_requests",
         "_response_bytes",
     )
 
-    def __init__(self, metrics: RuntimeMetrics, labels: tuple[str, str, str]) -> None:
+    def __init__(self, labels: tuple[str, str, str]) -> None:
         self._labels = labels
-        self._requests = metrics.requests.labels(*labels)
-        self._inflight = metrics.inflight.labels(*labels)
-        self._duration = metrics.duration.labels(*labels)
-        self._request_bytes = metrics.request_bytes.labels(*labels)
-        self._response_bytes = metrics.response_bytes.labels(*labels)
-        self._cancellations = metrics.cancellations.labels(*labels)
-        self._errors_family = metrics.errors
-        self._errors: dict[str, Counter] = {}
-        self._errors_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._inflight = 0
+        self._request_bytes = 0
+        self._response_bytes = 0
+        self._cancellations = 0
+        self._duration_sum = 0.0
+        # Observations per bucket (not cumulative); the last bucket is +Inf.
+        self._buckets = [0] * len(DURATION_BUCKETS)
+        self._errors: dict[str, int] = {}
 
     @property
     def labels(self) -> tuple[str, str, str]:
@@ -129,10 +148,10 @@ class EndpointMetrics:
 
     def started(self, request_bytes: int = 0) -> None:
         """Count a request that has just been admitted; it is in flight until :meth:`finished`."""
-        self._requests.inc()
-        self._inflight.inc()
-        if request_bytes:
-            self._request_bytes.inc(request_bytes)
+        with self._lock:
+            self._requests += 1
+            self._inflight += 1
+            self._request_bytes += request_bytes
 
     def finished(self, outcome: str, duration: float, response_bytes: int = 0) -> None:
         """Settle a request counted by :meth:`started`.
@@ -142,30 +161,49 @@ class EndpointMetrics:
             duration: seconds from admission to the last response byte (or the failure).
             response_bytes: payload bytes sent back.
         """
-        self._inflight.dec()
-        self._duration.observe(duration)
-        if response_bytes:
-            self._response_bytes.inc(response_bytes)
-        if outcome == OK:
-            return
-        if outcome == CANCELLED:
-            self._cancellations.inc()
-            return
-        self._error_child(outcome).inc()
+        index = bisect.bisect_left(DURATION_BUCKETS, duration)
+        with self._lock:
+            self._inflight -= 1
+            self._duration_sum += duration
+            self._buckets[index] += 1
+            self._response_bytes += response_bytes
+            if outcome == OK:
+                return
+            if outcome == CANCELLED:
+                self._cancellations += 1
+                return
+            errors = self._errors
+            errors[outcome] = errors.get(outcome, 0) + 1
 
     def track(self, request_bytes: int = 0) -> RequestScope:
         """Count a request now and settle it when the returned scope exits (on every path)."""
         return RequestScope(self, request_bytes)
 
-    def _error_child(self, kind: str) -> Counter:
-        child = self._errors.get(kind)
-        if child is None:
-            with self._errors_lock:
-                child = self._errors.get(kind)
-                if child is None:
-                    child = self._errors_family.labels(*self._labels, kind)
-                    self._errors[kind] = child
-        return child
+    def _snapshot(self) -> _Values:
+        with self._lock:
+            return _Values(
+                self._requests,
+                self._inflight,
+                self._request_bytes,
+                self._response_bytes,
+                self._cancellations,
+                self._duration_sum,
+                tuple(self._buckets),
+                tuple(self._errors.items()),
+            )
+
+
+class _Values(NamedTuple):
+    """One endpoint's numbers, read together under its lock for a scrape."""
+
+    requests: int
+    inflight: int
+    request_bytes: int
+    response_bytes: int
+    cancellations: int
+    duration_sum: float
+    buckets: tuple[int, ...]
+    errors: tuple[tuple[str, int], ...]
 
 
 class RequestScope:
@@ -242,64 +280,96 @@ class RuntimeMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._now = now
         self._started_at = now()
-        reg = self.registry
-        self.requests = Counter(
-            "troupe_requests_total", "Requests admitted by a worker.", LABELS, registry=reg
-        )
-        self.inflight = Gauge(
-            "troupe_inflight_requests",
-            "Requests being handled now.",
-            LABELS,
-            registry=reg,
-        )
-        self.duration = Histogram(
-            "troupe_request_duration_seconds",
-            "Time from admission to the end of the response, in seconds.",
-            LABELS,
-            registry=reg,
-            buckets=DURATION_BUCKETS,
-        )
-        self.errors = Counter(
-            "troupe_errors_total",
-            "Requests that ended in an error, by kind.",
-            (*LABELS, "kind"),
-            registry=reg,
-        )
-        self.request_bytes = Counter(
-            "troupe_request_bytes_total", "Request payload bytes received.", LABELS, registry=reg
-        )
-        self.response_bytes = Counter(
-            "troupe_response_bytes_total", "Response payload bytes sent.", LABELS, registry=reg
-        )
-        self.cancellations = Counter(
-            "troupe_cancellations_total",
-            "Requests cancelled by their caller (or by shutdown).",
-            LABELS,
-            registry=reg,
-        )
-        self.uptime = Gauge(
-            "troupe_uptime_seconds", "Seconds since the runtime started.", registry=reg
-        )
-        self.uptime.set_function(self.uptime_seconds)
         self._endpoints: dict[tuple[str, str, str], EndpointMetrics] = {}
         self._lock = threading.Lock()
+        self.registry.register(_Collector(self))
 
     def uptime_seconds(self) -> float:
         """Seconds since these metrics were created (the runtime's start)."""
         return self._now() - self._started_at
 
     def endpoint(self, namespace: str, component: str, endpoint: str) -> EndpointMetrics:
-        """The pre-bound series of one endpoint (created once, then cached; thread-safe)."""
+        """The series of one endpoint (created once, then cached; thread-safe)."""
         key = (namespace, component, endpoint)
         bound = self._endpoints.get(key)
         if bound is None:
             with self._lock:
                 bound = self._endpoints.get(key)
                 if bound is None:
-                    bound = EndpointMetrics(self, key)
+                    bound = EndpointMetrics(key)
                     self._endpoints[key] = bound
         return bound
+
+    def endpoints(self) -> list[EndpointMetrics]:
+        """Every endpoint's series created so far."""
+        with self._lock:
+            return list(self._endpoints.values())
 
     def render(self) -> bytes:
         """Every series in the Prometheus text format (see :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
+
+
+class _Collector(Collector):
+    """Turns the runtime's plain per-endpoint numbers into Prometheus families at scrape time."""
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "troupe_requests", "Requests admitted by a worker.", labels=LABELS
+        )
+        inflight = GaugeMetricFamily(
+            "troupe_inflight_requests", "Requests being handled now.", labels=LABELS
+        )
+        duration = HistogramMetricFamily(
+            "troupe_request_duration_seconds",
+            "Time from admission to the end of the response, in seconds.",
+            labels=LABELS,
+        )
+        errors = CounterMetricFamily(
+            "troupe_errors", "Requests that ended in an error, by kind.", labels=(*LABELS, "kind")
+        )
+        request_bytes = CounterMetricFamily(
+            "troupe_request_bytes", "Request payload bytes received.", labels=LABELS
+        )
+        response_bytes = CounterMetricFamily(
+            "troupe_response_bytes", "Response payload bytes sent.", labels=LABELS
+        )
+        cancellations = CounterMetricFamily(
+            "troupe_cancellations",
+            "Requests cancelled by their caller (or by shutdown).",
+            labels=LABELS,
+        )
+        for ep in self._metrics.endpoints():
+            labels = list(ep.labels)
+            v = ep._snapshot()
+            requests.add_metric(labels, v.requests)
+            inflight.add_metric(labels, v.inflight)
+            request_bytes.add_metric(labels, v.request_bytes)
+            response_bytes.add_metric(labels, v.response_bytes)
+            cancellations.add_metric(labels, v.cancellations)
+            cumulative = list(itertools.accumulate(v.buckets))
+            duration.add_metric(
+                labels,
+                list(zip(_BOUNDS, cumulative, strict=True)),
+                v.duration_sum,
+            )
+            for kind, count in v.errors:
+                errors.add_metric([*labels, kind], count)
+        uptime = GaugeMetricFamily(
+            "troupe_uptime_seconds",
+            "Seconds since the runtime started.",
+            value=self._metrics.uptime_seconds(),
+        )
+        yield from (
+            requests,
+            inflight,
+            duration,
+            errors,
+            request_bytes,
+            response_bytes,
+            cancellations,
+            uptime,
+        )

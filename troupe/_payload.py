@@ -23,11 +23,12 @@ def encode_payload(obj: Any) -> bytes:
     """Encode a request or chunk object.
 
     Raises:
-        TypeError: the object holds something msgpack cannot carry.
+        TypeError: the object holds something msgpack cannot carry (including an integer
+            outside msgpack's range, -2**63 .. 2**64-1).
     """
     try:
         return _encoder.encode(obj)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
         raise TypeError(f"cannot encode {type(obj).__name__} for the request plane: {exc}") from exc
 
 

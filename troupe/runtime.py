@@ -359,13 +359,16 @@ class Runtime:
         policy: str = "round_robin",
         migration_limit: int = 0,
         set_aside_for: float = 5.0,
+        instance_filter: Callable[[InstanceRecord], bool] | None = None,
     ) -> Router:
         """A router over the live instances of ``endpoint``, fed by a WatcherActor.
 
         Policies: ``round_robin``, ``random``, ``least_loaded``; ``generate(...,
         instance_id=...)`` sends to one instance directly. An instance that fails to connect
         or breaks a stream is set aside for ``set_aside_for`` seconds; with ``migration_limit=k``
-        a broken request is re-sent to another instance up to k times. See docs/routing.md.
+        a broken request is re-sent to another instance up to k times. ``instance_filter``
+        limits the router to the records it accepts (e.g. one model's instances). See
+        docs/routing.md.
         """
         self._require_running()
         router = spawn_router(
@@ -377,6 +380,7 @@ class Runtime:
             policy=policy,
             migration_limit=migration_limit,
             set_aside_for=set_aside_for,
+            instance_filter=instance_filter,
         )
         self._routers.append(router)
         return router

@@ -4,6 +4,8 @@ discovery and the TCP plane on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -75,14 +77,23 @@ def settings() -> FrontendSettings:
     return FrontendSettings(host="127.0.0.1", port=0, grace=1.0, instance_wait=0.3)
 
 
-@pytest.fixture
-async def frontend(kv: MemoryKvServer, settings: FrontendSettings) -> AsyncIterator[Frontend]:
+@contextlib.asynccontextmanager
+async def running_frontend(
+    kv: MemoryKvServer, settings: FrontendSettings, **changes: Any
+) -> AsyncIterator[Frontend]:
+    """A frontend (in its own runtime) with ``settings`` and ``changes`` to them."""
     rt = Runtime(CONFIG, handle_signals=False, memory_server=kv).start()
     try:
-        async with Frontend(rt, settings) as fe:
+        async with Frontend(rt, dataclasses.replace(settings, **changes)) as fe:
             yield fe
     finally:
         await asyncio.to_thread(rt.close)
+
+
+@pytest.fixture
+async def frontend(kv: MemoryKvServer, settings: FrontendSettings) -> AsyncIterator[Frontend]:
+    async with running_frontend(kv, settings) as fe:
+        yield fe
 
 
 @pytest.fixture

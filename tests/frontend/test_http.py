@@ -4,7 +4,10 @@ cancellation on disconnect, and many concurrent streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -13,17 +16,28 @@ from typing import Any
 import httpx
 import pytest
 
+from troupe import Runtime
 from troupe.demo.mocker import VOCABULARY, make_generate
-from troupe.errors import ConfigError, NoInstances, Overloaded, RemoteError, StreamBroken
+from troupe.discovery import MemoryKvServer
+from troupe.errors import (
+    ConfigError,
+    MessageTooLarge,
+    NoInstances,
+    Overloaded,
+    RemoteError,
+    StreamBroken,
+)
 from troupe.frontend import Frontend, FrontendSettings
-from troupe.frontend._app import error_status
+from troupe.frontend._app import error_reply, error_status
+from troupe.frontend._openai import decode_chat, decode_completion, engine_request
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
 
-from .conftest import Workers, wait_for_model
+from .conftest import CONFIG, Workers, running_frontend, wait_for_model
 
 FAST = make_generate(tokens_per_second=5000, time_to_first_token=0.0, output_tokens=8)
 CHAT = "/v1/chat/completions"
+CHAT_LABEL = "chat_completions"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -48,7 +62,7 @@ def assert_openai_error(
 ) -> dict[str, Any]:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
+    error: dict[str, Any] = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
     assert "Traceback" not in error["message"]
@@ -124,6 +138,25 @@ async def test_completion_stream_with_usage(http: httpx.AsyncClient) -> None:
         (b'{"model": "mock", "messages": [{"role": "user"}], "temperature": 3}', "temperature"),
         (b'{"model": "mock", "messages": [{"role": "user"}], "n": 2}', "n"),
         (b'{"model": 7, "messages": [{"role": "user"}]}', "model"),
+        # integers the engine protocol (msgpack) could not carry
+        (
+            b'{"model": "mock", "messages": [{"role": "user"}], "max_tokens": 1' + b"0" * 30 + b"}",
+            "max_tokens",
+        ),
+        (
+            b'{"model": "mock", "messages": [{"role": "user"}], "max_completion_tokens": '
+            b"9223372036854775808}",
+            "max_completion_tokens",
+        ),
+        (
+            b'{"model": "mock", "messages": [{"role": "user"}], "seed": 18446744073709551616}',
+            "seed",
+        ),
+        (
+            b'{"model": "mock", "messages": [{"role": "user"}], '
+            b'"stream_options": {"include_usage": true}}',
+            "stream_options",
+        ),
     ],
 )
 async def test_malformed_chat_requests_are_400_naming_the_field(
@@ -132,6 +165,32 @@ async def test_malformed_chat_requests_are_400_naming_the_field(
     response = await http.post(CHAT, content=body, headers={"content-type": "application/json"})
     error = assert_openai_error(response, 400, param=param)
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.usefixtures("mock")
+@pytest.mark.parametrize("value", [10**30, -(2**64)])
+async def test_ext_the_engine_protocol_cannot_carry_is_400(
+    http: httpx.AsyncClient, value: int
+) -> None:
+    body = {"model": "mock", "messages": HELLO, "ext": {"deep": [{"x": value}]}}
+    response = await http.post(CHAT, json=body)
+    assert_openai_error(response, 400, param="ext")
+
+
+@pytest.mark.usefixtures("mock")
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_refusing_the_request_is_400_naming_the_field(
+    http: httpx.AsyncClient, stream: bool
+) -> None:
+    # the mocker validates ext.mocker and raises InvalidRequest: a RemoteError on our side
+    body = {"model": "mock", "prompt": "x", "stream": stream}
+    body["ext"] = {"mocker": {"tokens_per_second": 0}}
+    response = await http.post("/v1/completions", json=body)
+    error = assert_openai_error(
+        response, 400, param="ext.mocker.tokens_per_second", code="invalid_request"
+    )
+    assert error["type"] == "invalid_request_error"
+    assert error["message"] == "tokens_per_second must be a finite number > 0"
 
 
 @pytest.mark.usefixtures("mock")
@@ -209,7 +268,7 @@ async def test_worker_failure_is_502(
     await wait_for_model(frontend, "broken")
     response = await http.post("/v1/completions", json={"model": "broken", "prompt": "x"})
     error = assert_openai_error(response, 502, code="worker_error")
-    assert "the engine broke" in error["message"]
+    assert error["message"] == "the worker failed to answer"  # the remote detail is only logged
     # before the first chunk, a streaming request still gets the status code
     body = {"model": "broken", "prompt": "x", "stream": True}
     response = await http.post("/v1/completions", json=body)
@@ -229,7 +288,7 @@ async def test_failure_after_the_stream_started_is_a_last_error_event(
     assert json.loads(data[0])["choices"][0]["text"] == "one"
     error = json.loads(data[-2])["error"]
     assert error["code"] == "worker_error"
-    assert "the engine broke" in error["message"]
+    assert "the engine broke" not in error["message"]
 
 
 async def test_unreachable_worker_is_502(
@@ -327,9 +386,10 @@ async def test_metrics(frontend: Frontend, http: httpx.AsyncClient) -> None:
 
 
 class Recorder:
-    """A slow engine that records when, and whether stopped, its generation ended."""
+    """A slow engine that records when it started, and when and whether stopped it ended."""
 
     def __init__(self) -> None:
+        self.started = threading.Event()
         self.ended = threading.Event()
         self.ended_at = 0.0
         self.saw_stop = False
@@ -338,6 +398,7 @@ class Recorder:
         try:
             for index in range(1000):
                 yield {"text": f" t{index}", "prompt_tokens": 1}
+                self.started.set()  # the first chunk is on its way to the frontend
                 await asyncio.sleep(0.01)
         finally:
             self.saw_stop = ctx.is_stopped()
@@ -370,7 +431,8 @@ async def test_client_disconnect_stops_the_worker(
                 # leaving the block closes the connection mid-stream
         else:
             task = asyncio.create_task(http.post(CHAT, json=body))
-            await asyncio.sleep(0.1)  # the worker is generating (no chunk reaches the client)
+            # the worker is generating (no chunk reaches the client: it is not streamed)
+            assert await asyncio.to_thread(recorder.started.wait, 5)
             task.cancel()
             gone = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
@@ -435,3 +497,115 @@ def test_error_status_table() -> None:
 def test_settings_are_validated(field: str, value: Any) -> None:
     with pytest.raises(ConfigError):
         FrontendSettings(**{field: value})
+
+
+def test_error_replies_are_safe_and_typed() -> None:
+    invalid = RemoteError("InvalidRequest", "invalid request: x must be > 0 (field ext.engine.x)")
+    reply = error_reply(invalid)
+    assert (reply.status, reply.kind, reply.param) == (400, "invalid_request_error", "ext.engine.x")
+    assert reply.message == "x must be > 0"
+    leaky = RemoteError("KeyError", "'secret' at /srv/engine.py:10", address="tcp://10.1.2.3:5")
+    reply = error_reply(leaky)
+    assert (reply.status, reply.code) == (502, "worker_error")
+    assert "secret" not in reply.message
+    assert "10.1.2.3" not in error_reply(StreamBroken("gone", address="tcp://10.1.2.3:5")).message
+    too_large = error_reply(MessageTooLarge(40_000_000, 33_554_432, address="tcp://x:1"))
+    assert (too_large.status, too_large.code) == (413, "request_too_large")
+
+
+# --- limits --------------------------------------------------------------------------------------
+
+
+async def raw_exchange(frontend: Frontend, data: bytes) -> tuple[int, dict[str, Any]]:
+    """Send raw bytes (an unfinished upload) and read one HTTP/1.1 response: status and JSON."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", frontend.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+            body = await reader.readexactly(int(headers["content-length"]))
+        return status, json.loads(body)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def upload_head(extra: str) -> bytes:
+    return (
+        f"POST {CHAT} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n{extra}\r\n"
+    ).encode()
+
+
+async def test_a_body_over_the_limit_is_413_without_reading_it(
+    kv: MemoryKvServer, settings: FrontendSettings
+) -> None:
+    async with running_frontend(kv, settings, max_body_size=1000) as fe:
+        # declared too large: answered before a byte of the body is sent
+        status, body = await raw_exchange(fe, upload_head("content-length: 100000000\r\n"))
+        assert status == 413
+        assert body["error"]["code"] == "request_too_large"
+        assert "1000 bytes" in body["error"]["message"]
+        # chunked, no length: answered once the first 1001 bytes have arrived, the rest unsent
+        chunk = b"x" * 2000
+        first = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        status, body = await raw_exchange(fe, upload_head("transfer-encoding: chunked\r\n") + first)
+        assert status == 413
+        assert body["error"]["type"] == "invalid_request_error"
+        # within the limit the request is read and answered as usual
+        async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+            response = await http.post(CHAT, json={"model": "nope", "messages": HELLO})
+            assert_openai_error(response, 404, param="model")
+        assert (
+            sample(fe, "troupe_frontend_errors_total", model="", endpoint=CHAT_LABEL, code="413")
+            == 2
+        )
+
+
+def test_the_default_body_limit_is_the_request_planes_message_size(frontend: Frontend) -> None:
+    assert frontend.settings.max_body_size is None
+    assert frontend.state.max_body_size == CONFIG.request_plane.tcp.max_message_size
+
+
+async def test_draining_counts_unknown_models_under_one_label(
+    frontend: Frontend, http: httpx.AsyncClient
+) -> None:
+    assert await frontend.drain(0)
+    response = await http.post(CHAT, json={"model": "client-chosen-name", "messages": HELLO})
+    assert_openai_error(response, 503, code="shutting_down")
+    labels = {"endpoint": CHAT_LABEL, "code": "503"}
+    assert sample(frontend, "troupe_frontend_errors_total", model="", **labels) == 1
+    assert "client-chosen-name" not in (await http.get("/metrics")).text
+
+
+async def test_a_failed_bind_leaves_no_actor_behind(
+    kv: MemoryKvServer, settings: FrontendSettings
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rt = Runtime(CONFIG, handle_signals=False, memory_server=kv).start()
+        try:
+            before = {ref.name for ref in rt.system.actors()}
+            frontend = Frontend(rt, dataclasses.replace(settings, port=port))
+            with pytest.raises(ConfigError, match="in use"):
+                await frontend.start()
+            assert {ref.name for ref in rt.system.actors()} == before
+        finally:
+            await asyncio.to_thread(rt.close)
+
+
+def test_the_engine_request_carries_the_text_once() -> None:
+    chat = engine_request(
+        decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    )
+    assert "prompt" not in chat
+    assert chat["messages"] == [{"role": "user", "content": "hi"}]
+    completion = engine_request(decode_completion(b'{"model": "m", "prompt": "hi"}'))
+    assert "messages" not in completion
+    assert completion["prompt"] == "hi"

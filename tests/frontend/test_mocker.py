@@ -46,6 +46,26 @@ async def test_stop_string_ends_without_the_word() -> None:
     assert chunks[-1]["finish_reason"] == "stop"
 
 
+async def test_stop_string_on_the_first_token_still_counts_the_prompt() -> None:
+    chunks = await run(FAST, request(stop=[VOCABULARY[0]]))
+    assert chunks == [
+        {
+            "text": "",
+            "tokens": 0,
+            "finish_reason": "stop",
+            "prompt_tokens": 3,
+            "fingerprint": chunks[0]["fingerprint"],
+        }
+    ]
+
+
+async def test_chat_requests_count_the_messages_as_the_prompt() -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat = {"kind": "chat", "model": "m", "messages": messages}
+    chunks = await run(FAST, chat)
+    assert chunks[0]["prompt_tokens"] == 5  # "system: be brief" + "user: hi"
+
+
 async def test_resume_skips_what_the_client_has() -> None:
     chunks = await run(FAST, request(resume={"tokens": 4, "text": "..."}))
     assert "".join(c["text"] for c in chunks) == " " + " ".join(VOCABULARY[4:6])
@@ -65,13 +85,15 @@ async def test_stops_promptly_when_the_request_is_stopped() -> None:
     slow = make_generate(tokens_per_second=2, time_to_first_token=0.0, output_tokens=100)
     ctx = RequestContext(1, "demo.mocker.generate")
     chunks = []
+    first = asyncio.Event()
 
     async def consume() -> None:
         async for chunk in slow(request(), ctx):
             chunks.append(chunk)
+            first.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(first.wait(), 1)  # the first token is out; the next is 0.5 s away
     stopped = time.monotonic()
     ctx.stop("cancelled")
     await asyncio.wait_for(task, 1)
@@ -83,10 +105,14 @@ async def test_stops_promptly_when_the_request_is_stopped() -> None:
     "req",
     [
         {"prompt": 5},
+        {"kind": "chat", "messages": [{"role": "user"}]},
+        {"kind": "chat", "messages": "hi"},
         "text",
         request(max_tokens=0),
         request(ext={"mocker": {"tokens_per_second": 0}}),
         request(ext={"mocker": {"time_to_first_token": "slow"}}),
+        request(ext={"mocker": {"time_to_first_token": float("inf")}}),
+        request(ext={"mocker": {"tokens_per_second": float("nan")}}),
     ],
 )
 async def test_bad_requests_are_refused(req: Any) -> None:

@@ -24,6 +24,7 @@ import zmq
 from troupe.config import HttpConfig, NatsConfig, RequestPlaneConfig, TcpConfig
 from troupe.errors import ProtocolError
 from troupe.transports import (
+    Chunk,
     Client,
     End,
     InprocRegistry,
@@ -65,7 +66,8 @@ def _ends(data: bytes, request_id: int) -> bool:
         frame = decode(data)
     except ProtocolError:
         return False
-    return isinstance(frame, End) and frame.id == request_id
+    ended = isinstance(frame, End) or (isinstance(frame, Chunk) and frame.end)
+    return ended and frame.id == request_id
 
 
 class _InprocRawPeer(RawPeer):

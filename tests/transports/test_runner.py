@@ -33,7 +33,7 @@ class Sink:
 
     async def __call__(self, frame: Reply) -> bool:
         self.frames.append(frame)
-        if not isinstance(frame, Chunk):
+        if not isinstance(frame, Chunk) or frame.end:
             self.done.set()
         return self.accept
 
@@ -87,7 +87,8 @@ async def test_unknown_endpoint_duplicate_key_and_closed_runner() -> None:
     assert duplicate.frames[0].kind == "ProtocolError"
     release.set()
     await asyncio.wait_for(first.done.wait(), 5)
-    assert first.frames == [Chunk(2, b"x"), End(2)]
+    # a one-chunk reply travels as one frame
+    assert first.frames == [Chunk(2, b"x", end=True)]
 
     await runner.close()
     late = Sink()
@@ -222,3 +223,84 @@ def test_remote_error_mapping() -> None:
     other = remote_error("KeyError", "'k'", address="tcp://h:1", endpoint="ep")
     assert other.kind == "KeyError"  # type: ignore[attr-defined]
     assert other.address == "tcp://h:1"  # type: ignore[attr-defined]
+
+
+async def test_one_chunk_reply_is_one_frame_and_a_waiting_handler_is_not_delayed() -> None:
+    gate = asyncio.Event()
+
+    async def unary(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"only"
+
+    async def waits(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        await gate.wait()
+        yield b"second"
+
+    async def coroutine(payload: bytes, ctx: RequestContext) -> bytes:
+        return b"value"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("unary", unary)
+    runner.add_endpoint("waits", waits)
+    runner.add_endpoint("coro", coroutine)
+    one, two, three = Sink(), Sink(), Sink()
+    runner.dispatch("a", Request(1, "unary", b""), one)
+    runner.dispatch("c", Request(3, "coro", b""), three)
+    runner.dispatch("b", Request(2, "waits", b""), two)
+    await asyncio.wait_for(one.done.wait(), 5)
+    await asyncio.wait_for(three.done.wait(), 5)
+    assert one.frames == [Chunk(1, b"only", end=True)]
+    assert three.frames == [Chunk(3, b"value", end=True)]
+    # the first chunk leaves while the handler waits for its second
+    for _ in range(1000):
+        if two.frames:
+            break
+        await asyncio.sleep(0.001)
+    assert two.frames == [Chunk(2, b"first")]
+    gate.set()
+    await asyncio.wait_for(two.done.wait(), 5)
+    # only a reply whose first item is its last is merged with the End
+    assert two.frames == [Chunk(2, b"first"), Chunk(2, b"second"), End(2)]
+    await wait_idle(runner)
+
+
+async def test_cancel_while_the_first_chunk_waits_for_room_reaches_the_handler() -> None:
+    room, stopped = asyncio.Event(), asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        finally:
+            stopped.set()
+        yield b"never"
+
+    async def slow_send(frame: Reply) -> bool:
+        await room.wait()  # back-pressure: the caller does not read
+        return True
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    runner.dispatch("k", Request(1, "ep", b""), slow_send)
+    await asyncio.sleep(0.01)
+    assert runner.cancel("k")
+    await asyncio.wait_for(stopped.wait(), 5)
+    assert seen == ["cancelled"]
+    await wait_idle(runner)
+
+
+async def test_handler_failing_after_its_first_item_sends_it_then_the_error() -> None:
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise ValueError("boom")
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = Sink()
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert sink.frames == [Chunk(1, b"partial"), Error(1, "ValueError", "boom")]

@@ -296,3 +296,59 @@ def test_works_on_uvloop() -> None:
         loop.run_until_complete(asyncio.wait_for(scenario(), 30))
     finally:
         loop.close()
+
+
+async def test_closing_the_client_stops_a_silent_handler_at_once(server: TcpServer) -> None:
+    # The handler yields nothing while it waits, so only a Cancel can tell it the caller left.
+    started, stopped = asyncio.Event(), asyncio.Event()
+    reasons: list[str | None] = []
+
+    async def silent(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+            yield b"never"
+        finally:
+            reasons.append(ctx.stop_reason)
+            stopped.set()
+
+    server.add_endpoint("silent", silent)
+    client = TcpClient(CONFIG)
+    stream = await client.request(server.address, "silent", b"")
+    await asyncio.wait_for(started.wait(), 5)
+    await client.close()
+    await asyncio.wait_for(stopped.wait(), 2)
+    assert reasons == ["cancelled"]
+    with pytest.raises(TransportClosed):
+        await anext(stream)
+
+
+async def test_server_closing_right_after_a_cancel_does_not_wait_for_its_grace() -> None:
+    # A worker closed within milliseconds of a caller's Cancel must not wait out its grace.
+    server = TcpServer(CONFIG)
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def slow(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            for _ in range(1000):
+                yield b"t"
+                started.set()
+                await asyncio.sleep(0.01)
+        finally:
+            stopped.set()
+
+    server.add_endpoint("slow", slow)
+    await server.start()
+    client = TcpClient(CONFIG)
+    try:
+        stream = await client.request(server.address, "slow", b"")
+        assert await anext(stream) == b"t"
+        await asyncio.wait_for(started.wait(), 5)
+        await stream.aclose()
+        began = time.monotonic()
+        await asyncio.wait_for(server.close(grace=5.0), 5)
+        assert time.monotonic() - began < 1.0
+        assert stopped.is_set()
+    finally:
+        await client.close()
+        await server.close()

@@ -205,6 +205,9 @@ class RouterActor(Actor[RouterMessage]):
             :class:`~troupe.discovery.InstanceRecord`); the actor subscribes on start.
         holder: where snapshots are published.
         set_aside_for: seconds (of the system clock) a failed instance stays excluded.
+        instance_filter: if given, only records it returns ``True`` for are routed to; any
+            other record counts as absent (a change that makes a record fail it removes the
+            instance). Called on the actor's thread; it must not block or raise.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class RouterActor(Actor[RouterMessage]):
         holder: SnapshotHolder,
         *,
         set_aside_for: float = 5.0,
+        instance_filter: Callable[[InstanceRecord], bool] | None = None,
     ) -> None:
         super().__init__()
         if not set_aside_for > 0:
@@ -220,6 +224,7 @@ class RouterActor(Actor[RouterMessage]):
         self._watcher = watcher
         self._holder = holder
         self._set_aside_for = set_aside_for
+        self._instance_filter = instance_filter
         self._table: dict[str, RoutedInstance] = {}
         self._set_aside: dict[str, float] = {}
         self._tokens = itertools.count(1)
@@ -258,6 +263,11 @@ class RouterActor(Actor[RouterMessage]):
 
     def _joined(self, instance_id: str, record: object) -> None:
         address = choose_address(record) if isinstance(record, InstanceRecord) else None
+        if address is not None and self._instance_filter is not None:
+            assert isinstance(record, InstanceRecord)
+            if not self._instance_filter(record):
+                self._drop(instance_id)  # filtered out: as if absent
+                return
         if address is None:
             _log.warning(
                 "ignoring an instance with no usable address",
@@ -271,6 +281,11 @@ class RouterActor(Actor[RouterMessage]):
         assert isinstance(record, InstanceRecord)
         self._table[instance_id] = RoutedInstance(instance_id, address, record)
         self._publish()
+
+    def _drop(self, instance_id: str) -> None:
+        if self._table.pop(instance_id, None) is not None:
+            self._include(instance_id)
+            self._publish()
 
     def _exclude(self, instance_id: str) -> None:
         previous = self._timers.pop(instance_id, None)
@@ -760,6 +775,11 @@ def _decode_instance(key: str, value: bytes) -> tuple[str, InstanceRecord]:
     return record.instance_id, record
 
 
+# Suffixes that keep actor (and thread) names unique when several routers watch one endpoint;
+# like ``_actor._names``, a counter shared by every actor system of the process.
+_router_numbers = itertools.count(1)
+
+
 def spawn_router(
     system: ActorSystem,
     store: KeyValueStore,
@@ -771,6 +791,7 @@ def spawn_router(
     migration_limit: int = 0,
     set_aside_for: float = 5.0,
     rng: random.Random | None = None,
+    instance_filter: Callable[[InstanceRecord], bool] | None = None,
 ) -> Router:
     """Start a WatcherActor and a RouterActor for an endpoint; return a Router owning both.
 
@@ -786,6 +807,8 @@ def spawn_router(
         migration_limit: re-sends allowed after an instance failure.
         set_aside_for: seconds a failed instance is excluded.
         rng: randomness for the ``random`` and ``least_loaded`` policies.
+        instance_filter: route only to instances whose record it accepts (e.g. those whose
+            ``metadata["model"]`` is one model); see :class:`RouterActor`.
 
     Raises:
         ConfigError: a bad endpoint, policy, migration limit or set-aside window (checked
@@ -797,12 +820,16 @@ def spawn_router(
     if not set_aside_for > 0:
         raise ConfigError("set_aside_for", set_aside_for, "a number of seconds > 0")
     holder = SnapshotHolder()
+    number = next(_router_numbers)
     watcher = system.spawn(
-        lambda: WatcherActor(store, prefix, _decode_instance), name=f"WatcherActor-{path}"
+        lambda: WatcherActor(store, prefix, _decode_instance),
+        name=f"WatcherActor-{path}-{number}",
     )
     actor: ActorRef[RouterMessage] = system.spawn(
-        lambda: RouterActor(watcher, holder, set_aside_for=set_aside_for),
-        name=f"RouterActor-{path}",
+        lambda: RouterActor(
+            watcher, holder, set_aside_for=set_aside_for, instance_filter=instance_filter
+        ),
+        name=f"RouterActor-{path}-{number}",
     )
     return Router(
         actor,

@@ -177,7 +177,7 @@ async def _run(rt: Runtime, supervisor: Any) -> None:
             30,
             "the replacement worker",
         )
-        restarts = {c.id: c.restarts for c in supervisor.ask(WhichChildren())}
+        restarts = {c.id: c.restarts for c in await supervisor.ask_async(WhichChildren())}
         print(f"\nworkers (pids): {_worker_pids(frontend)}; restarts: {restarts}")
         print("\nstopping: the frontend drains, each worker unregisters and exits")
 

@@ -3,7 +3,8 @@
     troupe worker demo.mocker.generate troupe.demo.mocker:generate --model mock-model
 
 It speaks the frontend's engine protocol (docs/frontend.md): the request is a dict with
-``prompt``, ``max_tokens``, ``stop`` and ``ext``; the words of the prompt are its "tokens". It
+``prompt`` (completions) or ``messages`` (chat), ``max_tokens``, ``stop`` and ``ext``; the words
+of the prompt (for chat, of one ``role: content`` line per message) are its "tokens". It
 waits ``time_to_first_token`` seconds, then streams a deterministic pseudo-text, one word (token)
 per chunk, at ``tokens_per_second``, ``output_tokens`` of them (finish reason ``stop``) unless
 ``max_tokens`` cuts it short (``length``) or a word equals a ``stop`` string (``stop``, the word
@@ -17,6 +18,7 @@ Per-request settings: ``request["ext"]["mocker"] = {"tokens_per_second": ..., "t
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,13 +38,32 @@ VOCABULARY: Final = tuple(
 MockerHandler = Callable[[Any, RequestContext], AsyncIterator[dict[str, Any]]]
 
 
+def _prompt_words(request: Any) -> int:
+    """The prompt's "tokens": its words (chat: of one ``role: content`` line per message)."""
+    if not isinstance(request, dict):
+        raise InvalidRequest("expected an engine request (an object)")
+    prompt = request.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise InvalidRequest(
+            "expected an engine request with a string prompt or text messages", param="prompt"
+        )
+    return sum(len(f"{m['role']}: {m['content']}".split()) for m in messages)
+
+
 def _number(settings: dict[str, Any], name: str, default: float, *, positive: bool) -> float:
     value = settings.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{name} must be a number", param=f"ext.mocker.{name}")
-    if value < 0 or (positive and value == 0):
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise InvalidRequest(
-            f"{name} must be {'> 0' if positive else '>= 0'}", param=f"ext.mocker.{name}"
+            f"{name} must be a finite number {'> 0' if positive else '>= 0'}",
+            param=f"ext.mocker.{name}",
         )
     return float(value)
 
@@ -81,8 +102,7 @@ def make_generate(
 
     async def generate(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """Stream mock tokens for an engine-protocol request (see the module docstring)."""
-        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
-            raise InvalidRequest("expected an engine request with a string prompt", param="prompt")
+        prompt_tokens = _prompt_words(request)
         ext = request.get("ext") or {}
         settings = ext.get("mocker") if isinstance(ext, dict) else None
         settings = settings if isinstance(settings, dict) else {}
@@ -97,7 +117,6 @@ def make_generate(
         start = resume.get("tokens", 0) if isinstance(resume, dict) else 0
         limit = wanted if max_tokens is None else min(wanted, max_tokens)
         finish = "length" if max_tokens is not None and max_tokens < wanted else "stop"
-        prompt_tokens = len(request["prompt"].split())
 
         await _pause(ctx, ttft)
         began = time.monotonic()
@@ -109,16 +128,21 @@ def make_generate(
                 if ctx.is_stopped():
                     return
             word = VOCABULARY[index % len(VOCABULARY)]
-            chunk: dict[str, Any] = {"text": word if index == 0 else " " + word}
-            if word in stops:
-                yield {"text": "", "tokens": 0, "finish_reason": "stop", "fingerprint": fingerprint}
-                return
+            stopped = word in stops  # a stop string: end here, without the word
+            chunk: dict[str, Any] = (
+                {"text": "", "tokens": 0, "finish_reason": "stop"}
+                if stopped
+                else {"text": word if index == 0 else " " + word}
+            )
             if index == start:
                 chunk["prompt_tokens"] = prompt_tokens
+            if index == start or stopped:
                 chunk["fingerprint"] = fingerprint  # which process serves it
-            if index == limit - 1:
+            if not stopped and index == limit - 1:
                 chunk["finish_reason"] = finish
             yield chunk
+            if stopped:
+                return
         if start >= limit:
             yield {"text": "", "tokens": 0, "finish_reason": finish, "prompt_tokens": prompt_tokens}
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP frontend: ``troupe frontend``, or :class:`Frontend` in code.
 
 It watches discovery for instances that declare a model (``metadata["model"]``), keeps one
-Router per serving endpoint, and answers ``/v1/models``, ``/v1/chat/completions`` and
+Router per (model, serving endpoint), and answers ``/v1/models``, ``/v1/chat/completions`` and
 ``/v1/completions`` (streamed as Server-Sent Events or not), plus ``/health``, ``/live`` and
 ``/metrics``. See ``docs/frontend.md`` for the routes, the engine protocol and the errors.
 

@@ -9,17 +9,25 @@ the worker. The HTTP status is chosen only once the first engine chunk (or failu
 a request that fails before streaming gets a proper OpenAI error and status code; a failure after
 the stream started is sent as a last ``data: {"error": ...}`` event followed by ``data: [DONE]``.
 
-Migration: when a worker fails mid-generation (connect failure, broken stream) and
-``migration_limit`` allows it, the generation is re-sent to another worker with ``"resume"``
-telling the engine how many tokens (and which text) the client already has.
+Instances: each generation picks its worker itself (the router's policy over the instances it
+has not tried) and sends with ``instance_id=``. A worker answering ``Overloaded`` is skipped for
+the next one (503 only when all refused). When a worker fails mid-generation (connect failure,
+broken stream) and ``migration_limit`` allows it, the generation is re-sent to a worker it has
+not tried, with ``"resume"`` telling the engine how many tokens (and which text) the client
+already has.
+
+Request bodies are read incrementally up to ``max_body_size`` (413 beyond), and the engine
+request is encoded once in the handler so that a value msgpack cannot carry is a 400, not a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -33,15 +41,18 @@ from starlette.types import Lifespan, Receive, Scope, Send
 
 from troupe._logging import get_logger
 from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from troupe.actors._router import MIGRATABLE
+from troupe._payload import encode_payload
+from troupe.actors._router import MIGRATABLE, POLICIES, Policy, RoutedInstance, Router
 from troupe.errors import (
     ActorError,
     Cancelled,
     ConfigError,
+    InstanceNotFound,
     InvalidRequest,
+    MessageTooLarge,
     NoInstances,
     Overloaded,
-    TransportError,
+    RemoteError,
     TroupeError,
 )
 from troupe.frontend._metrics import FrontendMetrics
@@ -63,7 +74,14 @@ from troupe.frontend._openai import (
 )
 from troupe.runtime import Runtime
 
-__all__ = ["FrontendSettings", "FrontendState", "build_app", "error_status"]
+__all__ = [
+    "ErrorReply",
+    "FrontendSettings",
+    "FrontendState",
+    "build_app",
+    "error_reply",
+    "error_status",
+]
 
 _log = get_logger("troupe.frontend")
 
@@ -92,6 +110,10 @@ class FrontendSettings:
         grace: seconds in-flight requests get to finish on shutdown (``/health`` is 503 then).
         instance_wait: seconds a request waits for a just-discovered model's router to see its
             instances before answering 503.
+        max_body_size: the largest request body accepted, in bytes (a larger one is answered
+            413 without being read further); ``None``: the runtime's
+            ``request_plane.tcp.max_message_size`` (``DYN_TCP_MAX_MESSAGE_SIZE``, 32 MiB), since
+            a larger request could not be sent to a worker anyway.
     """
 
     host: str = "0.0.0.0"
@@ -100,6 +122,7 @@ class FrontendSettings:
     migration_limit: int = 0
     grace: float = 5.0
     instance_wait: float = 2.0
+    max_body_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65_535:
@@ -114,6 +137,44 @@ class FrontendSettings:
             raise ConfigError("--grace", self.grace, "seconds >= 0")
         if not self.instance_wait >= 0:
             raise ConfigError("instance_wait", self.instance_wait, "seconds >= 0")
+        if self.max_body_size is not None and (
+            not isinstance(self.max_body_size, int) or self.max_body_size < 1
+        ):
+            raise ConfigError("max_body_size", self.max_body_size, "a number of bytes >= 1")
+
+
+class _Chooser:
+    """The frontend's choice of instance on one router: its policy over the instances not yet
+    tried by a request, so that a retry (on ``Overloaded``, or a migration) never goes back to
+    an instance that refused or failed it. Used on the frontend's event loop only."""
+
+    __slots__ = ("inflight", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.inflight: dict[str, int] = {}  # this frontend's requests per instance
+
+    def choose(self, router: Router, tried: Collection[str]) -> RoutedInstance | None:
+        """An instance not in ``tried`` (set-aside ones only when nothing else is left)."""
+        snapshot = router.snapshot
+        candidates = tuple(i for i in snapshot.available if i.instance_id not in tried)
+        if not candidates:
+            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
+            if not candidates:
+                return None
+        return self.policy.choose(candidates, self.inflight)
+
+    def enter(self, instance_id: str) -> None:
+        """A request to ``instance_id`` starts."""
+        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
+
+    def leave(self, instance_id: str) -> None:
+        """A request to ``instance_id`` ended."""
+        left = self.inflight[instance_id] - 1
+        if left:
+            self.inflight[instance_id] = left
+        else:
+            del self.inflight[instance_id]
 
 
 class FrontendState:
@@ -130,10 +191,24 @@ class FrontendState:
         self.registry = registry
         self.metrics = metrics
         self.settings = settings
+        self.max_body_size = (
+            settings.max_body_size
+            if settings.max_body_size is not None
+            else rt.config.request_plane.tcp.max_message_size
+        )
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._choosers: dict[Router, _Chooser] = {}
+
+    def chooser(self, router: Router) -> _Chooser:
+        """The frontend's instance choice on ``router`` (on the event loop only)."""
+        chooser = self._choosers.get(router)
+        if chooser is None:
+            policy = POLICIES[self.settings.router_mode](random.Random())
+            chooser = self._choosers[router] = _Chooser(policy)
+        return chooser
 
     def enter(self) -> None:
         """A generation starts."""
@@ -158,20 +233,77 @@ class FrontendState:
 
 # --- errors --------------------------------------------------------------------------------------
 
+# InvalidRequest's text: "invalid request: {detail}" and maybe " (field {param})".
+_REMOTE_INVALID: Final = re.compile(
+    r"^(?:invalid request: )?(?P<detail>.*?)(?: \(field (?P<param>[^()\s]+)\))?$", re.DOTALL
+)
+_MAX_REMOTE_DETAIL: Final = 500  # characters of an engine's refusal passed on to the client
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """How a failure to generate is answered: HTTP status and OpenAI error fields.
+
+    ``message`` is safe to show a client: failures of the worker or the request plane get a
+    generic text (their detail, which may name internal addresses, is only logged).
+    """
+
+    status: int
+    kind: str
+    code: str
+    message: str
+    param: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object."""
+        return error_body(self.message, self.kind, param=self.param, code=self.code)
+
+
+def error_reply(exc: TroupeError) -> ErrorReply:
+    """The answer to a generation that failed with ``exc``."""
+    if isinstance(exc, NoInstances):
+        return ErrorReply(
+            503, "service_unavailable_error", "no_instances", "no worker serves this model now"
+        )
+    if isinstance(exc, Overloaded):
+        return ErrorReply(
+            503,
+            "service_unavailable_error",
+            "overloaded",
+            "every worker of this model is at capacity; retry later",
+        )
+    if isinstance(exc, Cancelled | ActorError):
+        return ErrorReply(
+            503, "service_unavailable_error", "unavailable", "the frontend cannot route it now"
+        )
+    if isinstance(exc, InvalidRequest):
+        return ErrorReply(400, "invalid_request_error", "invalid_request", exc.detail, exc.param)
+    if isinstance(exc, RemoteError) and exc.kind == InvalidRequest.__name__:
+        # The engine refused the request: its validation message is meant for the client.
+        match = _REMOTE_INVALID.match(exc.remote_message)
+        detail = match["detail"] if match else exc.remote_message
+        if len(detail) > _MAX_REMOTE_DETAIL:
+            detail = detail[:_MAX_REMOTE_DETAIL] + "..."
+        param = match["param"] if match else None
+        return ErrorReply(
+            400, "invalid_request_error", "invalid_request", detail or "invalid request", param
+        )
+    if isinstance(exc, MessageTooLarge):
+        return ErrorReply(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            f"the request is too large for the request plane (limit {exc.limit} bytes)",
+        )
+    if isinstance(exc, _MalformedChunk):
+        return ErrorReply(502, "server_error", "bad_chunk", "the worker sent a malformed response")
+    return ErrorReply(502, "server_error", "worker_error", "the worker failed to answer")
+
 
 def error_status(exc: TroupeError) -> tuple[int, str, str]:
     """``(HTTP status, OpenAI error type, code)`` for a failure to generate."""
-    if isinstance(exc, NoInstances):
-        return 503, "service_unavailable_error", "no_instances"
-    if isinstance(exc, Overloaded):
-        return 503, "service_unavailable_error", "overloaded"
-    if isinstance(exc, Cancelled | ActorError):
-        return 503, "service_unavailable_error", "unavailable"
-    if isinstance(exc, InvalidRequest):
-        return 400, "invalid_request_error", "invalid_request"
-    if isinstance(exc, TransportError):
-        return 502, "server_error", "worker_error"
-    return 502, "server_error", "worker_error"
+    reply = error_reply(exc)
+    return reply.status, reply.kind, reply.code
 
 
 def _error_response(
@@ -289,35 +421,67 @@ class _Exchange:
 async def _generate(
     state: FrontendState, entry: ModelEntry, ex: _Exchange
 ) -> AsyncGenerator[Any, None]:
-    """Engine chunks for ``ex``, resumed on another worker after a worker failure."""
-    attempt = 0
+    """Engine chunks for ``ex``, from one instance after another as needed.
+
+    The frontend picks each instance itself (the router's policy over the instances this
+    request has not tried) and sends with ``instance_id=``. An instance that answers
+    ``Overloaded`` before any chunk is skipped for the next one, so the request fails 503 only
+    when every instance refused; an instance that fails mid-generation (a ``MIGRATABLE`` error)
+    is replaced up to ``migration_limit`` times, with ``resume`` saying what the client has.
+    """
+    router = state.registry.router(entry)
+    if not router.snapshot.instances:
+        # The registry saw the model before this router's own watch did: wait a little.
+        await router.wait_for_instances(timeout=state.settings.instance_wait)
+    chooser = state.chooser(router)
+    tried: set[str] = set()
+    failure: TroupeError | None = None  # why the last instance tried did not answer
+    migrations = 0
+    migrating = False
     request = ex.payload
     while True:
-        router = state.registry.router(entry)
-        if not router.snapshot.instances:
-            # The registry saw the model before this router's own watch did: wait a little.
-            await router.wait_for_instances(timeout=state.settings.instance_wait)
-        try:
-            stream = cast("AsyncGenerator[Any, None]", router.generate(request))
-            async with contextlib.aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-            return
-        except MIGRATABLE as exc:
-            if attempt >= state.settings.migration_limit:
-                raise
-            attempt += 1
+        target = chooser.choose(router, tried)
+        if target is None:
+            raise failure if failure is not None else NoInstances(router.endpoint)
+        key = target.instance_id
+        if migrating:
+            migrating = False
             state.metrics.migrations.labels(ex.model).inc()
             _log.info(
                 "resuming generation on another worker",
                 model=ex.model,
-                attempt=attempt,
+                instance_id=key,
+                attempt=migrations,
                 tokens=ex.completion_tokens,
-                error=str(exc),
+                error=str(failure),
             )
+        tried.add(key)
+        sent = False
+        chooser.enter(key)
+        try:
+            stream = cast("AsyncGenerator[Any, None]", router.generate(request, instance_id=key))
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
+                    sent = True
+                    yield chunk
+            return
+        except (Overloaded, InstanceNotFound) as exc:
+            # Refused at admission (or gone since the choice): nothing was generated there.
+            if sent:
+                raise
+            failure = exc
+            _log.debug("instance refused; trying another", model=ex.model, instance_id=key)
+        except MIGRATABLE as exc:
+            if migrations >= state.settings.migration_limit:
+                raise
+            failure = exc
+            migrations += 1
+            migrating = True
             request = ex.payload | {
                 "resume": {"tokens": ex.completion_tokens, "text": "".join(ex.texts)}
             }
+        finally:
+            chooser.leave(key)
 
 
 class _EngineResponse(Response):
@@ -370,13 +534,18 @@ class _EngineResponse(Response):
                     async for chunk in chunks:
                         ex.absorb(chunk, metrics)
                     await self._send_json(send, 200, ex.full())
-        except _MalformedChunk as exc:
-            _log.warning("malformed engine chunk", id=ex.rid, model=ex.model, error=str(exc))
-            await self._fail(send, 502, error_body(str(exc), "server_error", code="bad_chunk"))
         except TroupeError as exc:
-            status, kind, code = error_status(exc)
-            _log.info("generation failed", id=ex.rid, model=ex.model, status=status, error=str(exc))
-            await self._fail(send, status, error_body(str(exc), kind, code=code))
+            reply = error_reply(exc)
+            log = _log.warning if reply.status >= 500 else _log.info
+            log(
+                "generation failed",
+                id=ex.rid,
+                model=ex.model,
+                status=reply.status,
+                error_type=type(exc).__name__,
+                error=str(exc),  # the detail the client is not shown
+            )
+            await self._fail(send, reply.status, reply.body())
         except Exception as exc:  # noqa: BLE001 - the documented catch-all: JSON 500, no traceback
             _log.error("unexpected error in a generation", id=ex.rid, exc_info=exc)
             await self._fail(
@@ -455,22 +624,33 @@ def _generation(
 
     async def handle(request: Request) -> Response:
         metrics = state.metrics
-        body = await request.body()
+        body = await _read_body(request, state.max_body_size)
+        if body is None:
+            metrics.error("", endpoint, "unknown", 413)
+            response = _error_response(
+                413,
+                f"the request body exceeds the limit of {state.max_body_size} bytes",
+                "invalid_request_error",
+                code="request_too_large",
+            )
+            response.headers["connection"] = "close"  # the rest of the body is not read
+            return response
         try:
             req = decode(body)
         except InvalidRequest as exc:
             metrics.error("", endpoint, "unknown", 400)
             return _error_response(400, exc.detail, "invalid_request_error", param=exc.param)
         request_type = "stream" if req.stream else "unary"
+        entry = state.registry.get(req.model)
         if state.draining:
-            metrics.error(req.model, endpoint, request_type, 503)
+            # Label with a served model only: client-chosen names would be unbounded labels.
+            metrics.error("" if entry is None else entry.name, endpoint, request_type, 503)
             return _error_response(
                 503,
                 "the frontend is shutting down",
                 "service_unavailable_error",
                 code="shutting_down",
             )
-        entry = state.registry.get(req.model)
         if entry is None:
             metrics.error("", endpoint, request_type, 404)
             return _error_response(
@@ -480,9 +660,35 @@ def _generation(
                 param="model",
                 code="model_not_found",
             )
-        return _EngineResponse(state, entry, _Exchange(req))
+        ex = _Exchange(req)
+        try:
+            encode_payload(ex.payload)  # what the router will send; fails on e.g. huge ints
+        except TypeError:
+            metrics.error(entry.name, endpoint, request_type, 400)
+            return _error_response(
+                400,
+                "ext holds a value the engine cannot receive (integers must fit in 64 bits)",
+                "invalid_request_error",
+                param="ext",
+            )
+        return _EngineResponse(state, entry, ex)
 
     return handle
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _model_json(entry: ModelEntry) -> dict[str, Any]:

@@ -11,9 +11,13 @@ Rules (documented in docs/frontend.md):
 - A model is listed while at least one instance declares it.
 - Two endpoints declaring the same model: requests go to the endpoint whose path sorts first
   among those with live instances (a deterministic, documented choice; a warning is logged).
-- One :class:`~troupe.actors.Router` per endpoint path, created the first time an endpoint is
-  seen declaring a model and kept until the registry closes (a router with no instances costs
-  two idle actors; keeping it avoids churn when a model's only worker restarts).
+- One :class:`~troupe.actors.Router` per (model, endpoint path), routing only to the instances
+  of that path whose ``metadata["model"]`` is that model (two workers on one path may serve
+  different models). It is created by the registry actor the first time the pair is seen,
+  before the table listing it is published, and kept until the registry closes (a router with
+  no instances costs two idle actors; keeping it avoids churn when a model's only worker
+  restarts). Handlers on the event loop only read the published router map: they never take
+  a lock that the registry actor holds while it spawns actors.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 from troupe._logging import get_logger
 from troupe.actors import Actor, ActorRef, Joined, Left, Router, Subscribe, WatcherActor
 from troupe.discovery import SERVICES_PREFIX, InstanceRecord, decode_record
-from troupe.errors import ActorError, TroupeError
+from troupe.errors import NoInstances, TroupeError
 from troupe.runtime import Runtime
 
 __all__ = ["ModelEntry", "ModelRegistry", "ModelTable"]
@@ -67,6 +71,15 @@ def _decode(key: str, value: bytes) -> tuple[str, InstanceRecord]:
     return record.instance_id, record
 
 
+def _declares(model: str) -> Callable[[InstanceRecord], bool]:
+    """An ``instance_filter``: the records whose ``metadata["model"]`` is ``model``."""
+
+    def accept(record: InstanceRecord) -> bool:
+        return record.metadata.get("model") == model
+
+    return accept
+
+
 class _RegistryActor(Actor[Joined | Left]):
     """Owns ``key -> (model, endpoint path)``; publishes :class:`ModelTable` snapshots."""
 
@@ -74,15 +87,15 @@ class _RegistryActor(Actor[Joined | Left]):
         self,
         watcher: ActorRef[Any],
         publish: Callable[[ModelTable], None],
-        on_endpoint: Callable[[str], object],
+        add_router: Callable[[str, str], None],
     ) -> None:
         super().__init__()
         self._watcher = watcher
         self._publish_to = publish
-        self._on_endpoint = on_endpoint
+        self._add_router = add_router
         self._served: dict[str, tuple[str, str]] = {}
         self._created: dict[str, int] = {}
-        self._endpoints_seen: set[str] = set()
+        self._routed: set[tuple[str, str]] = set()
         self._version = 0
 
     def started(self) -> None:
@@ -98,12 +111,14 @@ class _RegistryActor(Actor[Joined | Left]):
                     return
                 assert isinstance(record, InstanceRecord)
                 path = f"{record.namespace}.{record.component}.{record.endpoint}"
-                if path not in self._endpoints_seen:
-                    self._endpoints_seen.add(path)
+                if (model, path) not in self._routed:
+                    # Before publishing: a handler that sees the model finds its router.
                     try:
-                        self._on_endpoint(path)  # start its router early: warm by first use
-                    except TroupeError as exc:  # the runtime or registry is closing
-                        _log.info("no router for endpoint", endpoint=path, error=str(exc))
+                        self._add_router(model, path)
+                    except TroupeError as exc:  # the runtime is closing
+                        _log.info("no router for model", model=model, endpoint=path, error=str(exc))
+                    else:
+                        self._routed.add((model, path))
                 self._created.setdefault(model, int(time.time()))
                 self._served[key] = (model, path)
                 self._publish()
@@ -133,7 +148,7 @@ class _RegistryActor(Actor[Joined | Left]):
 
 
 class ModelRegistry:
-    """Tracks the served models and owns one Router per serving endpoint.
+    """Tracks the served models and owns one Router per (model, serving endpoint).
 
     Args:
         rt: a running runtime (its store, actor system and network are used).
@@ -142,14 +157,15 @@ class ModelRegistry:
 
     def __init__(self, rt: Runtime, *, policy: str = "round_robin") -> None:
         self._rt = rt
-        self._policy = policy
+        self.policy = policy
         self.table = ModelTable()
         """The current table (read without a hop; replaced on every change)."""
-        self._routers: dict[str, Router] = {}
-        self._lock = threading.Lock()
+        # (model, endpoint path) -> Router. Written only by the registry actor (and close),
+        # always replaced as a whole, so readers on any thread need no lock.
+        self._routers: Mapping[tuple[str, str], Router] = types.MappingProxyType({})
+        self._lock = threading.Lock()  # guards the listeners only
         self._listeners: set[Callable[[], None]] = set()
         self._actors: tuple[ActorRef[Any], ...] = ()
-        self._closed = False
 
     def start(self) -> None:
         """Open the store (blocking, once) and start watching ``/services/``."""
@@ -157,20 +173,23 @@ class ModelRegistry:
         watcher = self._rt.spawn(
             lambda: WatcherActor(store, SERVICES_PREFIX, _decode), name="frontend-models-watcher"
         )
-        actor = self._rt.spawn(
-            lambda: _RegistryActor(watcher, self._publish, self._ensure_router),
-            name="frontend-models",
-        )
+        try:
+            actor = self._rt.spawn(
+                lambda: _RegistryActor(watcher, self._publish, self._add_router),
+                name="frontend-models",
+            )
+        except TroupeError:
+            watcher.stop()
+            raise
         self._actors = (actor, watcher)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the watch and every router (blocking: call it off the event loop)."""
-        with self._lock:
-            self._closed = True
-            routers = list(self._routers.values())
-            self._routers.clear()
-        for ref in self._actors:
-            ref.stop(timeout=timeout)
+        """Stop the watch, then every router (blocking: call it off the event loop)."""
+        actors, self._actors = self._actors, ()
+        for ref in actors:
+            ref.stop(timeout=timeout)  # after this, no router is created any more
+        routers = list(self._routers.values())
+        self._routers = types.MappingProxyType({})
         for router in routers:
             router.close(timeout=timeout)
 
@@ -181,8 +200,17 @@ class ModelRegistry:
         return self.table.models.get(model)
 
     def router(self, entry: ModelEntry) -> Router:
-        """The router of the endpoint that serves ``entry`` (created if missing)."""
-        return self._ensure_router(entry.endpoints[0])
+        """The router of ``entry``'s model on the endpoint that serves it (never blocks).
+
+        Raises:
+            NoInstances: the registry has no router for it (it is closing, or the runtime
+                refused to create one).
+        """
+        path = entry.endpoints[0]
+        router = self._routers.get((entry.name, path))
+        if router is None:
+            raise NoInstances(path)
+        return router
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every change (on the registry's thread; must not block)."""
@@ -194,7 +222,7 @@ class ModelRegistry:
         with self._lock:
             self._listeners.discard(listener)
 
-    # --- internals ---------------------------------------------------------------------------
+    # --- internals (on the registry actor's thread) --------------------------------------------
 
     def _publish(self, table: ModelTable) -> None:
         self.table = table
@@ -203,16 +231,10 @@ class ModelRegistry:
         for listener in listeners:
             listener()
 
-    def _ensure_router(self, path: str) -> Router:
-        with self._lock:
-            router = self._routers.get(path)
-            if router is not None:
-                return router
-            if self._closed:
-                raise TroupeError("the model registry is closed")
-            try:
-                router = self._rt.router(path, policy=self._policy)
-            except ActorError as exc:
-                raise TroupeError(f"cannot route to {path}: {exc}") from exc
-            self._routers[path] = router
-            return router
+    def _add_router(self, model: str, path: str) -> None:
+        if (model, path) in self._routers:
+            return
+        router = self._rt.router(path, policy=self.policy, instance_filter=_declares(model))
+        routers = dict(self._routers)
+        routers[(model, path)] = router
+        self._routers = types.MappingProxyType(routers)

@@ -22,6 +22,7 @@ import msgspec
 from troupe.errors import InvalidRequest
 
 __all__ = [
+    "MAX_TOKENS_LIMIT",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -47,6 +48,9 @@ RequestKind = Literal["chat", "completion"]
 _ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _MAX_TEMPERATURE: Final = 2.0
 _DEFAULT_COMPLETION_MAX_TOKENS: Final = 16  # OpenAI's default for /v1/completions
+MAX_TOKENS_LIMIT: Final = 2**31 - 1
+"""The largest ``max_tokens`` accepted (every integer sent to the engine must fit msgpack)."""
+_SEED_RANGE: Final = range(-(2**63), 2**63)
 # msgspec: "Expected `str`, got `int` - at `$.messages[0].content`"
 _AT_PATH: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 # msgspec: "Object missing required field `messages`" (possibly followed by " - at `$...`")
@@ -133,8 +137,16 @@ def _decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
 def _check_common(req: _Common, max_tokens: int | None, max_tokens_field: str) -> None:
     if not req.model:
         raise InvalidRequest("model must be a non-empty string", param="model")
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequest(f"{max_tokens_field} must be >= 1", param=max_tokens_field)
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise InvalidRequest(
+            f"{max_tokens_field} must be between 1 and {MAX_TOKENS_LIMIT}", param=max_tokens_field
+        )
+    if req.seed is not None and req.seed not in _SEED_RANGE:
+        raise InvalidRequest("seed must be a 64-bit signed integer", param="seed")
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
     if req.n is not None and req.n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
     if req.temperature is not None and not 0.0 <= req.temperature <= _MAX_TEMPERATURE:
@@ -207,12 +219,16 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def engine_request(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
-    """The msgpack-able request sent to the worker (the engine protocol)."""
+    """The msgpack-able request sent to the worker (the engine protocol).
+
+    A chat request carries ``messages`` (the engine applies its own chat template; see
+    :func:`render_chat` for the plain rendering) and no ``prompt``; a completion request
+    carries ``prompt`` and no ``messages``: the text travels once.
+    """
     if isinstance(req, ChatCompletionRequest):
         return {
             "kind": "chat",
             "model": req.model,
-            "prompt": render_chat(req.messages),
             "messages": [{"role": m.role, "content": _text_of(m.content)} for m in req.messages],
             "max_tokens": chat_max_tokens(req),
             "temperature": req.temperature,

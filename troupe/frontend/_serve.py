@@ -94,7 +94,11 @@ class Frontend:
         if self._task is not None or self._closed:
             raise TroupeError("the frontend was already started")
         await asyncio.to_thread(self.registry.start)  # opens the store once (blocking)
-        sock = self._bind()
+        try:
+            sock = self._bind()
+        except BaseException:
+            await asyncio.to_thread(self.registry.close)  # its actors must not outlive us
+            raise
         self._port = int(sock.getsockname()[1])
         self._sock = sock
         loop = asyncio.get_running_loop()

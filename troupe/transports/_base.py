@@ -99,6 +99,9 @@ def remote_error(kind: str, message: str, *, address: str, endpoint: str) -> Tro
 
 # --- the caller's side of one request -------------------------------------------------------------
 
+# Queued after a Chunk that ends the stream (``end=True``): the consumer then stops as at End.
+_END: Final = End(0)
+
 _OPEN: Final = 0  # waiting for frames
 _ENDED: Final = 1  # the last frame (End, Error or a failure) is queued, not yet consumed
 _DONE: Final = 2  # the caller consumed the end, or closed the stream
@@ -183,8 +186,12 @@ class ResponseStream:
         """Queue a reply frame; frames after the end are ignored."""
         if self._state != _OPEN:
             return
-        self._items.append(frame)
+        items = self._items
+        items.append(frame)
         if type(frame) is not Chunk:
+            self._end()
+        elif frame.end:
+            items.append(_END)
             self._end()
         waiter = self._waiter
         if waiter is not None and not waiter.done():

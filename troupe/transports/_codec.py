@@ -1,7 +1,8 @@
 """The request plane's wire messages and their codec, without any I/O.
 
 Every transport carries the same exchange: a :class:`Request`, then zero or more :class:`Chunk`
-frames, then :class:`End` or :class:`Error`; the caller may send :class:`Cancel` at any time. The
+frames, then :class:`End` or :class:`Error` (or a last ``Chunk`` with ``end=True`` instead of
+``Chunk`` + ``End``); the caller may send :class:`Cancel` at any time. The
 frames are frozen, tagged ``msgspec`` structs encoded as msgpack arrays (``array_like``: about a
 third smaller and faster than maps). Trailing fields may be added later with defaults; decoders
 ignore extra trailing elements, so old peers keep working.
@@ -61,11 +62,17 @@ class Request(msgspec.Struct, frozen=True, tag="req", array_like=True):
     attempt: int = 0
 
 
-class Chunk(msgspec.Struct, frozen=True, tag="chunk", array_like=True):
-    """One item of the response stream, in order."""
+class Chunk(msgspec.Struct, frozen=True, tag="chunk", array_like=True, omit_defaults=True):
+    """One item of the response stream, in order.
+
+    Attributes:
+        end: the stream ends with this item, as if an :class:`End` followed (a one-chunk reply
+            travels as one frame). Omitted on the wire when false.
+    """
 
     id: RequestId
     data: bytes
+    end: bool = False
 
 
 class End(msgspec.Struct, frozen=True, tag="end", array_like=True):

@@ -12,13 +12,14 @@ close. Each request runs as its own task, so a slow request never blocks the nex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import time
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from typing import Final, TypeAlias, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Hashable
+from typing import Any, Final, TypeAlias, cast
 
 from troupe.errors import ConfigError, InvalidName
 from troupe.transports._codec import Chunk, End, Error, Reply, Request, RequestId
@@ -51,10 +52,70 @@ def _as_bytes(item: object) -> bytes:
     raise TypeError(f"handler yielded {type(item).__name__}; handlers must yield bytes")
 
 
+async def _send_value(
+    value: object, rid: RequestId, ctx: RequestContext, send: SendReply
+) -> object:
+    """Answer a coroutine handler's result: one final chunk, or a bare End for ``None``."""
+    if value is None:
+        return _NEEDS_END
+    if not await send(Chunk(rid, _as_bytes(value), True)):
+        ctx.stop("disconnected")
+        return _GONE
+    return _ENDED
+
+
 def _expire(ctx: RequestContext, task: asyncio.Task[object]) -> None:
     if not task.done() and not ctx.is_stopped():
         ctx.stop("deadline")
         task.cancel()
+
+
+# Outcomes of RequestRunner._pump, and a marker for "no item held".
+_NEEDS_END: Final = object()
+_ENDED: Final = object()
+_GONE: Final = object()
+_NOTHING: Final = object()
+
+
+class _Resume:
+    """Finishes, inside the current task, an awaitable that was stepped once by hand.
+
+    ``step.send(None)`` ran it until it waited for ``yielded`` (a future, or ``None`` for a
+    bare yield). Awaiting this object hands ``yielded`` to the task and drives ``step`` on exactly
+    as the task would have: resumed when the future is done, or with the exception the task
+    receives (its cancellation). With ``throw``, that exception is delivered first.
+    """
+
+    __slots__ = ("_step", "_throw", "_yielded")
+
+    def __init__(
+        self, step: Generator[Any, Any, object], yielded: object, throw: BaseException | None
+    ) -> None:
+        self._step = step
+        self._yielded = yielded
+        self._throw = throw
+
+    def __await__(self) -> Generator[Any, Any, object]:
+        step, yielded, exc = self._step, self._yielded, self._throw
+        self._step = self._yielded = self._throw = None  # type: ignore[assignment]
+        while True:
+            if exc is None:
+                try:
+                    sent = yield yielded
+                except BaseException as thrown:  # noqa: BLE001 - forwarded to the step below
+                    exc = thrown
+                else:
+                    try:
+                        yielded = step.send(sent)
+                    except StopIteration as done:
+                        return done.value
+                    continue
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as done:
+                return done.value
+            finally:
+                exc = None
 
 
 class _Active:
@@ -219,37 +280,84 @@ class RequestRunner:
         finally:
             if timer is not None:
                 timer.cancel()
-        if finished:
+        if finished is _NEEDS_END:
             await send(End(rid))
 
     @staticmethod
     async def _pump(
         handler: Handler, request: Request, ctx: RequestContext, send: SendReply
-    ) -> bool:
-        """Run the handler, sending what it yields; False when the caller went away."""
+    ) -> object:
+        """Run the handler, sending what it yields.
+
+        Returns:
+            ``_NEEDS_END`` when the stream still needs its ``End``; ``_ENDED`` when the last
+            chunk carried it; ``_GONE`` when the caller went away.
+        """
         rid = request.id
         result = handler(request.payload, ctx)
         # An async generator (the usual handler) is recognised by its exact type: cheaper than
         # inspect.isawaitable on every request.
         if type(result) is not types.AsyncGeneratorType and inspect.isawaitable(result):
-            value = await result
-            if value is None:
-                return True
-            if not await send(Chunk(rid, _as_bytes(value))):
-                ctx.stop("disconnected")
-                return False
-            return True
+            return await _send_value(await result, rid, ctx, send)
         stream = cast(AsyncIterator[object], result)
         try:
+            # The first item is held back while the handler's next step runs, as far as it
+            # gets without waiting: a handler that ends there (the usual unary reply) is
+            # answered with one frame, Chunk(end=True), instead of Chunk + End. One that waits
+            # gets its first chunk sent before it resumes, so streaming is not delayed.
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                return _NEEDS_END
+            step = anext(stream).__await__()
+            try:
+                yielded = step.send(None)
+            except StopIteration as got:
+                second: object = got.value
+            except StopAsyncIteration:
+                if not await send(Chunk(rid, _as_bytes(first), True)):
+                    ctx.stop("disconnected")
+                    return _GONE
+                return _ENDED
+            except BaseException:
+                # The handler failed right after its first item: that item still goes first.
+                if not await send(Chunk(rid, _as_bytes(first))):
+                    ctx.stop("disconnected")
+                    return _GONE
+                raise
+            else:
+                # The handler waits for something: send the first chunk, then let it go on.
+                try:
+                    ok = await send(Chunk(rid, _as_bytes(first)))
+                except BaseException as exc:
+                    # Stopped (cancelled) while sending: the handler sees it where it waits.
+                    await _Resume(step, yielded, exc)
+                    raise
+                if not ok:
+                    ctx.stop("disconnected")
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await _Resume(step, yielded, asyncio.CancelledError())
+                    return _GONE
+                try:
+                    second = await _Resume(step, yielded, None)
+                except StopAsyncIteration:
+                    return _NEEDS_END
+                first = _NOTHING
+            if first is not _NOTHING and not await send(Chunk(rid, _as_bytes(first))):
+                ctx.stop("disconnected")
+                return _GONE
+            if not await send(Chunk(rid, _as_bytes(second))):
+                ctx.stop("disconnected")
+                return _GONE
             async for item in stream:
                 if not await send(Chunk(rid, _as_bytes(item))):
                     ctx.stop("disconnected")
-                    return False
+                    return _GONE
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        return True
+        return _NEEDS_END
 
     # --- shutdown --------------------------------------------------------------------------------
 

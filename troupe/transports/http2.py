@@ -157,7 +157,8 @@ _Send: TypeAlias = Callable[[dict[str, Any]], Awaitable[None]]
 class _Exchange:
     """The response side of one request being served: writes reply frames into its HTTP body.
 
-    The request's runner task writes chunks; the final frame (``End``/``Error``) ends the body.
+    The request's runner task writes chunks; the final frame (``End``/``Error``, or a ``Chunk``
+    with ``end``) ends the body.
     A cancel or disconnect closes the exchange without a final frame; the ASGI call that owns it
     then ends the body itself. Either way :attr:`done` resolves exactly once.
     """
@@ -185,7 +186,7 @@ class _Exchange:
             too_large = MessageTooLarge(size, self._limit)
             data = encode_framed(Error(frame.id, "MessageTooLarge", str(too_large)))
             ok = False
-        elif type(frame) is Chunk:
+        elif type(frame) is Chunk and not frame.end:
             await self._send({"type": "http.response.body", "body": data, "more_body": True})
             return not self.closed
         self.closed = True

@@ -80,6 +80,8 @@ _CANCELLED_MEMORY: Final = 1024
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 # Callers remembered as disconnected, so replies still produced for them are dropped at once.
 _GONE_MEMORY: Final = 4096
+# How long a closing client's last Cancel frames may take to leave (seconds).
+_CLOSE_LINGER: Final = 0.5
 # Frames sent in one multipart message at most.
 _MAX_PARTS: Final = 256
 # A destination's queue is handed to ZeroMQ at once when it holds this many frames, instead of
@@ -214,15 +216,20 @@ class _Pump:
 
     # --- writing ---
 
-    def put(self, dest: bytes, frame: bytes) -> None:
-        """Queue one encoded frame for ``dest``; it leaves with the next flush."""
+    def put(self, dest: bytes, frame: bytes, *, now: bool = False) -> None:
+        """Queue one encoded frame for ``dest``; it leaves with the next flush.
+
+        ``now`` hands the queue to ZeroMQ at once: the caller knows nothing else will be
+        produced in this loop iteration (one request in flight), so waiting for the end of the
+        iteration would only cost another one.
+        """
         queue = self._queues.get(dest)
         if queue is None:
             queue = self._queues[dest] = []
         queue.append(frame)
         if self._retry is not None:
             return  # the peer's queue is full; the retry timer flushes
-        if len(queue) >= _EAGER_FRAMES:
+        if now or len(queue) >= _EAGER_FRAMES:
             # Hand a full batch over now, so the peer starts on it while this side produces
             # the rest (one message per loop iteration would make both sides take turns).
             self._write()
@@ -315,7 +322,15 @@ class _Pump:
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
         else:
             self._backoff = _BACKOFF_MIN
-        self.schedule_check()
+        # A send may have consumed the FD's edge: look at EVENTS now (cheaper than a loop
+        # iteration spent on a scheduled check that, at one request in flight, finds nothing).
+        if not self.check_scheduled:
+            try:
+                readable = self._get(_EVENTS) & _POLLIN
+            except zmq.ZMQError:
+                readable = True  # let drain() sort it out
+            if readable:
+                self.schedule_check()
         if unroutable and self._on_unroutable is not None:
             for dest in unroutable:
                 self._on_unroutable(dest)
@@ -465,6 +480,7 @@ class TcpServer(Server):
 
     def _sender(self, identity: bytes, request_id: int | str) -> SendReply:
         limit = self._config.max_message_size
+        runner = self._runner
 
         async def send(frame: Reply) -> bool:
             pump = self._pump
@@ -476,7 +492,10 @@ class TcpServer(Server):
                 exc = MessageTooLarge(len(data), limit, variable="DYN_TCP_MAX_MESSAGE_SIZE")
                 data = encode(Error(request_id, "MessageTooLarge", str(exc)))
                 ok = False
-            pump.put(identity, data)
+            # The last frame of the only request running leaves at once; otherwise frames of
+            # concurrent requests are batched until the end of the loop iteration.
+            final = type(frame) is not Chunk or frame.end
+            pump.put(identity, data, now=final and runner.inflight <= 1)
             if pump.backlog(identity) >= pump.limit:
                 # The caller reads slower than the handler produces: wait for it.
                 ok = await pump.room(identity, None) and ok
@@ -567,8 +586,23 @@ class _Connection:
                 )
             )
 
-    def close(self, exc: TransportError) -> None:
-        """Fail everything on this connection with ``exc`` and drop it from the pool."""
+    def cancel_open(self) -> None:
+        """Send ``Cancel`` for every request still open and hand it to ZeroMQ now: a client
+        that closes tells the worker at once instead of leaving it to notice at its next
+        reply (a handler that is silent for a while would keep a closing worker waiting)."""
+        if self.state != "ready":
+            return
+        for rid, stream in list(self.streams.items()):
+            if not stream.finished and rid not in self._cancelled:
+                self.pump.put(b"", encode(Cancel(rid)))
+        if self.pump.backlog(b""):
+            self.pump.flush_now()
+
+    def close(self, exc: TransportError, linger: float = 0.0) -> None:
+        """Fail everything on this connection with ``exc`` and drop it from the pool.
+
+        ``linger`` lets frames already handed to ZeroMQ leave for up to that many seconds.
+        """
         if self.state == "closed":
             return
         self.state = "closed"
@@ -584,7 +618,7 @@ class _Connection:
         with contextlib.suppress(zmq.ZMQError):
             self.pump.sock.disable_monitor()
         self.monitor.close()
-        self.pump.close()
+        self.pump.close(linger)
 
     # --- traffic ---
 
@@ -602,7 +636,8 @@ class _Connection:
                 raise ConnectionLost(f"connection to {self.address} closed", address=self.address)
         if self.state != "ready":
             raise ConnectionLost(f"connection to {self.address} closed", address=self.address)
-        pump.put(b"", data)
+        # Alone on the connection: send now rather than at the end of the loop iteration.
+        pump.put(b"", data, now=len(self.streams) <= 1)
 
     def send_cancel(self, rid: int) -> None:
         """Tell the worker to stop ``rid``; never blocks."""
@@ -765,13 +800,17 @@ class TcpClient(Client):
         return stream
 
     async def close(self) -> None:
-        """Fail open streams with ``TransportClosed`` and close every socket."""
+        """Fail open streams with ``TransportClosed``, tell their workers to stop (``Cancel``),
+        and close every socket."""
         if self._closed:
             return
         self._closed = True
         for pool in list(self._pools.values()):
             for conn in list(pool):
-                conn.close(TransportClosed("TCP client closed", address=conn.address))
+                conn.cancel_open()
+                conn.close(
+                    TransportClosed("TCP client closed", address=conn.address), _CLOSE_LINGER
+                )
         self._pools.clear()
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
