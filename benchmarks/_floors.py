@@ -6,9 +6,13 @@ Each floor is a server process and a client process, both children of the benchm
   trip, a pipelined DEALER keeping 64 requests outstanding for throughput).
 - ``nats``: nats-py on uvloop; the server answers ``msg.respond`` (streams publish 100 chunks to
   the request's reply inbox); the client uses ``nc.request`` (round trip, 64 tasks for
-  throughput) and a subscribed inbox with a queue per stream.
+  throughput) and, for streams, one wildcard subscription ``<inbox>.*`` made once, each stream
+  replying to its own subject under it (what troupe's nats client does too).
 - ``http``: hypercorn (h2c, uvloop) serving a bare ASGI app; an ``httpx.AsyncClient`` speaking
   HTTP/2 with prior knowledge (the floor the issue names).
+- ``h2`` (client only; its server is the ``http`` one): the plain ``h2`` state machine on an
+  :class:`asyncio.Protocol`, one connection, every request a stream multiplexed on it — the
+  library troupe's own HTTP/2 client is written on, so the strict floor for the http plane.
 
 Run as ``python -m benchmarks._floors server KIND --port P [--nats URL]``: prints ``READY`` once
 listening, serves until killed. ``python -m benchmarks._floors client KIND --port P ...``: reads
@@ -30,7 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from benchmarks._harness import process_cpu_seconds, self_cpu_seconds
 
@@ -294,24 +298,36 @@ def _nats_client(
         await asyncio.gather(*(caller() for _ in range(PIPELINE)))
         return done[0]
 
+    # One wildcard subscription for every stream's replies (as troupe's nats client does); each
+    # stream gets its own subject under it and a queue, found by subject.
+    prefix = nc.new_inbox()
+    queues: dict[str, asyncio.Queue[Any]] = {}
+
+    async def on_chunk(msg: Any) -> None:
+        queue = queues.get(msg.subject)
+        if queue is not None:
+            queue.put_nowait(msg)
+
+    loop.run_until_complete(nc.subscribe(f"{prefix}.*", cb=on_chunk))
+    streams_opened = [0]
+
     async def stream(n: int, cap: float) -> int:
         deadline = time.perf_counter() + cap
         chunks = 0
         for _ in range(n):
-            inbox = nc.new_inbox()
+            streams_opened[0] += 1
+            inbox = f"{prefix}.{streams_opened[0]}"
             queue: asyncio.Queue[Any] = asyncio.Queue()
-
-            async def on_chunk(msg: Any, queue: asyncio.Queue[Any] = queue) -> None:
-                queue.put_nowait(msg)
-
-            sub = await nc.subscribe(inbox, cb=on_chunk)
+            queues[inbox] = queue
             await nc.publish(SUBJECT, STREAM_MARK, reply=inbox)
-            while True:
-                msg = await asyncio.wait_for(queue.get(), 10)
-                chunks += 1
-                if msg.headers and msg.headers.get("end"):
-                    break
-            await sub.unsubscribe()
+            try:
+                while True:
+                    msg = await queue.get()  # bounded by the per-command timeout
+                    chunks += 1
+                    if msg.headers and msg.headers.get("end"):
+                        break
+            finally:
+                del queues[inbox]
             if time.perf_counter() > deadline:
                 break
         return chunks
@@ -412,6 +428,209 @@ def _http_client(
     return handle
 
 
+class _H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection on the bare ``h2`` state machine: POSTs multiplexed as streams.
+
+    Received DATA is acknowledged at once (flow control never stalls a response); a request
+    body waits for send window when there is none. Each request's future gets the response's
+    body length once its stream ends.
+    """
+
+    def __init__(self, authority: bytes) -> None:
+        import h2.config  # noqa: PLC0415
+        import h2.connection  # noqa: PLC0415
+
+        self._authority = authority
+        self._conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self._pending: dict[int, tuple[asyncio.Future[int], list[int]]] = {}
+        self._window: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        import h2.settings  # noqa: PLC0415
+
+        self._transport = cast(asyncio.Transport, transport)
+        self._conn.initiate_connection()
+        self._conn.update_settings(
+            {
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
+            }
+        )
+        self._conn.increment_flow_control_window((1 << 24) - 65535)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        import h2.events  # noqa: PLC0415
+
+        conn = self._conn
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                sid = event.stream_id or 0
+                if event.flow_controlled_length:
+                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                entry = self._pending.get(sid)
+                if entry is not None:
+                    entry[1][0] += len(event.data or b"")
+            elif isinstance(event, h2.events.ResponseReceived):
+                status = dict(event.headers or ()).get(b":status")
+                if status != b"200":
+                    self._fail(event.stream_id or 0, f"status {status!r}")
+            elif isinstance(event, h2.events.StreamEnded):
+                entry = self._pending.pop(event.stream_id or 0, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(entry[1][0])
+            elif isinstance(event, h2.events.StreamReset):
+                self._fail(event.stream_id or 0, f"reset {event.error_code!r}")
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                self._wake()
+            elif isinstance(event, h2.events.WindowUpdated):
+                self._wake()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.connection_lost(RuntimeError(f"GOAWAY {event.error_code!r}"))
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError(f"h2 floor: connection lost: {exc!r}"))
+        self._pending.clear()
+
+    def _fail(self, sid: int, why: str) -> None:
+        entry = self._pending.pop(sid, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(RuntimeError(f"h2 floor: stream {sid}: {why}"))
+
+    def _wake(self) -> None:
+        if self._window is not None and not self._window.done():
+            self._window.set_result(None)
+        self._window = None
+
+    def _flush(self) -> None:
+        data = self._conn.data_to_send()
+        if data and self._transport is not None:
+            self._transport.write(data)
+
+    async def post(self, path: bytes, body: bytes) -> int:
+        """POST ``body`` to ``path`` on a new stream; the response body's length."""
+        conn = self._conn
+        sid = conn.get_next_available_stream_id()
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._pending[sid] = (future, [0])
+        conn.send_headers(
+            sid,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":authority", self._authority),
+                (b":path", path),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        )
+        sent = 0
+        while sent < len(body):
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if room <= 0:
+                self._flush()
+                if self._window is None:
+                    self._window = self._loop.create_future()
+                await self._window
+                continue
+            piece = body[sent : sent + room]
+            sent += len(piece)
+            conn.send_data(sid, piece, end_stream=sent == len(body))
+        if not body:
+            conn.end_stream(sid)
+        self._flush()
+        return await future  # a hang is bounded by the benchmark's per-command timeout
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _h2_client(
+    loop: asyncio.AbstractEventLoop, port: int
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The h2 floor: one plain ``h2`` connection to the hypercorn server, streams multiplexed."""
+
+    async def connect() -> _H2Connection:
+        _, protocol = await loop.create_connection(
+            lambda: _H2Connection(f"127.0.0.1:{port}".encode()), "127.0.0.1", port
+        )
+        await asyncio.wait_for(protocol.ready, 10)
+        return protocol
+
+    conn = loop.run_until_complete(connect())
+    payload = os.urandom(1024)
+
+    async def rtt(n: int, cap: float) -> list[float]:
+        lat: list[float] = []
+        clock = time.perf_counter
+        deadline = clock() + cap
+        for _ in range(n):
+            t0 = clock()
+            got = await conn.post(b"/echo", payload)
+            t1 = clock()
+            if got != len(payload):
+                raise RuntimeError(f"h2 floor echo: got {got} bytes")
+            lat.append((t1 - t0) * 1e6)
+            if t1 > deadline:
+                break
+        return lat
+
+    async def tp(n: int, cap: float) -> int:
+        deadline = time.perf_counter() + cap
+        left = [n]
+        done = [0]
+
+        async def caller() -> None:
+            while left[0] > 0 and time.perf_counter() < deadline:
+                left[0] -= 1
+                await conn.post(b"/echo", payload)
+                done[0] += 1
+
+        await asyncio.gather(*(caller() for _ in range(PIPELINE)))
+        return done[0]
+
+    async def stream(n: int, cap: float) -> int:
+        deadline = time.perf_counter() + cap
+        streams = 0
+        for _ in range(n):
+            received = await conn.post(b"/stream", STREAM_MARK)
+            if received != STREAM_CHUNKS * CHUNK_SIZE:
+                raise RuntimeError(f"h2 floor stream: got {received} bytes")
+            streams += 1
+            if time.perf_counter() > deadline:
+                break
+        return streams * STREAM_CHUNKS  # as for httpx: the server sent 100 chunks per stream
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        op, n, cap = cmd["op"], int(cmd["n"]), float(cmd["cap"])
+        warm = int(cmd.get("warm", 0))
+        run = loop.run_until_complete
+        if op == "rtt":
+            run(rtt(warm, cap))
+            meter = _Meter(cmd["pids"])
+            lat = run(rtt(n, cap))
+            return meter.result(len(lat), lat_us=lat)
+        if op == "tp":
+            run(tp(warm, cap))
+            meter = _Meter(cmd["pids"])
+            return meter.result(run(tp(n, cap)))
+        run(stream(max(1, warm // 100), cap))
+        meter = _Meter(cmd["pids"])
+        return meter.result(run(stream(n, cap)))
+
+    return handle
+
+
 def _client_main(kind: str, port: int, nats_url: str | None) -> None:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
@@ -420,6 +639,8 @@ def _client_main(kind: str, port: int, nats_url: str | None) -> None:
     elif kind == "nats":
         assert nats_url is not None
         handle = _nats_client(loop, nats_url)
+    elif kind == "h2":
+        handle = _h2_client(loop, port)
     else:
         handle = _http_client(loop, port)
     _ready()
@@ -434,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     """``server KIND`` or ``client KIND`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks._floors")
     parser.add_argument("role", choices=("server", "client"))
-    parser.add_argument("kind", choices=("zmq", "nats", "http"))
+    parser.add_argument("kind", choices=("zmq", "nats", "http", "h2"))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--nats", default=None)
     args = parser.parse_args(argv)

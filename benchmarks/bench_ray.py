@@ -2,8 +2,15 @@
 
 Ray is the peer troupe's tcp plane is held against (issue 8: at least 5x Ray's actor call on
 latency and throughput, 10x on streamed chunks). The rows are produced with ``reference=None``;
-:data:`RAY_TARGETS` names the factors and :func:`versus` turns the planes suite's tcp rows and
-these into the "troupe tcp vs Ray" comparison rows.
+:data:`RAY_TARGETS` names the factors and :func:`versus` turns them into the "troupe tcp vs Ray"
+comparison rows.
+
+troupe's side of that comparison is measured here too, interleaved: a ``troupe worker`` on the
+tcp plane (file discovery in the suite's scratch directory) runs next to Ray, and each
+repetition of a Ray figure is followed at once by the same figure on troupe, with the planes
+suite's code (:mod:`benchmarks.bench_planes`: its handler, its loops, its sizes) — the rows
+``troupe tcp: <figure>``. Only when those are missing does :func:`versus` fall back to the
+planes suite's tcp rows, measured minutes apart, and says so.
 
 Ray binds to the machine's interface address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is
 set before it is imported: this suite sets it (and turns usage reporting off), starts a local
@@ -14,10 +21,12 @@ connected to, anything but loopback; a violation stops the suite at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,8 +41,19 @@ from benchmarks._harness import (
     self_cpu_seconds,
 )
 from benchmarks._procs import descendants, foreign_peers, listeners, non_loopback
+from benchmarks.bench_planes import (
+    _Child,
+    _child_env,
+    _Cpu,
+    _PlaneResult,
+    _sizes,
+    _troupe_env,
+    _troupe_rtt,
+    _troupe_stream,
+    _troupe_tp,
+)
 
-__all__ = ["RAY_TARGETS", "SUITE", "TCP_ROWS", "run", "versus"]
+__all__ = ["RAY_TARGETS", "SUITE", "TCP_ROWS", "TROUPE_PREFIX", "run", "versus"]
 
 SUITE = "ray"
 GROUP = "ray"
@@ -52,7 +72,11 @@ TCP_ROWS: dict[str, tuple[str, str]] = {
     "throughput @64": ("tcp", "throughput @64"),
     "stream 100 chunks": ("tcp", "stream 100 chunks"),
 }
-"""Ray row name → the (group, name) of the planes suite's row it is compared with."""
+"""Ray row name → the (group, name) of the planes suite's row it is compared with, when this
+suite has no interleaved ``troupe tcp: <name>`` row of its own."""
+
+TROUPE_PREFIX = "troupe tcp: "
+"""This suite's troupe rows are named ``TROUPE_PREFIX + <Ray row name>``."""
 
 _PAYLOAD = b"x" * 1024
 _CHUNK = b"x" * 64
@@ -99,6 +123,7 @@ class _Bench:
         self.streams = 8 if quick else 60
         self.time_limit = 3.0 if quick else 20.0  # per repetition of each figure
         self.repetitions = ctx.repetitions
+        self.exclude: set[int] = set()  # troupe's worker: not part of Ray's CPU
 
     def run(self) -> list[Row]:
         ray, ctx = self.ray, self.ctx
@@ -118,12 +143,18 @@ class _Bench:
             actor = self._actor()
             ray.get(actor.echo.remote(b""), timeout=60)
             ctx.log(f"ray: up in {time.monotonic() - started:.1f} s")
-            checked = self._check_loopback()
-            rows = [self._round_trip(actor), self._throughput(actor), self._stream(actor)]
-            checked += self._check_loopback()
-            for row in rows:
-                row.note = (row.note + "; " if row.note else "") + checked_note(checked)
-            return rows
+            with _TroupeTcp(ctx) as troupe:
+                self.exclude = troupe.pids
+                checked = self._check_loopback()
+                rows = [
+                    self._round_trip(actor, after=troupe.rtt),
+                    self._throughput(actor, after=troupe.tp),
+                    self._stream(actor, after=troupe.stream),
+                ]
+                checked += self._check_loopback()
+                for row in rows:
+                    row.note = (row.note + "; " if row.note else "") + checked_note(checked)
+                return rows + troupe.rows()
         finally:
             ray.shutdown()
             ctx.log(f"ray: shut down after {time.monotonic() - started:.1f} s")
@@ -163,7 +194,7 @@ class _Bench:
     @contextmanager
     def _cpu(self, result: list[float]) -> Iterator[None]:
         """Append the CPU seconds spent meanwhile by this process and Ray's whole tree."""
-        pids = descendants(os.getpid())
+        pids = [pid for pid in descendants(os.getpid()) if pid not in self.exclude]
         before = {pid: process_cpu_seconds(pid) for pid in pids}
         mine = self_cpu_seconds()
         yield
@@ -176,7 +207,7 @@ class _Bench:
 
     # --- the figures ---------------------------------------------------------------------------
 
-    def _round_trip(self, actor: Any) -> Row:
+    def _round_trip(self, actor: Any, after: Callable[[], None]) -> Row:
         ray, ctx = self.ray, self.ctx
         for _ in range(self.warmup):
             ray.get(actor.echo.remote(_PAYLOAD))
@@ -196,6 +227,7 @@ class _Bench:
             latencies += mine
             p50s.append(median(mine))
             ctx.log(f"ray: round trip rep {rep + 1}: p50 {p50s[-1]:.0f} µs over {len(mine)}")
+            after()
         return Row(
             group=GROUP,
             name="round trip p50",
@@ -207,7 +239,7 @@ class _Bench:
             samples=p50s,
         )
 
-    def _throughput(self, actor: Any) -> Row:
+    def _throughput(self, actor: Any, after: Callable[[], None]) -> Row:
         ctx = self.ctx
         rates: list[float] = []
         cpu: list[float] = []
@@ -218,6 +250,7 @@ class _Bench:
             calls += done
             rates.append(done / seconds)
             ctx.log(f"ray: throughput rep {rep + 1}: {rates[-1]:,.0f} calls/s")
+            after()
         return Row(
             group=GROUP,
             name="throughput @64",
@@ -244,7 +277,7 @@ class _Bench:
         await asyncio.gather(*(caller() for _ in range(_IN_FLIGHT)))
         return done, time.perf_counter() - t0
 
-    def _stream(self, actor: Any) -> Row:
+    def _stream(self, actor: Any, after: Callable[[], None]) -> Row:
         ray, ctx = self.ray, self.ctx
         for ref in actor.stream.remote(_CHUNKS, _CHUNK):  # warm-up
             ray.get(ref)
@@ -265,6 +298,7 @@ class _Bench:
             rates.append(chunks / (time.perf_counter() - t0))
             chunks_total += chunks
             ctx.log(f"ray: stream rep {rep + 1}: {rates[-1]:,.0f} chunks/s")
+            after()
         return Row(
             group=GROUP,
             name="stream 100 chunks",
@@ -276,6 +310,144 @@ class _Bench:
         )
 
 
+class _TroupeTcp:
+    """troupe's tcp plane beside Ray: one worker, this process's router, the planes suite's loops.
+
+    Each method runs one repetition of one figure (warm-up, then timed), so that the Ray suite
+    can follow each of its repetitions with troupe's. CPU per operation adds the worker and this
+    process (where Ray's driver threads idle meanwhile).
+    """
+
+    ENDPOINT = "bench.ray.tcp"
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+        self.sizes = _sizes("tcp", ctx.quick)
+        self.result = _PlaneResult()
+        self._stack = contextlib.ExitStack()
+        self.pids: set[int] = set()
+        self._rt: Any = None
+        self._router: Any = None
+        self._timeout = self.sizes.cap * 3 + 30
+
+    def __enter__(self) -> _TroupeTcp:
+        from troupe.runtime import Runtime  # noqa: PLC0415
+
+        ctx = self.ctx
+        environ = _troupe_env(ctx, "tcp", None)
+        try:
+            worker = _Child(
+                [
+                    sys.executable,
+                    "-m",
+                    "troupe",
+                    "worker",
+                    self.ENDPOINT,
+                    "benchmarks.bench_planes:handler",
+                ],
+                env=_child_env(environ),
+                log=ctx.scratch / "troupe-tcp-worker.log",
+            )
+            self._stack.callback(worker.stop)
+            self.pids = {worker.pid}
+            self._rt = self._stack.enter_context(Runtime.from_env(environ, handle_signals=False))
+            self._router = self._rt.router(self.ENDPOINT)
+            self._stack.callback(self._router.close)
+            try:
+                self._router.wait_for_instances_sync(timeout=60)
+            except BaseException:
+                ctx.log(f"ray: troupe tcp worker did not register: {worker.tail()}")
+                raise
+        except BaseException:
+            self._stack.close()
+            raise
+        ctx.log("ray: troupe tcp worker up, measured after each Ray repetition")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _worker_pids(self) -> list[int]:
+        return sorted(self.pids)
+
+    def rtt(self) -> None:
+        """One round-trip repetition (1 in flight)."""
+        sizes, router = self.sizes, self._router
+
+        async def measure() -> tuple[list[float], float]:
+            await _troupe_rtt(router, sizes.warm_rtt, sizes.cap)
+            cpu = _Cpu(self._worker_pids())
+            lat = await _troupe_rtt(router, sizes.rtt, sizes.cap)
+            return lat, cpu.done()[1]
+
+        lat, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
+        self.result.troupe["rtt"].add_latencies(lat, cpu_s, len(lat))
+        self.ctx.log(f"ray: troupe tcp round trip: p50 {median(lat):.0f} µs over {len(lat)}")
+
+    def tp(self) -> None:
+        """One throughput repetition (64 in flight)."""
+        sizes, router = self.sizes, self._router
+
+        async def measure() -> tuple[int, float, float]:
+            await _troupe_tp(router, sizes.warm_tp, sizes.cap)
+            cpu = _Cpu(self._worker_pids())
+            ops = await _troupe_tp(router, sizes.tp, sizes.cap)
+            return (ops, *cpu.done())
+
+        ops, seconds, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
+        self.result.troupe["tp"].add_rate(ops, seconds, cpu_s)
+        self.ctx.log(f"ray: troupe tcp throughput: {self.result.troupe['tp'].rate[-1]:,.0f} req/s")
+
+    def stream(self) -> None:
+        """One streaming repetition (streams of 100 chunks, one at a time)."""
+        sizes, router = self.sizes, self._router
+
+        async def measure() -> tuple[int, float, float]:
+            await _troupe_stream(router, max(1, sizes.warm_rtt // 100), sizes.cap)
+            cpu = _Cpu(self._worker_pids())
+            chunks = await _troupe_stream(router, sizes.streams, sizes.cap)
+            return (chunks, *cpu.done())
+
+        chunks, seconds, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
+        self.result.troupe["stream"].add_rate(chunks, seconds, cpu_s)
+        rate = self.result.troupe["stream"].rate[-1]
+        self.ctx.log(f"ray: troupe tcp stream: {rate:,.0f} chunks/s")
+
+    def rows(self) -> list[Row]:
+        """``troupe tcp: <figure>`` rows (no reference: :func:`versus` pairs them with Ray's)."""
+        t = self.result.troupe
+        note = "each repetition right after Ray's, in this suite; the planes suite's code"
+        return [
+            Row(
+                group=GROUP,
+                name=TROUPE_PREFIX + "round trip p50",
+                value=median(t["rtt"].p50),
+                unit="µs",
+                p99=median(t["rtt"].p99),
+                cpu_us=median(t["rtt"].cpu_us),
+                higher_is_better=False,
+                note=note,
+                samples=t["rtt"].p50,
+            ),
+            Row(
+                group=GROUP,
+                name=TROUPE_PREFIX + "throughput @64",
+                value=median(t["tp"].rate),
+                unit="req/s",
+                cpu_us=median(t["tp"].cpu_us),
+                samples=t["tp"].rate,
+            ),
+            Row(
+                group=GROUP,
+                name=TROUPE_PREFIX + "stream 100 chunks",
+                value=median(t["stream"].rate),
+                unit="chunks/s",
+                cpu_us=median(t["stream"].cpu_us),
+                samples=t["stream"].rate,
+            ),
+        ]
+
+
 def checked_note(checks: int) -> str:
     """Say whether the loopback check ran."""
     if checks:
@@ -284,9 +456,11 @@ def checked_note(checks: int) -> str:
 
 
 def versus(rows: list[Row]) -> list[Row]:
-    """The "troupe tcp vs Ray" rows, from the planes suite's tcp rows and this suite's rows.
+    """The "troupe tcp vs Ray" rows, from this suite's rows (the planes suite's as a fallback).
 
-    Each compares troupe's figure with Ray's (``reference_value``) so that ``ratio`` reads "times
+    troupe's figure is this suite's interleaved ``troupe tcp: <name>`` row when there is one,
+    else the planes suite's tcp row (measured apart from Ray's: the note says so). Each
+    compares troupe's figure with Ray's (``reference_value``) so that ``ratio`` reads "times
     better than Ray" against :data:`RAY_TARGETS`: for latency the row's value is Ray's µs and
     its reference troupe's; for rates the value is troupe's and the reference Ray's. Rows with
     no counterpart are left out.
@@ -295,7 +469,14 @@ def versus(rows: list[Row]) -> list[Row]:
     made: list[Row] = []
     for name, target in RAY_TARGETS.items():
         ray_row = by_key.get((GROUP, name))
-        tcp_row = by_key.get(TCP_ROWS[name])
+        tcp_row = by_key.get((GROUP, TROUPE_PREFIX + name))
+        pairing = "interleaved: each troupe repetition right after Ray's, in the ray suite"
+        if tcp_row is None or math.isnan(tcp_row.value):
+            tcp_row = by_key.get(TCP_ROWS[name])
+            pairing = (
+                "NOT interleaved: troupe's figure from the planes suite, Ray's from the ray "
+                "suite, measured apart"
+            )
         if ray_row is None or tcp_row is None:
             continue
         if math.isnan(ray_row.value) or math.isnan(tcp_row.value):
@@ -303,10 +484,10 @@ def versus(rows: list[Row]) -> list[Row]:
         pick: Callable[[Row], float] = lambda row: row.value  # noqa: E731
         if name in _LATENCY:
             value, reference, ref_name = pick(ray_row), pick(tcp_row), "troupe tcp"
-            note = "Ray's latency ÷ troupe tcp's: how many times faster troupe is"
+            note = f"Ray's latency ÷ troupe tcp's: how many times faster troupe is; {pairing}"
         else:
             value, reference, ref_name = pick(tcp_row), pick(ray_row), "Ray actor"
-            note = "troupe tcp's rate ÷ Ray's: how many times more troupe does"
+            note = f"troupe tcp's rate ÷ Ray's: how many times more troupe does; {pairing}"
         made.append(
             Row(
                 group="troupe tcp vs Ray",
