@@ -1049,15 +1049,16 @@ class FakeKubernetes:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         disconnected = asyncio.ensure_future(_until_disconnect(receive))
+        pending: list[asyncio.Future[Any]] = []
         try:
             while True:
                 left = None if deadline is None else max(0.0, deadline - loop.time())
                 getting = asyncio.ensure_future(watcher.queue.get())
+                pending[:] = [getting]
                 done, _ = await asyncio.wait(
                     {getting, disconnected}, timeout=left, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getting not in done:
-                    getting.cancel()
                     if disconnected in done:
                         return  # the client went away: nothing more to send
                     break  # timeoutSeconds ran out
@@ -1069,8 +1070,10 @@ class FakeKubernetes:
                     continue
                 await _send_line(send, item)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
+        finally:  # also when the server cancels this stream: no pending get outlives the loop
             disconnected.cancel()
+            for future in pending:
+                future.cancel()
 
 
 def _missing(kind: _Kind, name: str) -> _HttpError:
