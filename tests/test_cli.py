@@ -93,3 +93,10 @@ def test_frontend_rejects_a_bad_port_in_one_line(
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert mentions in result.stderr.strip().splitlines()[0]
+
+
+def test_config_names_unknown_dyn_variables() -> None:
+    result = run("config", env={"DYN_REQEST_PLANE": "nats"})
+    assert result.returncode == 0, result.stderr
+    assert "DYN_REQEST_PLANE" in result.stderr
+    assert "DYN_REQEST_PLANE" not in result.stdout

@@ -554,3 +554,10 @@ def test_docs_defaults_match_the_code() -> None:
         if rows[s.variable] != _doc_default(s)
     }
     assert mismatched == {}
+
+
+def test_unknown_dyn_variables_are_collected_not_applied() -> None:
+    config = Config.from_env({"DYN_REQEST_PLANE": "nats", "DYN_LOG": "debug", "HOME": "/root"})
+    assert config.unknown == frozenset({"DYN_REQEST_PLANE"})
+    assert config.request_plane.plane == "tcp"
+    assert config == Config.from_env({"DYN_LOG": "debug"})  # not part of equality

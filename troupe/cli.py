@@ -25,6 +25,11 @@ EXIT_CONFIG = 2
 def _cmd_config(args: argparse.Namespace, config: Config) -> int:
     """Print the effective configuration as a table (secrets masked)."""
     print(format_table(config.describe()))
+    if config.unknown:
+        print(
+            "\nnot troupe settings, ignored (typos?): " + ", ".join(sorted(config.unknown)),
+            file=sys.stderr,
+        )
     return 0
 
 

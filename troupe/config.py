@@ -874,6 +874,9 @@ SETTINGS: tuple[Setting, ...] = (
 """Every environment variable troupe reads, in display order."""
 
 
+_VARIABLES = frozenset(s.variable for s in SETTINGS)
+
+
 def _settings_of(section: str) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.section == section)
 
@@ -1153,6 +1156,9 @@ class Config:
     Attributes:
         sources: the environment variables that set a value (empty for configs built in code);
             not part of equality or repr.
+        unknown: ``DYN_*`` variables in the environment that troupe does not read (often a
+            typo, or a reference-system setting troupe does not implement); the runtime logs
+            them once at start and ``troupe config`` lists them. Not part of equality or repr.
     """
 
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -1163,9 +1169,11 @@ class Config:
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     sources: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    unknown: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", frozenset(self.sources))
+        object.__setattr__(self, "unknown", frozenset(self.unknown))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -1203,6 +1211,9 @@ class Config:
             frontend=_as(built["frontend"], FrontendConfig),
             worker=_as(built["worker"], WorkerConfig),
             sources=frozenset(sources),
+            unknown=frozenset(
+                name for name in env if name.startswith("DYN_") and name not in _VARIABLES
+            ),
         )
 
     def describe(self) -> list[SettingRow]:

@@ -132,6 +132,11 @@ class Runtime:
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for sig in _SHUTDOWN_SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        if self.config.unknown:
+            _log.warning(
+                "ignoring unknown DYN_* variables (typos?)",
+                variables=sorted(self.config.unknown),
+            )
         _log.debug("runtime started", plane=self.config.request_plane.plane)
         return self
 
