@@ -240,3 +240,11 @@ def test_runtimes_have_separate_registries() -> None:
     assert sample(a, "troupe_requests_total") == 1
     assert sample(b, "troupe_requests_total") == 0
     assert REGISTRY.get_sample_value("troupe_requests_total", EP) is None
+
+
+def test_a_second_runtime_metrics_on_one_registry_is_refused() -> None:
+    # the collector describes its families, so the registry sees the clash at registration
+    # instead of serving a page with duplicate series that Prometheus rejects at scrape
+    first = RuntimeMetrics()
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        RuntimeMetrics(registry=first.registry)

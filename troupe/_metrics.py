@@ -310,13 +310,25 @@ class RuntimeMetrics:
         return generate_latest(self.registry)
 
 
+class _Families(NamedTuple):
+    requests: CounterMetricFamily
+    inflight: GaugeMetricFamily
+    duration: HistogramMetricFamily
+    errors: CounterMetricFamily
+    request_bytes: CounterMetricFamily
+    response_bytes: CounterMetricFamily
+    cancellations: CounterMetricFamily
+    uptime: GaugeMetricFamily
+
+
 class _Collector(Collector):
     """Turns the runtime's plain per-endpoint numbers into Prometheus families at scrape time."""
 
     def __init__(self, metrics: RuntimeMetrics) -> None:
         self._metrics = metrics
 
-    def collect(self) -> Iterator[Metric]:
+    def _families(self) -> _Families:
+        """Fresh, empty families (their names and help text)."""
         requests = CounterMetricFamily(
             "troupe_requests", "Requests admitted by a worker.", labels=LABELS
         )
@@ -342,6 +354,35 @@ class _Collector(Collector):
             "Requests cancelled by their caller (or by shutdown).",
             labels=LABELS,
         )
+        uptime = GaugeMetricFamily(
+            "troupe_uptime_seconds", "Seconds since the runtime started.", labels=()
+        )
+        return _Families(
+            requests,
+            inflight,
+            duration,
+            errors,
+            request_bytes,
+            response_bytes,
+            cancellations,
+            uptime,
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples, so the registry refuses a duplicate series name."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        (
+            requests,
+            inflight,
+            duration,
+            errors,
+            request_bytes,
+            response_bytes,
+            cancellations,
+            uptime,
+        ) = families = self._families()
         for ep in self._metrics.endpoints():
             labels = list(ep.labels)
             v = ep._snapshot()
@@ -358,18 +399,5 @@ class _Collector(Collector):
             )
             for kind, count in v.errors:
                 errors.add_metric([*labels, kind], count)
-        uptime = GaugeMetricFamily(
-            "troupe_uptime_seconds",
-            "Seconds since the runtime started.",
-            value=self._metrics.uptime_seconds(),
-        )
-        yield from (
-            requests,
-            inflight,
-            duration,
-            errors,
-            request_bytes,
-            response_bytes,
-            cancellations,
-            uptime,
-        )
+        uptime.add_metric([], self._metrics.uptime_seconds())
+        yield from families
