@@ -10,6 +10,7 @@ contract itself is checked by ``test_store_conformance.py``.
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import time
 import uuid
@@ -35,6 +36,7 @@ from troupe.discovery import (
     encode_record,
     open_store,
 )
+from troupe.discovery._kubernetes import _View
 from troupe.errors import ConfigError, DiscoveryError, DiscoveryUnavailable, KeyExists, LeaseLost
 from troupe.testing import make_tls_files
 from troupe.testing._wait import eventually, eventually_async
@@ -60,12 +62,18 @@ class Pods:
         self.opened: list[KubernetesStore] = []
 
     async def store(
-        self, pod: str | None = None, *, ready: bool | None = None, **options: Any
+        self,
+        pod: str | None = None,
+        *,
+        ready: bool | None = None,
+        uid: str | None = None,
+        **options: Any,
     ) -> KubernetesStore:
-        """A connected store in ``pod`` (``options``: KubernetesStore's keyword arguments)."""
+        """A connected store in ``pod`` (uid ``uid-<pod>`` unless given; ``options``:
+        KubernetesStore's keyword arguments)."""
         if pod is not None and ready is not None:
             self.fake.set_pod_ready(self.namespace, pod, ready)
-        identity = PodInfo(pod, self.namespace, f"uid-{pod}" if pod else None)
+        identity = PodInfo(pod, self.namespace, uid or (f"uid-{pod}" if pod else None))
         config = KubernetesConfig(kubeconfig=str(self.fake.kubeconfig))
         store = KubernetesStore(config, identity, **options)
         await store.connect()
@@ -246,8 +254,10 @@ async def test_a_process_that_stopped_renewing_is_dropped_and_loses_its_lease(po
 
 
 async def test_keep_alive_renews_at_most_once_per_ttl(pods: Pods) -> None:
-    clock = [1_000_000.0]
-    worker = await pods.store("worker-0", ready=True, clock=lambda: clock[0])
+    clock = [1_000_000.0]  # wall and monotonic clocks advance together here
+    worker = await pods.store(
+        "worker-0", ready=True, clock=lambda: clock[0], monotonic=lambda: clock[0] - 999_000
+    )
     lease = await worker.grant_lease(6.0)
     await worker.put(f"{PREFIX}/a", b"a", lease=lease)
 
@@ -268,6 +278,125 @@ async def test_keep_alive_renews_at_most_once_per_ttl(pods: Pods) -> None:
     await worker.keep_alive(lease)
     assert pods.fake.calls("patch") == patches + 1
     assert renew_time() == "1970-01-12T13:46:47.600000Z"
+
+
+async def test_renewals_are_spaced_by_the_monotonic_clock_not_the_wall_clock(
+    pods: Pods,
+) -> None:
+    wall, steady = [1_000_000.0], [50.0]
+    worker = await pods.store(
+        "worker-0", ready=True, clock=lambda: wall[0], monotonic=lambda: steady[0]
+    )
+    lease = await worker.grant_lease(6.0)
+    await worker.put(f"{PREFIX}/a", b"a", lease=lease)
+    patches = pods.fake.calls("patch")
+    wall[0] -= 3600.0  # the wall clock steps back an hour (NTP): renewals go on regardless
+    steady[0] += 6.5
+    await worker.keep_alive(lease)
+    assert pods.fake.calls("patch") == patches + 1
+    obj = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+    assert obj is not None
+    assert obj["spec"]["leases"][str(lease)]["renewTime"] == "1970-01-12T12:46:40.000000Z"
+    wall[0] += 7200.0  # and forward: no extra renewal before a TTL of monotonic time
+    steady[0] += 1.0
+    await worker.keep_alive(lease)
+    assert pods.fake.calls("patch") == patches + 1
+
+
+async def test_a_resource_left_by_an_earlier_pod_of_the_name_is_replaced(pods: Pods) -> None:
+    # A StatefulSet re-creates worker-0: same name, new uid. The old pod crashed, so its
+    # resource (owned by the old uid, with renewals less than three TTLs old) is still there.
+    old = await pods.store("worker-0", ready=True, uid="uid-old")
+    old_lease = await old.grant_lease(10.0)
+    await old.put(f"{PREFIX}/old", b"o", lease=old_lease)
+    await old.put("/config/static", b"s")  # even keys without a lease were the old pod's
+    before = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+    assert before is not None
+    await old.close()
+
+    new = await pods.store("worker-0", uid="uid-new")
+    lease = await new.grant_lease(10.0)
+    assert await new.put(f"{PREFIX}/new", b"n", lease=lease) == 1  # a fresh resource
+    obj = pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0")
+    assert obj is not None
+    assert obj["metadata"]["uid"] != before["metadata"]["uid"]
+    assert [ref["uid"] for ref in obj["metadata"]["ownerReferences"]] == ["uid-new"]
+    assert list(obj["spec"]["instances"]) == [f"{PREFIX}/new"]
+    assert list(obj["spec"]["leases"]) == [str(lease)]
+    # The garbage collector, which deletes what the old uid owned, leaves it alone.
+    assert pods.fake.collect_garbage(pods.namespace, {"worker-0": "uid-new"}) == []
+    await new.keep_alive(lease)
+    assert [kv.key for kv in (await new.list(""))[0]] == [f"{PREFIX}/new"]
+
+
+async def test_the_fake_garbage_collects_by_owner_uid(pods: Pods) -> None:
+    old = await pods.store("worker-0", uid="uid-old")
+    await old.put("/k", b"v")
+    assert pods.fake.collect_garbage(pods.namespace, {"worker-0": "uid-old"}) == []
+    deleted = pods.fake.collect_garbage(pods.namespace, {"worker-0": "uid-new"})
+    assert deleted == [f"{DWM_PLURAL}/worker-0"]
+    assert pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0") is None
+
+
+def conflict_before_patches(
+    fake: FakeKubernetes, namespace: str, pod: str, times: int
+) -> list[int]:
+    """Make the next ``times`` patches of ``pod``'s resource meet 409 Conflict (another writer
+    changes the resource just before each); return the list counting them."""
+    done: list[int] = []
+
+    def bump() -> None:
+        obj = fake.get_resource(namespace, DWM_PLURAL, pod)
+        assert obj is not None
+        obj["metadata"].setdefault("labels", {})["bumped"] = str(len(done))
+        fake.put_resource(namespace, DWM_PLURAL, obj)
+        done.append(1)
+        if len(done) < times:
+            fake.before_next("patch", DWM_PLURAL, bump)
+
+    fake.before_next("patch", DWM_PLURAL, bump)
+    return done
+
+
+async def test_conflicting_writes_back_off_and_succeed(pods: Pods) -> None:
+    worker = await pods.store("worker-0", ready=True)
+    worker._jitter = random.Random(0)  # its 10 delays add up to over 0.6 s
+    await worker.put(f"{PREFIX}/a", b"a")
+    # More conflicts in a row than the old 8 immediate tries could take.
+    bumps = conflict_before_patches(pods.fake, pods.namespace, "worker-0", 10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await worker.put(f"{PREFIX}/b", b"b")
+    assert len(bumps) == 10
+    assert loop.time() - started >= 0.6  # it waited between tries
+    assert [kv.key for kv in (await worker.list(PREFIX))[0]] == [f"{PREFIX}/a", f"{PREFIX}/b"]
+
+
+async def test_a_write_that_keeps_conflicting_is_unavailable_after_its_patience(
+    pods: Pods,
+) -> None:
+    worker = await pods.store("worker-0", ready=True, write_patience=0.2)
+    await worker.put(f"{PREFIX}/a", b"a")
+    bumps = conflict_before_patches(pods.fake, pods.namespace, "worker-0", 1000)
+    with pytest.raises(DiscoveryUnavailable, match="kept changing"):
+        await asyncio.wait_for(worker.put(f"{PREFIX}/b", b"b"), timeout=5)
+    assert 1 <= len(bumps) <= 16
+
+
+async def test_many_processes_of_one_pod_register_together(pods: Pods) -> None:
+    # troupe worker --workers 12: every process writes the one resource at the same time.
+    stores = [await pods.store("worker-0", ready=True) for _ in range(12)]
+    leases = [await store.grant_lease(10.0) for store in stores]
+    await asyncio.gather(
+        *(
+            store.put(f"{PREFIX}/{i:016x}", b"v", lease=lease)
+            for i, (store, lease) in enumerate(zip(stores, leases, strict=True))
+        )
+    )
+    assert len((await stores[0].list(PREFIX))[0]) == 12
+    await asyncio.gather(
+        *(store.keep_alive(lease) for store, lease in zip(stores, leases, strict=True))
+    )
 
 
 async def test_a_worker_without_its_pod_identity_gets_a_config_error(pods: Pods) -> None:
@@ -430,6 +559,57 @@ async def test_pod_removed_garbage_collects_its_resource(pods: Pods, readers: Re
     pods.fake.remove_pod(pods.namespace, "worker-0")
     assert isinstance(await watch.until(is_delete(key)), Delete)
     assert pods.fake.get_resource(pods.namespace, DWM_PLURAL, "worker-0") is None
+
+
+async def test_a_renewal_gives_no_event_and_no_recompute_of_the_visible_set(
+    pods: Pods, readers: Readers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1_000_000.0]
+    worker = await pods.store(
+        "worker-0", ready=True, clock=lambda: clock[0], monotonic=lambda: clock[0]
+    )
+    lease = await worker.grant_lease(6.0)
+    await worker.put(f"{PREFIX}/a", b"a", lease=lease)
+    observer = await pods.store()
+
+    computed: list[str] = []
+    renewal_applied = asyncio.Event()
+    renewal_changed: list[bool] = []
+    visible, apply = _View.visible, _View.apply
+
+    def counting_visible(view: _View, prefix: str) -> dict[str, Any]:
+        computed.append(prefix)
+        return visible(view, prefix)
+
+    def spying_apply(view: _View, plural: str, kind: str, obj: dict[str, Any]) -> bool:
+        changed = apply(view, plural, kind, obj)
+        leases = (obj.get("spec") or {}).get("leases") or {}
+        renewed = (leases.get(str(lease)) or {}).get("renewTime", "")
+        if renewed.startswith("1970-01-12T13:46:47") and not renewal_applied.is_set():
+            renewal_changed.append(changed)
+            renewal_applied.set()
+        return changed
+
+    monkeypatch.setattr(_View, "visible", counting_visible)
+    monkeypatch.setattr(_View, "apply", spying_apply)
+    watch = readers(observer.watch(PREFIX))
+    assert len((await watch.snapshot()).items) == 1
+    before = len(computed)
+
+    clock[0] += 7.0  # more than a TTL: keep_alive writes the renewal (one MODIFIED event)
+    patches = pods.fake.calls("patch")
+    await worker.keep_alive(lease)
+    assert pods.fake.calls("patch") == patches + 1
+    await asyncio.wait_for(renewal_applied.wait(), timeout=5)
+    assert renewal_changed == [False]
+    assert len(computed) == before  # nothing recomputed, nothing sorted
+    assert watch.events[1:] == []
+
+    await worker.put(f"{PREFIX}/b", b"b", lease=lease)  # a real change is computed and sent
+    put = await watch.next()
+    assert isinstance(put, Put)
+    assert put.key == f"{PREFIX}/b"
+    assert len(computed) == before + 1
 
 
 async def test_revoke_removes_the_resource_when_nothing_else_is_left(pods: Pods) -> None:
@@ -748,3 +928,25 @@ def test_watcher_actor_turns_readiness_and_deletion_into_joined_and_left(
         rt.system.shutdown()
         rt.io.run(worker.close(), timeout=5)
         rt.io.run(frontend.close(), timeout=5)
+
+
+def test_lease_actor_retries_a_registration_the_store_could_not_write(
+    rt: Runtime, fake_kubernetes: FakeKubernetes, namespace: str
+) -> None:
+    config = KubernetesConfig(kubeconfig=str(fake_kubernetes.kubeconfig))
+    # No patience: a write that meets one conflict raises DiscoveryUnavailable at once.
+    worker = KubernetesStore(config, PodInfo("worker-0", namespace, "uid-0"), write_patience=0.0)
+    rt.io.run(worker.connect(), timeout=5)
+    try:
+        rt.io.run(worker.put("/static", b"s"), timeout=5)  # the resource exists: writes patch it
+        bumps = conflict_before_patches(fake_kubernetes, namespace, "worker-0", 3)
+        lease = rt.spawn(lambda: LeaseActor(worker, ttl=5.0, backoff=Backoff(min=0.02, max=0.1)))
+        assert lease.ask(Register(f"{PREFIX}/aaaa", b"a"), timeout=5) is None  # retried, written
+        assert len(bumps) == 3
+        obj = fake_kubernetes.get_resource(namespace, DWM_PLURAL, "worker-0")
+        assert obj is not None
+        assert obj["spec"]["instances"][f"{PREFIX}/aaaa"]["lease"] == lease.ask(Status()).lease_id
+        assert lease.ask(Status()).grants == 1  # the lease held throughout
+    finally:
+        rt.system.shutdown()
+        rt.io.run(worker.close(), timeout=5)

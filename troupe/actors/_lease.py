@@ -4,8 +4,10 @@ The actor owns the lease and the set of keys registered under it. Keep-alives ru
 the I/O loop every TTL/3, so a busy mailbox can never starve them. Unlike the reference system
 (which shuts the whole process down when its lease is lost), a lost lease — revoked, or the store
 unreachable for longer than the TTL — makes the actor take a new lease and re-register every key
-(same keys, so the same instance id), retrying with backoff until the store answers again. A clean
-stop revokes the lease, so the keys vanish at once instead of at TTL expiry.
+(same keys, so the same instance id), retrying with backoff until the store answers again. A key
+write that fails with ``DiscoveryUnavailable`` (the store unreachable, or busy with conflicting
+writes) is retried with the same backoff while the lease holds. A clean stop revokes the lease, so
+the keys vanish at once instead of at TTL expiry.
 
 States (``LeaseState``), as a table of what moves the actor between them::
 
@@ -26,7 +28,7 @@ from troupe._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, ExitReason, Reply
 from troupe.actors._supervisor import Backoff
 from troupe.discovery import KeyValueStore
-from troupe.errors import DiscoveryError, LeaseLost, TroupeError
+from troupe.errors import DiscoveryError, DiscoveryUnavailable, LeaseLost, TroupeError
 
 __all__ = ["LeaseActor", "LeaseInfo", "LeaseState", "Register", "Status", "Unregister"]
 
@@ -38,7 +40,9 @@ _log = get_logger("troupe.actors.lease")
 class Register(msgspec.Struct, frozen=True, tag=True):
     """Ask: write ``key`` = ``value`` bound to the lease (now, and again after every re-grant).
 
-    The reply (``None``) comes once the key is written; a store error is raised in the asker.
+    The reply (``None``) comes once the key is written. ``DiscoveryUnavailable`` is retried
+    with backoff (the asker waits, up to its own timeout); another store error is raised in the
+    asker.
     """
 
     key: str
@@ -75,6 +79,11 @@ class _Written(msgspec.Struct, frozen=True, tag=True):
     error: BaseException | None
 
 
+class _Rewrite(msgspec.Struct, frozen=True, tag=True):
+    key: str
+    lease: int
+
+
 class _Lost(msgspec.Struct, frozen=True, tag=True):
     lease: int
     reason: str
@@ -89,7 +98,9 @@ class _Deleted(msgspec.Struct, frozen=True, tag=True):
     error: BaseException | None
 
 
-LeaseMessage = Register | Unregister | Status | _Granted | _Written | _Lost | _Regrant | _Deleted
+LeaseMessage = (
+    Register | Unregister | Status | _Granted | _Written | _Rewrite | _Lost | _Regrant | _Deleted
+)
 
 
 class LeaseActor(Actor[LeaseMessage]):
@@ -98,7 +109,8 @@ class LeaseActor(Actor[LeaseMessage]):
     Args:
         store: a connected store, used only on the runtime's I/O loop.
         ttl: lease TTL in seconds (``DYN_LEASE_TTL``); keep-alive every ``ttl / 3``.
-        backoff: delays between failed grant attempts.
+        backoff: delays between failed grant attempts, and between retries of a key write
+            that failed with ``DiscoveryUnavailable``.
     """
 
     def __init__(
@@ -119,6 +131,7 @@ class LeaseActor(Actor[LeaseMessage]):
         self._keys: dict[str, bytes] = {}
         self._waiting: dict[str, list[Reply]] = {}
         self._failures = 0
+        self._write_failures: dict[str, int] = {}  # key -> unavailable writes in a row
         self._grants = 0
         self._keepalive: concurrent.futures.Future[None] | None = None
 
@@ -155,6 +168,7 @@ class LeaseActor(Actor[LeaseMessage]):
                     self._write(key, self._lease)
             case Unregister(key=key):
                 known = self._keys.pop(key, None) is not None
+                self._write_failures.pop(key, None)
                 for reply in self._waiting.pop(key, []):
                     reply.fail(TroupeError(f"{key} was unregistered before it was written"))
                 if not known:
@@ -172,6 +186,9 @@ class LeaseActor(Actor[LeaseMessage]):
                 self._on_granted(lease, error)
             case _Written(key=key, lease=lease, error=error):
                 self._on_written(key, lease, error)
+            case _Rewrite(key=key, lease=lease):
+                if self._state == "alive" and lease == self._lease and key in self._keys:
+                    self._write(key, lease)
             case _Lost(lease=lease, reason=reason):
                 if lease == self._lease:
                     _log.warning(
@@ -228,6 +245,19 @@ class LeaseActor(Actor[LeaseMessage]):
         if isinstance(error, LeaseLost):
             self.ref.tell(_Lost(lease, "lease lost while writing"))
             return
+        if isinstance(error, DiscoveryUnavailable) and key in self._keys:
+            failures = self._write_failures.get(key, 0) + 1
+            self._write_failures[key] = failures
+            delay = self._backoff.delay(failures, self._rng)
+            _log.warning(
+                "registration write failed; retrying",
+                key=key,
+                error=str(error),
+                retry_in=round(delay, 3),
+            )
+            self.send_after(delay, _Rewrite(key, lease))
+            return
+        self._write_failures.pop(key, None)
         replies = self._waiting.pop(key, []) if key in self._keys else []
         for reply in replies:
             if error is None:

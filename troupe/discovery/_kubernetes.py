@@ -18,24 +18,28 @@ lease of the processes writing it (several runtimes may share one pod)::
           # or  data: "base64..."    any other bytes
 
 Writes are JSON patches (RFC 6902), each conditional on the resourceVersion it read (409
-Conflict: read again and retry); a key's entry is replaced whole, never merged.
+Conflict: read again and retry after a jittered backoff; ``DiscoveryUnavailable`` when the
+conflicts outlast ``write_patience``); a key's entry is replaced whole, never merged. A resource
+owned by an earlier pod of the same name (a StatefulSet's re-created pod) is deleted and created
+afresh by the first write, rather than patched and then garbage-collected.
 
 A key is *visible* (to ``get``, ``list`` and ``watch``) only while its resource exists and the
 pod of that name is ready in an EndpointSlice of the namespace (an endpoint whose ``targetRef``
 is the pod, with ``conditions.ready`` true or absent). Watches list and watch both resources and
 emit the differences of the visible set as ``Put``/``Delete`` events, so the WatcherActor turns
-them into the same ``Joined``/``Left`` messages as with any other store. Each watch request asks
+them into the same ``Joined``/``Left`` messages as with any other store; an event that changes
+no entry (a lease renewal) costs no recomputation of the visible set. Each watch request asks
 the server to end it after ``timeoutSeconds`` and reads with a slightly longer timeout; the watch
 then resumes from its last resourceVersion.
 
 Leases: the pod's life is the real lease; watchers look only at readiness. ``grant_lease`` makes
 a lease local to this store. Its record in ``spec.leases`` is written with its first key and
-renewed by ``keep_alive`` at most once per TTL. ``keep_alive`` raises ``LeaseLost`` when the
-resource was deleted or the lease's keys or record are gone (the LeaseActor then writes
-everything again). A process's first write drops the keys of leases not renewed for three TTLs
-(an earlier incarnation of a restarted container) and keeps those of live processes of the pod.
-``revoke_lease`` removes the lease's keys and record (the whole resource when no key is left),
-so a clean stop is seen at once.
+renewed by ``keep_alive`` at most once per TTL (of the monotonic clock). ``keep_alive`` raises
+``LeaseLost`` when the resource was deleted or the lease's keys or record are gone (the
+LeaseActor then writes everything again). A process's first write drops the keys of leases not
+renewed for three TTLs (an earlier incarnation of a restarted container) and keeps those of live
+processes of the pod. ``revoke_lease`` removes the lease's keys and record (the whole resource
+when no key is left), so a clean stop is seen at once.
 
 Revisions: a key's ``KeyValue.revision`` from ``put``/``get``/``list`` is the resource's write
 counter; a watch numbers its own events (resourceVersions of different objects cannot be
@@ -104,7 +108,9 @@ ES_PLURAL = "endpointslices"
 _INSTALL_HINT = "pip install 'troupe[kubernetes]'"
 _JSON_PATCH = "application/json-patch+json"
 _SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"  # kr8s's default too
-_WRITE_ATTEMPTS = 8  # optimistic-concurrency retries of one write (409 Conflict)
+_WRITE_ATTEMPTS = 16  # most tries of one write that keeps meeting 409 Conflict
+_WRITE_PATIENCE = 3.0  # seconds: how long a write retries conflicts (DiscoveryUnavailable after)
+_CONFLICT_BACKOFF = (0.005, 0.25)  # seconds: first and largest delay ceiling between tries
 _STALE_AFTER = 3.0  # TTLs without renewal after which another process drops a lease's keys
 _RESUME_DELAY = (0.02, 1.0)  # backoff between watch resumes that ended at once, empty
 _WATCH_TIMEOUT = 300.0  # seconds: a watch request's timeoutSeconds, before jitter
@@ -121,7 +127,7 @@ class _Lease:
     ttl: float
     uid: str | None = None  # the resource its keys went to (None: nothing written yet)
     keys: set[str] = field(default_factory=set)  # the keys it wrote that are still its own
-    renewed: float = 0.0  # clock time of the renewTime last written for it
+    renewed: float | None = None  # monotonic time of the last renewTime written for it
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,15 @@ def _resource_version(obj: Mapping[str, Any]) -> str:
 def _uid(obj: Mapping[str, Any]) -> str | None:
     uid = (obj.get("metadata") or {}).get("uid")
     return str(uid) if uid is not None else None
+
+
+def _owned_by(obj: Mapping[str, Any], pod_uid: str | None) -> bool:
+    """Whether ``obj``'s ``ownerReferences`` name the pod whose uid is ``pod_uid``."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences")
+    return isinstance(refs, list) and any(
+        isinstance(ref, dict) and ref.get("kind") == "Pod" and ref.get("uid") == pod_uid
+        for ref in refs
+    )
 
 
 def _spec_section(obj: Mapping[str, Any], section: str) -> dict[str, Any]:
@@ -363,15 +378,19 @@ class _View:
     resources: dict[str, dict[str, _Entry]] = field(default_factory=dict)  # pod -> key -> entry
     slices: dict[str, dict[str, bool]] = field(default_factory=dict)  # slice -> pod -> ready
 
-    def apply(self, plural: str, kind: str, obj: Mapping[str, Any]) -> None:
+    def apply(self, plural: str, kind: str, obj: Mapping[str, Any]) -> bool:
+        """Apply one watch event; False when it changed nothing the visible set depends on
+        (a lease renewal touches only ``spec.leases``; a slice may change other fields), so the
+        caller need not compute the visible set again."""
         name = _name(obj)
         table: dict[str, Any] = self.resources if plural == DWM_PLURAL else self.slices
         if kind == "DELETED":
-            table.pop(name, None)
-        elif plural == DWM_PLURAL:
-            self.resources[name] = resource_entries(obj)
-        else:
-            self.slices[name] = ready_pods(obj)
+            return table.pop(name, None) is not None
+        fresh = resource_entries(obj) if plural == DWM_PLURAL else ready_pods(obj)
+        if table.get(name) == fresh:
+            return False
+        table[name] = fresh
+        return True
 
     def replace(self, plural: str, items: builtins.list[_Object]) -> None:
         if plural == DWM_PLURAL:
@@ -427,6 +446,32 @@ class _OpenWatch:
     tasks: builtins.list[asyncio.Task[None]] = field(default_factory=builtins.list)
 
 
+class _Retries:
+    """The tries of one optimistic write: the first at once, each later one after a jittered
+    exponential delay, so that processes of one pod writing its resource together spread out
+    instead of colliding again. :meth:`next` answers False once ``_WRITE_ATTEMPTS`` tries were
+    made or the next delay would end past ``patience`` seconds from the first."""
+
+    def __init__(self, jitter: random.Random, patience: float) -> None:
+        self._jitter = jitter
+        self._tries = 0
+        self._loop = asyncio.get_running_loop()
+        self._deadline = self._loop.time() + patience
+
+    async def next(self) -> bool:
+        """Wait out the delay before the next try; False when there is none left."""
+        if self._tries >= _WRITE_ATTEMPTS:
+            return False
+        if self._tries:
+            ceiling = min(_CONFLICT_BACKOFF[1], _CONFLICT_BACKOFF[0] * 2.0**self._tries)
+            delay = self._jitter.uniform(0.0, ceiling)  # "full jitter"
+            if self._loop.time() + delay > self._deadline:
+                return False
+            await asyncio.sleep(delay)
+        self._tries += 1
+        return True
+
+
 class KubernetesStore(KeyValueStore):
     """A :class:`KeyValueStore` on ``DynamoWorkerMetadata`` resources and EndpointSlices.
 
@@ -440,7 +485,12 @@ class KubernetesStore(KeyValueStore):
             (``timeoutSeconds``, plus up to 25 % jitter); the watch then resumes from its last
             resourceVersion. The client's read timeout is slightly longer, so a half-open
             connection is noticed too. Tests shorten it.
-        clock: wall-clock seconds since the epoch, for lease renewal times (tests may fake it).
+        clock: wall-clock seconds since the epoch, for the renewal times written in
+            ``spec.leases`` (tests may fake it).
+        monotonic: a monotonic clock in seconds, which spaces this process's renewals (at most
+            one per TTL) so that a wall-clock jump cannot stop them (tests may fake it).
+        write_patience: seconds a write keeps retrying when the resource keeps changing under
+            it (409 Conflict, with jittered backoff) before it raises DiscoveryUnavailable.
     """
 
     name = "kubernetes"
@@ -454,9 +504,13 @@ class KubernetesStore(KeyValueStore):
         rng: random.Random | None = None,
         watch_timeout: float = _WATCH_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        write_patience: float = _WRITE_PATIENCE,
     ) -> None:
         if isinstance(watch_timeout, bool) or not watch_timeout > 0:
             raise ValueError(f"watch_timeout must be > 0 seconds, got {watch_timeout!r}")
+        if isinstance(write_patience, bool) or not write_patience >= 0:
+            raise ValueError(f"write_patience must be >= 0 seconds, got {write_patience!r}")
         self._kr8s = _load_kr8s()
         self._config = config if config is not None else KubernetesConfig()
         self._pod = pod if pod is not None else PodInfo()
@@ -464,6 +518,8 @@ class KubernetesStore(KeyValueStore):
         self._jitter = random.Random()
         self._watch_timeout = float(watch_timeout)
         self._clock = clock
+        self._monotonic = monotonic
+        self._write_patience = float(write_patience)
         self._api: Api | None = None
         self._server: str | None = None
         self._namespace: str | None = self._pod.namespace
@@ -571,7 +627,8 @@ class KubernetesStore(KeyValueStore):
         if state.uid is None:
             return  # nothing written yet: nothing to lose
         async with self._write_lock():
-            for _ in range(_WRITE_ATTEMPTS):
+            retries = self._retries()
+            while await retries.next():
                 own = await self._fetch_own()
                 if own is None or _uid(own) != state.uid:
                     self._lose(lease)
@@ -585,13 +642,13 @@ class KubernetesStore(KeyValueStore):
                     self._lose(lease)
                     gone = ", ".join(missing[:3]) or "its renewal record"
                     raise LeaseLost(lease, f"removed from {DWM_KIND} {self._pod.name}: {gone}")
-                now = self._clock()
-                if now - state.renewed < state.ttl:
+                started = self._monotonic()
+                if state.renewed is not None and started - state.renewed < state.ttl:
                     return  # renewTime is written at most once per TTL
-                record = {str(lease): _lease_record(now, state.ttl)}
+                record = {str(lease): _lease_record(self._clock(), state.ttl)}
                 ops = _spec_patch(own, revision=None, instances={}, leases=record)
                 if await self._patch_own(own, ops) is not None:
-                    state.renewed = now
+                    state.renewed = started
                     return
             raise self._unavailable(f"could not renew lease {lease}: the resource kept changing")
 
@@ -601,7 +658,8 @@ class KubernetesStore(KeyValueStore):
         if state is None or state.uid is None:
             return
         async with self._write_lock():
-            for _ in range(_WRITE_ATTEMPTS):
+            retries = self._retries()
+            while await retries.next():
                 own = await self._fetch_own()
                 if own is None or _uid(own) != state.uid:
                     return
@@ -621,7 +679,7 @@ class KubernetesStore(KeyValueStore):
                 )
                 if await self._patch_own(own, ops) is not None:
                     return
-            raise DiscoveryError(f"could not revoke lease {lease}: the resource kept changing")
+            raise self._unavailable(f"could not revoke lease {lease}: the resource kept changing")
 
     def _lose(self, lease: int) -> None:
         """Forget a lost lease; its renewal record goes with this process's next write."""
@@ -645,7 +703,8 @@ class KubernetesStore(KeyValueStore):
         self._require_open()
         if self._pod.name is not None:
             async with self._write_lock():
-                for _ in range(_WRITE_ATTEMPTS):
+                retries = self._retries()
+                while await retries.next():
                     own = await self._fetch_own()
                     if own is None or key not in _raw_instances(own):
                         break
@@ -657,7 +716,7 @@ class KubernetesStore(KeyValueStore):
                             state.keys.discard(key)
                         return True
                 else:
-                    raise DiscoveryError(f"could not delete {key}: the resource kept changing")
+                    raise self._unavailable(f"could not delete {key}: the resource kept changing")
         for obj in (await self._list_raw(DWM_PLURAL))[0]:  # somebody else's key
             if key in resource_entries(obj) and _name(obj) != self._pod.name:
                 return await self._remove_foreign(_name(obj), key)
@@ -669,7 +728,8 @@ class KubernetesStore(KeyValueStore):
         if lease is not None and lease not in self._leases:
             raise LeaseLost(lease, "unknown or revoked")
         async with self._write_lock():
-            for _ in range(_WRITE_ATTEMPTS):
+            retries = self._retries()
+            while await retries.next():
                 own = await self._fetch_own()
                 now = self._clock()
                 records: dict[str, _Object | None] = {}
@@ -685,12 +745,19 @@ class KubernetesStore(KeyValueStore):
                         self._lose(lease)
                         raise LeaseLost(lease, f"its keys were removed from {DWM_KIND} {pod.name}")
                     records[str(lease)] = _lease_record(now, state.ttl)
+                if own is not None and not _owned_by(own, pod.uid):
+                    # Left by an earlier pod of this name (a StatefulSet re-created it): the
+                    # garbage collector deletes it soon, and its keys point at dead addresses.
+                    # Start afresh with a resource this pod owns.
+                    if not await self._delete_own(own):
+                        continue  # changed meanwhile: read it again
+                    own = None
                 if own is None:
                     entry = encode_entry(value, 1, lease)
                     created = await self._create_own(pod, {key: entry}, records)
                     if created is None:
                         continue  # created meanwhile by another process: patch it instead
-                    self._wrote(key, lease, created, now)
+                    self._wrote(key, lease, created)
                     return 1
                 entries = resource_entries(own)
                 if create and key in entries:
@@ -716,11 +783,14 @@ class KubernetesStore(KeyValueStore):
                 patched = await self._patch_own(own, ops)
                 if patched is None:
                     continue
-                self._wrote(key, lease, patched, now)
+                self._wrote(key, lease, patched)
                 return revision
-            raise DiscoveryError(f"could not write {key}: the resource kept changing")
+            raise self._unavailable(f"could not write {key}: the resource kept changing")
 
-    def _wrote(self, key: str, lease: int | None, obj: _Object, now: float) -> None:
+    def _retries(self) -> _Retries:
+        return _Retries(self._jitter, self._write_patience)
+
+    def _wrote(self, key: str, lease: int | None, obj: _Object) -> None:
         """Book a successful write of ``key`` (under ``lease``) that produced ``obj``."""
         self._took_over = True
         self._lost.clear()  # their records were removed by this write (or the resource is new)
@@ -730,7 +800,7 @@ class KubernetesStore(KeyValueStore):
         if state is not None:
             state.uid = _uid(obj)
             state.keys.add(key)
-            state.renewed = now
+            state.renewed = self._monotonic()
 
     def _require_identity(self) -> PodInfo:
         """This pod's identity, in the namespace this store uses (``POD_NAMESPACE``, or the one
@@ -809,6 +879,7 @@ class KubernetesStore(KeyValueStore):
                         name=f"KubernetesStore-watch-{plural}",
                     )
                 )
+            changed = False  # since the visible set was last computed
             while True:
                 item = await watch.queue.get()
                 if isinstance(item, _Closed):
@@ -816,11 +887,13 @@ class KubernetesStore(KeyValueStore):
                 if isinstance(item, DiscoveryError):
                     raise item
                 if isinstance(item, _Raw):
-                    view.apply(item.plural, item.kind, item.obj)
+                    changed = view.apply(item.plural, item.kind, item.obj) or changed
                 else:
                     view.replace(item.plural, item.items)
-                if not watch.queue.empty():
+                    changed = True
+                if not changed or not watch.queue.empty():
                     continue  # apply what is queued first: one difference, not every step
+                changed = False
                 fresh = view.visible(prefix)
                 for key in [k for k in shown if k not in fresh]:
                     _, _, pod = shown.pop(key)
@@ -1067,7 +1140,8 @@ class KubernetesStore(KeyValueStore):
 
     async def _remove_foreign(self, name: str, key: str) -> bool:
         api = self._require_open()
-        for _ in range(_WRITE_ATTEMPTS):
+        retries = self._retries()
+        while await retries.next():
             try:
                 async with self._call(api, "GET", DWM_PLURAL, name) as response:
                     obj: _Object = response.json()
@@ -1080,7 +1154,7 @@ class KubernetesStore(KeyValueStore):
             )
             if await self._json_patch(name, ops) is not None:
                 return True
-        raise DiscoveryError(f"could not delete {key}: the resource kept changing")
+        raise self._unavailable(f"could not delete {key}: the resource kept changing")
 
 
 class _NotFound(Exception):

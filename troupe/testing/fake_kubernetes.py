@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -684,6 +684,23 @@ class FakeKubernetes:
                 owners = obj.get("metadata", {}).get("ownerReferences") or []
                 if any(o.get("kind") == "Pod" and o.get("name") == pod for o in owners):
                     self._delete(_KINDS[(obj_gv(obj), plural)], namespace, name)
+
+    def collect_garbage(self, namespace: str, pods: Mapping[str, str]) -> list[str]:
+        """The garbage collector's pass: delete the objects of ``namespace`` owned by a pod that
+        is not in ``pods`` (``{pod name: uid}``: the live pods). An owner reference names its
+        pod by uid too, so an object owned by an earlier pod of a re-created pod's name goes.
+        Return the deleted objects' ``plural/name``."""
+        deleted = []
+        with self._lock:
+            for (plural, ns, name), obj in list(self._objects.items()):
+                owners = obj.get("metadata", {}).get("ownerReferences") or []
+                pod_owners = [o for o in owners if o.get("kind") == "Pod"]
+                if ns != namespace or not pod_owners:
+                    continue
+                if all(pods.get(o.get("name")) != o.get("uid") for o in pod_owners):
+                    self._delete(_KINDS[(obj_gv(obj), plural)], namespace, name)
+                    deleted.append(f"{plural}/{name}")
+        return deleted
 
     def drop_watches(self) -> int:
         """End every open watch stream (the client sees the response end); return how many."""
