@@ -30,7 +30,7 @@ from troupe.discovery import (
 from ._helpers import WatchReader, wait_until
 
 Readers = Callable[[Watch], WatchReader]
-TTL = 1.0
+TTL = 1.5  # short to keep the test quick, long enough for keep-alives on a loaded 2-core box
 
 # The worker: registers one instance record under a lease, keeps the lease alive, never exits.
 WORKER = """
