@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -304,3 +304,131 @@ async def test_handler_failing_after_its_first_item_sends_it_then_the_error() ->
     runner.dispatch("k", Request(1, "ep", b""), sink)
     await asyncio.wait_for(sink.done.wait(), 5)
     assert sink.frames == [Chunk(1, b"partial"), Error(1, "ValueError", "boom")]
+
+
+class HeldSend(Sink):
+    """A sink whose send of the chunk ``held`` waits for room that never comes (back-pressure)."""
+
+    def __init__(self, held: bytes) -> None:
+        super().__init__()
+        self.held = held
+        self.waiting = asyncio.Event()
+
+    async def __call__(self, frame: Reply) -> bool:
+        await super().__call__(frame)
+        if isinstance(frame, Chunk) and frame.data == self.held:
+            self.waiting.set()
+            await asyncio.Event().wait()
+        return self.accept
+
+
+async def test_a_handler_timeout_firing_while_its_first_chunk_waits_for_room_ends_the_stream() -> (
+    None
+):
+    # The handler's own timeout cancels the task while the runner waits in send: the handler
+    # must see it (as TimeoutError) and carry on, and the stream must still end.
+    seen: list[str] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"a"
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(30)
+        except TimeoutError:
+            seen.append("timeout")
+            yield b"fallback"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"a")
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert sink.frames == [Chunk(1, b"a"), Chunk(1, b"fallback"), End(1)]
+    assert seen == ["timeout"]
+    await wait_idle(runner)
+
+
+async def test_a_deadline_while_the_first_chunk_waits_for_room_reaches_the_handler() -> None:
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"a")
+    runner.dispatch("k", Request(1, "ep", b"", deadline=time.time() + 0.05), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert len(sink.frames) == 2
+    last = sink.frames[1]
+    assert isinstance(last, Error)
+    assert last.kind == "DeadlineExceeded"
+    await wait_idle(runner)
+
+
+def _awaits_inner_work(
+    started: list[asyncio.Task[None]],
+) -> Callable[[bytes, RequestContext], AsyncIterator[bytes]]:
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"a"
+        inner = asyncio.create_task(asyncio.sleep(3600), name="inner-work")
+        started.append(inner)
+        await inner
+        yield b"never"
+
+    return handler
+
+
+async def _assert_cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    assert len(tasks) == 1
+    try:
+        await asyncio.wait(tasks, timeout=5)
+        assert tasks[0].cancelled()
+    finally:
+        tasks[0].cancel()
+
+
+async def test_work_the_handler_awaits_is_cancelled_when_the_caller_is_gone() -> None:
+    started: list[asyncio.Task[None]] = []
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", _awaits_inner_work(started))
+    sink = Sink(accept=False)
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await wait_idle(runner)
+    await _assert_cancelled(started)
+    assert sink.frames == [Chunk(1, b"a")]
+
+
+async def test_work_the_handler_awaits_is_cancelled_when_cancelled_during_a_send() -> None:
+    started: list[asyncio.Task[None]] = []
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", _awaits_inner_work(started))
+    sink = HeldSend(b"a")
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.waiting.wait(), 5)
+    assert runner.cancel("k")
+    await wait_idle(runner)
+    await _assert_cancelled(started)
+    assert sink.frames == [Chunk(1, b"a")]
+
+
+async def test_a_first_item_that_is_not_bytes_fails_before_the_handler_goes_on() -> None:
+    went_on: list[bool] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[object]:
+        yield 42
+        went_on.append(True)
+        await asyncio.sleep(0)
+        yield b"never"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)  # type: ignore[arg-type]
+    sink = Sink()
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert len(sink.frames) == 1
+    error = sink.frames[0]
+    assert isinstance(error, Error)
+    assert error.kind == "TypeError"
+    assert went_on == []
+    await wait_idle(runner)

@@ -12,7 +12,6 @@ close. Each request runs as its own task, so a slow request never blocks the nex
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -31,7 +30,8 @@ _log = logging.getLogger("troupe.transports")
 
 SendReply: TypeAlias = Callable[[Reply], Awaitable[bool]]
 """Delivers one reply frame to the caller; returns ``False`` when the caller is gone (its
-connection closed), which stops the request. Transports apply back-pressure by awaiting."""
+connection closed), which stops the request. Transports apply back-pressure by awaiting, after
+handing the frame over: a send cancelled while it waits has still sent its frame."""
 
 _MAX_ERROR_MESSAGE: Final = 16 * 1024
 
@@ -83,21 +83,20 @@ class _Resume:
     ``step.send(None)`` ran it until it waited for ``yielded`` (a future, or ``None`` for a
     bare yield). Awaiting this object hands ``yielded`` to the task and drives ``step`` on exactly
     as the task would have: resumed when the future is done, or with the exception the task
-    receives (its cancellation). With ``throw``, that exception is delivered first.
+    receives (its cancellation). A cancellation requested while the step was parked is delivered
+    by the task as ``Task.cancel`` would have: it cancels ``yielded`` when it receives it.
     """
 
-    __slots__ = ("_step", "_throw", "_yielded")
+    __slots__ = ("_step", "_yielded")
 
-    def __init__(
-        self, step: Generator[Any, Any, object], yielded: object, throw: BaseException | None
-    ) -> None:
+    def __init__(self, step: Generator[Any, Any, object], yielded: object) -> None:
         self._step = step
         self._yielded = yielded
-        self._throw = throw
 
     def __await__(self) -> Generator[Any, Any, object]:
-        step, yielded, exc = self._step, self._yielded, self._throw
-        self._step = self._yielded = self._throw = None  # type: ignore[assignment]
+        step, yielded = self._step, self._yielded
+        self._step = self._yielded = None  # type: ignore[assignment]
+        exc: BaseException | None = None
         while True:
             if exc is None:
                 try:
@@ -116,6 +115,72 @@ class _Resume:
                 return done.value
             finally:
                 exc = None
+
+
+async def _stop_step(
+    task: asyncio.Task[Any], step: Generator[Any, Any, object], yielded: object
+) -> None:
+    """Stop a handler step parked on ``yielded`` as ``Task.cancel`` would, and wait for it.
+
+    The task cancels what the step awaits (an inner task, a gather, an executor future) and the
+    handler sees the cancellation there. Whatever the step then does short of raising another
+    error ends the request quietly; a cancellation of the task from elsewhere is re-raised.
+    """
+    task.cancel()
+    try:
+        await _Resume(step, yielded)
+    except (asyncio.CancelledError, StopAsyncIteration):
+        pass
+    finally:
+        others = task.uncancel()
+    if others:
+        raise asyncio.CancelledError
+
+
+async def _send_then_resume(
+    chunk: Chunk,
+    step: Generator[Any, Any, object],
+    yielded: object,
+    ctx: RequestContext,
+    send: SendReply,
+) -> object:
+    """Send the first chunk while the handler's step waits for ``yielded``, then resume it.
+
+    The wait is handed to the task, which from then on treats it as its own (it cancels what
+    the handler awaits when the task is cancelled).
+
+    Returns:
+        The handler's next item; ``_NEEDS_END`` when it ended; ``_GONE`` when the caller went away.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    try:
+        ok: bool | None = await send(chunk)
+    except asyncio.CancelledError:
+        # Cancelled while the send waited for room (the frame is handed over before that): by
+        # the request's stop, or by a timeout the handler armed in its step. The cancellation
+        # belongs where the handler waits: request it again (the count stays the same) and let
+        # the task deliver it there, as it would have.
+        if task.cancelling():
+            task.uncancel()
+        task.cancel()
+        ok = None
+    except BaseException:
+        await _stop_step(task, step, yielded)
+        raise
+    if ok is False:
+        ctx.stop("disconnected")
+        await _stop_step(task, step, yielded)
+        return _GONE
+    try:
+        second = await _Resume(step, yielded)
+    except StopAsyncIteration:
+        second = _NEEDS_END
+    if ok is None and task.cancelling():
+        # The handler swallowed a cancellation meant for the request: the request ends as if
+        # it had been cancelled during the send.
+        raise asyncio.CancelledError
+    return second
 
 
 class _Active:
@@ -306,46 +371,34 @@ class RequestRunner:
             # answered with one frame, Chunk(end=True), instead of Chunk + End. One that waits
             # gets its first chunk sent before it resumes, so streaming is not delayed.
             try:
-                first = await anext(stream)
+                first = _as_bytes(await anext(stream))
             except StopAsyncIteration:
                 return _NEEDS_END
             step = anext(stream).__await__()
             try:
                 yielded = step.send(None)
-            except StopIteration as got:
+            except StopIteration as got:  # the next item came without waiting
                 second: object = got.value
+                yielded = _NOTHING
             except StopAsyncIteration:
-                if not await send(Chunk(rid, _as_bytes(first), True)):
+                if not await send(Chunk(rid, first, True)):
                     ctx.stop("disconnected")
                     return _GONE
                 return _ENDED
             except BaseException:
                 # The handler failed right after its first item: that item still goes first.
-                if not await send(Chunk(rid, _as_bytes(first))):
+                if not await send(Chunk(rid, first)):
                     ctx.stop("disconnected")
                     return _GONE
                 raise
-            else:
-                # The handler waits for something: send the first chunk, then let it go on.
-                try:
-                    ok = await send(Chunk(rid, _as_bytes(first)))
-                except BaseException as exc:
-                    # Stopped (cancelled) while sending: the handler sees it where it waits.
-                    await _Resume(step, yielded, exc)
-                    raise
-                if not ok:
+            if yielded is _NOTHING:
+                if not await send(Chunk(rid, first)):
                     ctx.stop("disconnected")
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await _Resume(step, yielded, asyncio.CancelledError())
                     return _GONE
-                try:
-                    second = await _Resume(step, yielded, None)
-                except StopAsyncIteration:
-                    return _NEEDS_END
-                first = _NOTHING
-            if first is not _NOTHING and not await send(Chunk(rid, _as_bytes(first))):
-                ctx.stop("disconnected")
-                return _GONE
+            else:
+                second = await _send_then_resume(Chunk(rid, first), step, yielded, ctx, send)
+                if second is _GONE or second is _NEEDS_END:
+                    return second
             if not await send(Chunk(rid, _as_bytes(second))):
                 ctx.stop("disconnected")
                 return _GONE
