@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from troupe import Runtime
+from troupe._payload import encode_payload
 from troupe.demo.mocker import VOCABULARY, make_generate
 from troupe.discovery import MemoryKvServer
 from troupe.errors import (
@@ -28,6 +29,7 @@ from troupe.errors import (
     StreamBroken,
 )
 from troupe.frontend import Frontend, FrontendSettings
+from troupe.frontend import _app as frontend_app
 from troupe.frontend._app import error_reply, error_status
 from troupe.frontend._openai import decode_chat, decode_completion, engine_request
 from troupe.testing import eventually_async
@@ -175,6 +177,24 @@ async def test_ext_the_engine_protocol_cannot_carry_is_400(
     body = {"model": "mock", "messages": HELLO, "ext": {"deep": [{"x": value}]}}
     response = await http.post(CHAT, json=body)
     assert_openai_error(response, 400, param="ext")
+
+
+@pytest.mark.usefixtures("mock")
+async def test_the_handler_checks_ext_only_and_leaves_the_prompt_to_the_router(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[Any] = []
+
+    def spy(obj: Any) -> bytes:
+        checked.append(obj)
+        return encode_payload(obj)
+
+    monkeypatch.setattr(frontend_app, "encode_payload", spy)
+    ext = {"mocker": {"output_tokens": 2}}
+    body = {"model": "mock", "prompt": "word " * 10_000, "max_tokens": 2, "ext": ext}
+    response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert checked == [ext]  # the 50 kB prompt was not encoded on the frontend's loop
 
 
 @pytest.mark.usefixtures("mock")
@@ -564,6 +584,63 @@ async def test_a_body_over_the_limit_is_413_without_reading_it(
             sample(fe, "troupe_frontend_errors_total", model="", endpoint=CHAT_LABEL, code="413")
             == 2
         )
+
+
+async def unsized(part: bytes, count: int) -> AsyncIterator[bytes]:
+    """A body with no declared length."""
+    for _ in range(count):
+        yield part
+
+
+class Gated:
+    """A handler that yields one chunk, then waits for ``gate`` before finishing."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    async def __call__(self, request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        yield {"text": "one", "prompt_tokens": 1}
+        await asyncio.to_thread(self.gate.wait, 10)
+        yield {"text": " two", "finish_reason": "stop"}
+
+
+async def test_a_body_over_the_limit_on_http2_leaves_the_other_streams_alone(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    gated = Gated()
+    await workers.serve("demo.mocker.generate", gated, model="mock")
+    limits = httpx.Limits(max_connections=1)
+    try:
+        async with (
+            running_frontend(kv, settings, max_body_size=1000) as fe,
+            httpx.AsyncClient(
+                base_url=fe.url, http1=False, http2=True, limits=limits, timeout=10
+            ) as http,
+        ):
+            await wait_for_model(fe, "mock")
+            body = {"model": "mock", "messages": HELLO, "stream": True}
+            async with http.stream("POST", CHAT, json=body) as stream:
+                assert stream.http_version == "HTTP/2"
+                lines = stream.aiter_lines()
+                assert (await anext(lines)).startswith("data: ")  # the stream is open
+                # on the same connection: oversized, declared and not (a generator has no length)
+                for content in (b"x" * 200_000, None):
+                    response = await http.post(
+                        CHAT,
+                        content=content if content is not None else unsized(b"x" * 50_000, 4),
+                        headers={"content-type": "application/json"},
+                    )
+                    assert response.http_version == "HTTP/2"
+                    assert_openai_error(response, 413, code="request_too_large")
+                    assert "connection" not in response.headers
+                gated.gate.set()
+                rest = [line async for line in lines]
+            assert stream.status_code == 200
+            assert events("\n\n".join(line for line in rest if line) + "\n\n")[-1] == "[DONE]"
+            assert "two" in "".join(rest)
+            assert (await http.get("/health")).status_code == 200  # the connection still works
+    finally:
+        gated.gate.set()
 
 
 def test_the_default_body_limit_is_the_request_planes_message_size(frontend: Frontend) -> None:

@@ -1,5 +1,6 @@
-"""Which worker answers: one router per (model, endpoint), retries past overloaded workers, and
-migrations that never go back to a worker that already failed the request."""
+"""Which worker answers: one router per (model, endpoint) released once idle, capped retries past
+overloaded workers, and migrations that never go back to a worker that already failed the
+request but wait for a replacement to register."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from troupe.actors import Actor, ActorSystem, Joined, Subscribe
 from troupe.actors._router import RouterActor, SnapshotHolder
 from troupe.demo.mocker import make_generate
 from troupe.discovery import InstanceRecord, MemoryKvServer
-from troupe.errors import StreamBroken
-from troupe.frontend import Frontend, FrontendSettings
+from troupe.errors import ConfigError, NoInstances, StreamBroken
+from troupe.frontend import Frontend, FrontendSettings, ModelRegistry
+from troupe.frontend._models import InstanceChooser
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
 
@@ -247,3 +249,218 @@ async def test_migration_never_returns_to_a_worker_that_failed(
 @pytest.mark.parametrize("mode", ["round_robin", "random", "least_loaded"])
 def test_settings_accept_every_router_mode(mode: str) -> None:
     assert FrontendSettings(router_mode=mode).router_mode == mode
+
+
+# --- capped retries ------------------------------------------------------------------------------
+
+
+async def hold_instance(
+    router: Any, instance_id: str, held: asyncio.Event, release: asyncio.Event
+) -> None:
+    """Take the one admission slot of ``instance_id`` (directly, not through the frontend)."""
+    chunks = router.generate({"prompt": "x"}, instance_id=instance_id)
+    try:
+        await anext(chunks)
+        held.set()
+        await release.wait()
+    finally:
+        await chunks.aclose()
+
+
+async def test_overloaded_retries_are_capped_and_counted(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    busy = [
+        await workers.serve("demo.mocker.generate", SLOW, model="mock", max_inflight=1)
+        for _ in range(4)
+    ]
+    async with running_frontend(kv, settings, overload_tries=3) as fe:
+        await wait_for_model(fe, "mock")
+        router = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await eventually_async(lambda: len(router.instance_ids()) == 4)
+        release = asyncio.Event()
+        helds = [asyncio.Event() for _ in busy]
+        holders = [
+            asyncio.create_task(hold_instance(router, rt.instance_id, held, release))
+            for rt, held in zip(busy, helds, strict=True)
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.wait() for h in helds)), 5)
+            async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+                response = await http.post(CHAT, json={"model": "mock", "messages": HELLO})
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "overloaded"
+        finally:
+            release.set()
+            await asyncio.gather(*holders)
+        labels = {"namespace": "demo", "component": "mocker", "endpoint": "generate"}
+        refused = [
+            rt.metrics.registry.get_sample_value(
+                "troupe_errors_total", labels | {"kind": "overloaded"}
+            )
+            or 0
+            for rt in busy
+        ]
+        # three of the four workers were asked, once each; two of those were retries
+        assert sorted(refused) == [0, 1, 1, 1]
+        retries = fe.rt.metrics.registry.get_sample_value(
+            "troupe_frontend_retries_total", {"model": "mock"}
+        )
+        assert retries == 2
+
+
+def test_the_pause_between_tries_is_jittered_and_doubles(frontend: Frontend) -> None:
+    base = frontend.settings.overload_pause
+    first = [frontend.state.overload_pause(1) for _ in range(50)]
+    second = [frontend.state.overload_pause(2) for _ in range(50)]
+    assert all(0.5 * base <= p < 1.5 * base for p in first)
+    assert all(base <= p < 3 * base for p in second)
+    assert len(set(first)) > 1
+
+
+# --- migration waits for a replacement -----------------------------------------------------------
+
+
+class BreakOnce:
+    """A worker whose stream breaks after one token (as if its engine died)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        self.calls += 1
+        yield {"text": "first", "prompt_tokens": 1}
+        raise StreamBroken("the engine process died")
+
+
+async def test_migration_waits_for_a_replacement_worker(
+    kv: MemoryKvServer,
+    settings: FrontendSettings,
+    workers: Workers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Deterministic order: the replacement registers only once the frontend found no instance
+    # left to try (before the fix, the generation failed at that point).
+    nothing_left = asyncio.Event()
+    choose = InstanceChooser.choose
+
+    def spy(self: InstanceChooser, router: Any, tried: Any) -> Any:
+        target = choose(self, router, tried)
+        if target is None:
+            nothing_left.set()
+        return target
+
+    monkeypatch.setattr(InstanceChooser, "choose", spy)
+    dying = BreakOnce()
+    await workers.serve("demo.mocker.generate", dying, model="mock")
+    async with running_frontend(kv, settings, migration_limit=1, instance_wait=10) as fe:
+        await wait_for_model(fe, "mock")
+        router = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await router.wait_for_instances(timeout=5)
+        async with httpx.AsyncClient(base_url=fe.url, timeout=15) as http:
+            body = {"model": "mock", "prompt": "a b", "max_tokens": 3, "ext": QUICK}
+            request = asyncio.create_task(http.post("/v1/completions", json=body))
+            await asyncio.wait_for(nothing_left.wait(), 5)
+            assert not request.done()
+            await workers.serve("demo.mocker.generate", SLOW, model="mock")
+            response = await asyncio.wait_for(request, 10)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["text"].startswith("first")
+        assert response.json()["usage"]["completion_tokens"] == 3
+        assert dying.calls == 1
+        migrations = fe.rt.metrics.registry.get_sample_value(
+            "troupe_frontend_migrations_total", {"model": "mock"}
+        )
+        assert migrations == 1
+
+
+# --- idle routers are released -------------------------------------------------------------------
+
+
+def router_actors(fe: Frontend, path: str) -> list[str]:
+    return [
+        ref.name
+        for ref in fe.rt.system.actors()
+        if ref.name.startswith((f"RouterActor-{path}-", f"WatcherActor-{path}-"))
+    ]
+
+
+async def test_a_router_is_released_once_idle_and_recreated_on_return(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    async with running_frontend(kv, settings, router_idle=0.2) as fe:
+        worker = await workers.serve("demo.mocker.generate", answers("A"), model="mock")
+        await wait_for_model(fe, "mock")
+        assert len(router_actors(fe, "demo.mocker.generate")) == 2
+        first = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await workers.stop(worker)
+        await wait_for_model(fe, "mock", present=False)
+        await eventually_async(lambda: not fe.registry.routings(), timeout=5, what="released")
+        await eventually_async(
+            lambda: not router_actors(fe, "demo.mocker.generate"), timeout=5, what="actors gone"
+        )
+        await workers.serve("demo.mocker.generate", answers("B"), model="mock")
+        await wait_for_model(fe, "mock")
+        second = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        assert second is not first
+        await second.wait_for_instances(timeout=5)
+        async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+            assert await completion_text(http, "mock") == "B"
+
+
+async def test_a_router_returning_in_time_is_kept(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    async with running_frontend(kv, settings, router_idle=60) as fe:
+        worker = await workers.serve("demo.mocker.generate", answers("A"), model="mock")
+        await wait_for_model(fe, "mock")
+        first = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await workers.stop(worker)
+        await wait_for_model(fe, "mock", present=False)
+        await workers.serve("demo.mocker.generate", answers("B"), model="mock")
+        await wait_for_model(fe, "mock")
+        assert fe.registry.router(fe.registry.get("mock")) is first  # type: ignore[arg-type]
+
+
+async def test_a_leased_router_is_not_released_under_its_request(
+    kv: MemoryKvServer,
+    settings: FrontendSettings,
+    workers: Workers,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts: list[bool] = []
+    attempted = threading.Event()
+    release_router = ModelRegistry._release_router
+
+    def spy(self: ModelRegistry, model: str, path: str) -> bool:
+        released = release_router(self, model, path)
+        attempts.append(released)
+        attempted.set()
+        return released
+
+    monkeypatch.setattr(ModelRegistry, "_release_router", spy)
+    async with running_frontend(kv, settings, router_idle=0.1) as fe:
+        worker = await workers.serve("demo.mocker.generate", answers("A"), model="mock")
+        await wait_for_model(fe, "mock")
+        entry = fe.registry.get("mock")
+        assert entry is not None
+        with fe.registry.lease(entry) as routing:
+            await workers.stop(worker)
+            assert await asyncio.to_thread(attempted.wait, 5)
+            assert attempts[0] is False  # held: kept, retried later
+            assert fe.registry.routings() == [routing]
+            assert len(router_actors(fe, "demo.mocker.generate")) == 2
+        await eventually_async(lambda: True in attempts, timeout=5, what="released")
+        assert not fe.registry.routings()
+        with pytest.raises(NoInstances), fe.registry.lease(entry):
+            pass  # a request holding the stale entry gets a clean 503
+
+
+def test_router_idle_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        FrontendSettings(router_idle=0)
+    with pytest.raises(ConfigError):
+        FrontendSettings(overload_tries=0)
+    with pytest.raises(ConfigError):
+        FrontendSettings(overload_pause=-1)

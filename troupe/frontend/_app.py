@@ -9,15 +9,20 @@ the worker. The HTTP status is chosen only once the first engine chunk (or failu
 a request that fails before streaming gets a proper OpenAI error and status code; a failure after
 the stream started is sent as a last ``data: {"error": ...}`` event followed by ``data: [DONE]``.
 
-Instances: each generation picks its worker itself (the router's policy over the instances it
-has not tried) and sends with ``instance_id=``. A worker answering ``Overloaded`` is skipped for
-the next one (503 only when all refused). When a worker fails mid-generation (connect failure,
-broken stream) and ``migration_limit`` allows it, the generation is re-sent to a worker it has
-not tried, with ``"resume"`` telling the engine how many tokens (and which text) the client
-already has.
+Instances: each generation leases its (model, endpoint) router from the registry, picks its
+worker itself (the router's policy over the instances it has not tried) and sends with
+``instance_id=``. A worker answering ``Overloaded`` is skipped for another after a short
+jittered pause, up to ``overload_tries`` workers in all (503 when they all refused). When a
+worker fails mid-generation (connect failure, broken stream) and ``migration_limit`` allows it,
+the generation is re-sent to a worker it has not tried (waiting up to ``instance_wait`` for a
+replacement to register when none is left), with ``"resume"`` telling the engine how many
+tokens (and which text) the client already has.
 
-Request bodies are read incrementally up to ``max_body_size`` (413 beyond), and the engine
-request is encoded once in the handler so that a value msgpack cannot carry is a 400, not a 500.
+Request bodies are read incrementally up to ``max_body_size`` (413 beyond; over HTTP/2 the rest
+of the body is read and discarded first, within bounds, since hypercorn fails the whole
+connection on data for a stream it already answered). The ``ext`` object (the only request
+field whose values are not checked while decoding) is encoded once in the handler so that a
+value msgpack cannot carry is a 400, not a 500.
 """
 
 from __future__ import annotations
@@ -27,14 +32,14 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Lifespan, Receive, Scope, Send
@@ -42,7 +47,7 @@ from starlette.types import Lifespan, Receive, Scope, Send
 from troupe._logging import get_logger
 from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from troupe._payload import encode_payload
-from troupe.actors._router import MIGRATABLE, POLICIES, Policy, RoutedInstance, Router
+from troupe.actors._router import MIGRATABLE, RoutedInstance, Router
 from troupe.errors import (
     ActorError,
     Cancelled,
@@ -56,7 +61,7 @@ from troupe.errors import (
     TroupeError,
 )
 from troupe.frontend._metrics import FrontendMetrics
-from troupe.frontend._models import ModelEntry, ModelRegistry
+from troupe.frontend._models import InstanceChooser, ModelEntry, ModelRegistry
 from troupe.frontend._openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -97,6 +102,13 @@ _ENCODE: Final = msgspec.json.Encoder().encode
 CHAT: Final = "chat_completions"
 COMPLETIONS: Final = "completions"
 
+# Over HTTP/2 an oversized body is read and discarded before the 413 (see _read_body), up to
+# these bounds; beyond them the 413 is sent anyway and the client's connection may break, as an
+# HTTP/1.1 one is closed.
+_DRAIN_BYTES: Final = 64 * 1024 * 1024
+_DRAIN_SECONDS: Final = 10.0
+_HTTP1: Final = frozenset({"1.0", "1.1"})
+
 
 @dataclass(frozen=True, slots=True)
 class FrontendSettings:
@@ -109,11 +121,18 @@ class FrontendSettings:
         migration_limit: how many times a generation whose worker fails is resumed on another.
         grace: seconds in-flight requests get to finish on shutdown (``/health`` is 503 then).
         instance_wait: seconds a request waits for a just-discovered model's router to see its
-            instances before answering 503.
+            instances before answering 503, and a migration for a replacement worker to
+            register when every known one was tried.
         max_body_size: the largest request body accepted, in bytes (a larger one is answered
-            413 without being read further); ``None``: the runtime's
-            ``request_plane.tcp.max_message_size`` (``DYN_TCP_MAX_MESSAGE_SIZE``, 32 MiB), since
-            a larger request could not be sent to a worker anyway.
+            413 without being read further over HTTP/1.1; over HTTP/2 it is discarded first);
+            ``None``: the runtime's ``request_plane.tcp.max_message_size``
+            (``DYN_TCP_MAX_MESSAGE_SIZE``, 32 MiB), since a larger request could not be sent to
+            a worker anyway.
+        overload_tries: how many instances a generation tries when they answer ``Overloaded``
+            (the first included; ``1``: no retry), each one it has not tried yet.
+        overload_pause: seconds before the next try after an ``Overloaded`` answer: doubled at
+            each retry, times a random factor in [0.5, 1.5).
+        router_idle: seconds a (model, endpoint) router is kept after its last instance left.
     """
 
     host: str = "0.0.0.0"
@@ -123,6 +142,9 @@ class FrontendSettings:
     grace: float = 5.0
     instance_wait: float = 2.0
     max_body_size: int | None = None
+    overload_tries: int = 3
+    overload_pause: float = 0.01
+    router_idle: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65_535:
@@ -141,40 +163,12 @@ class FrontendSettings:
             not isinstance(self.max_body_size, int) or self.max_body_size < 1
         ):
             raise ConfigError("max_body_size", self.max_body_size, "a number of bytes >= 1")
-
-
-class _Chooser:
-    """The frontend's choice of instance on one router: its policy over the instances not yet
-    tried by a request, so that a retry (on ``Overloaded``, or a migration) never goes back to
-    an instance that refused or failed it. Used on the frontend's event loop only."""
-
-    __slots__ = ("inflight", "policy")
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.inflight: dict[str, int] = {}  # this frontend's requests per instance
-
-    def choose(self, router: Router, tried: Collection[str]) -> RoutedInstance | None:
-        """An instance not in ``tried`` (set-aside ones only when nothing else is left)."""
-        snapshot = router.snapshot
-        candidates = tuple(i for i in snapshot.available if i.instance_id not in tried)
-        if not candidates:
-            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
-            if not candidates:
-                return None
-        return self.policy.choose(candidates, self.inflight)
-
-    def enter(self, instance_id: str) -> None:
-        """A request to ``instance_id`` starts."""
-        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
-
-    def leave(self, instance_id: str) -> None:
-        """A request to ``instance_id`` ended."""
-        left = self.inflight[instance_id] - 1
-        if left:
-            self.inflight[instance_id] = left
-        else:
-            del self.inflight[instance_id]
+        if not isinstance(self.overload_tries, int) or self.overload_tries < 1:
+            raise ConfigError("overload_tries", self.overload_tries, "an integer >= 1")
+        if not self.overload_pause >= 0:
+            raise ConfigError("overload_pause", self.overload_pause, "seconds >= 0")
+        if not self.router_idle > 0:
+            raise ConfigError("router_idle", self.router_idle, "seconds > 0")
 
 
 class FrontendState:
@@ -200,15 +194,13 @@ class FrontendState:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._choosers: dict[Router, _Chooser] = {}
+        self._random = random.Random()
 
-    def chooser(self, router: Router) -> _Chooser:
-        """The frontend's instance choice on ``router`` (on the event loop only)."""
-        chooser = self._choosers.get(router)
-        if chooser is None:
-            policy = POLICIES[self.settings.router_mode](random.Random())
-            chooser = self._choosers[router] = _Chooser(policy)
-        return chooser
+    def overload_pause(self, refusals: int) -> float:
+        """Seconds to wait before the next try after ``refusals`` refusals: jittered, doubling."""
+        base = self.settings.overload_pause * 2.0 ** (refusals - 1)
+        jitter = 0.5 + self._random.random()
+        return base * jitter
 
     def enter(self) -> None:
         """A generation starts."""
@@ -411,6 +403,10 @@ class _Exchange:
         body["usage"] = usage(self.prompt_tokens, self.completion_tokens)
         return b"data: " + _ENCODE(body) + b"\n\n"
 
+    def resume(self) -> dict[str, Any]:
+        """The ``resume`` field of a migrated attempt: what the client already has."""
+        return {"tokens": self.completion_tokens, "text": "".join(self.texts)}
+
     def full(self) -> dict[str, Any]:
         """The non-streaming response body."""
         build = chat_response if self.kind == "chat" else completion_response
@@ -423,65 +419,160 @@ async def _generate(
 ) -> AsyncGenerator[Any, None]:
     """Engine chunks for ``ex``, from one instance after another as needed.
 
-    The frontend picks each instance itself (the router's policy over the instances this
-    request has not tried) and sends with ``instance_id=``. An instance that answers
-    ``Overloaded`` before any chunk is skipped for the next one, so the request fails 503 only
-    when every instance refused; an instance that fails mid-generation (a ``MIGRATABLE`` error)
-    is replaced up to ``migration_limit`` times, with ``resume`` saying what the client has.
+    The frontend leases the model's router (it is not released while the generation runs),
+    picks each instance itself (the router's policy over the instances this request has not
+    tried) and sends with ``instance_id=``. An instance that answers ``Overloaded`` before any
+    chunk is skipped for the next one after a short jittered pause, up to ``overload_tries``
+    instances; an instance that fails mid-generation (a ``MIGRATABLE`` error) is replaced up to
+    ``migration_limit`` times, with ``resume`` saying what the client has, waiting up to
+    ``instance_wait`` for a replacement to register when every known instance was tried.
     """
-    router = state.registry.router(entry)
-    if not router.snapshot.instances:
-        # The registry saw the model before this router's own watch did: wait a little.
-        await router.wait_for_instances(timeout=state.settings.instance_wait)
-    chooser = state.chooser(router)
-    tried: set[str] = set()
-    failure: TroupeError | None = None  # why the last instance tried did not answer
-    migrations = 0
-    migrating = False
-    request = ex.payload
-    while True:
-        target = chooser.choose(router, tried)
+    with state.registry.lease(entry) as routing:
+        router, chooser = routing.router, routing.chooser
+        if not router.snapshot.instances:
+            # The registry saw the model before this router's own watch did: wait a little.
+            await router.wait_for_instances(timeout=state.settings.instance_wait)
+        attempts = _Attempts(state, router, chooser, ex.model)
+        request = ex.payload
+        while True:
+            key = await attempts.next()
+            sent = False
+            chooser.enter(key)
+            try:
+                stream = router.generate(request, instance_id=key)
+                async with contextlib.aclosing(stream) as chunks:
+                    async for chunk in chunks:
+                        sent = True
+                        yield chunk
+                return
+            except (Overloaded, InstanceNotFound) as exc:
+                # Refused at admission (or gone since the choice): nothing was generated there.
+                if sent:
+                    raise
+                attempts.refused_by(exc)
+                _log.debug("instance refused", model=ex.model, instance_id=key)
+            except MIGRATABLE as exc:
+                attempts.failed(exc)  # raises when no migration is left
+                request = ex.payload | {"resume": ex.resume()}
+                _log.info(
+                    "resuming generation on another worker",
+                    model=ex.model,
+                    failed=key,
+                    attempt=attempts.migrations,
+                    tokens=ex.completion_tokens,
+                    error=str(exc),
+                )
+            finally:
+                chooser.leave(key)
+
+
+class _Attempts:
+    """Which instances one generation tried, why they failed, and which one it tries next."""
+
+    __slots__ = (
+        "chooser",
+        "failure",
+        "migrating",
+        "migrations",
+        "model",
+        "refusals",
+        "refused",
+        "router",
+        "state",
+        "tried",
+    )
+
+    def __init__(
+        self, state: FrontendState, router: Router, chooser: InstanceChooser, model: str
+    ) -> None:
+        self.state = state
+        self.router = router
+        self.chooser = chooser
+        self.model = model
+        self.tried: set[str] = set()
+        self.failure: TroupeError | None = None  # why the last instance tried did not answer
+        self.refusals = 0
+        self.refused = False  # the last instance refused at admission
+        self.migrations = 0
+        self.migrating = False  # the last instance failed and a migration is allowed
+
+    def refused_by(self, exc: TroupeError) -> None:
+        """The last instance refused (``Overloaded``) or was gone (``InstanceNotFound``)."""
+        self.failure = exc
+        self.refusals += 1
+        self.refused = True
+
+    def failed(self, exc: TroupeError) -> None:
+        """The last instance failed mid-generation; re-raises ``exc`` past the limit."""
+        if self.migrations >= self.state.settings.migration_limit:
+            raise exc
+        self.failure = exc
+        self.migrations += 1
+        self.migrating = True
+
+    async def next(self) -> str:
+        """The id of the next instance to try (marked tried).
+
+        Raises:
+            TroupeError: the last failure when no instance is left to try (or the overload
+                tries are spent); ``NoInstances`` when there was none at all.
+        """
+        state, chooser, router = self.state, self.chooser, self.router
+        settings = state.settings
+        refused, self.refused = self.refused, False
+        migrating, self.migrating = self.migrating, False
+        if refused:
+            if self.refusals >= settings.overload_tries or not chooser.has_untried(
+                router, self.tried
+            ):
+                assert self.failure is not None
+                raise self.failure
+            await asyncio.sleep(state.overload_pause(self.refusals))
+        target = chooser.choose(router, self.tried)
+        if target is None and migrating:
+            # The failed worker's replacement may not have registered yet.
+            target = await _wait_for_untried(router, chooser, self.tried, settings.instance_wait)
         if target is None:
-            raise failure if failure is not None else NoInstances(router.endpoint)
-        key = target.instance_id
+            raise self.failure if self.failure is not None else NoInstances(router.endpoint)
         if migrating:
-            migrating = False
-            state.metrics.migrations.labels(ex.model).inc()
-            _log.info(
-                "resuming generation on another worker",
-                model=ex.model,
-                instance_id=key,
-                attempt=migrations,
-                tokens=ex.completion_tokens,
-                error=str(failure),
-            )
-        tried.add(key)
-        sent = False
-        chooser.enter(key)
+            state.metrics.migrations.labels(self.model).inc()
+        elif refused:
+            state.metrics.retries.labels(self.model).inc()
+        self.tried.add(target.instance_id)
+        return target.instance_id
+
+
+async def _wait_for_untried(
+    router: Router, chooser: InstanceChooser, tried: set[str], timeout: float
+) -> RoutedInstance | None:
+    """Wait up to ``timeout`` seconds for an instance not in ``tried``; ``None`` if none came.
+
+    Event-driven: woken by every snapshot the router's actor publishes.
+    """
+    loop = asyncio.get_running_loop()
+    published = asyncio.Event()
+
+    def wake() -> None:
         try:
-            stream = cast("AsyncGenerator[Any, None]", router.generate(request, instance_id=key))
-            async with contextlib.aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    sent = True
-                    yield chunk
-            return
-        except (Overloaded, InstanceNotFound) as exc:
-            # Refused at admission (or gone since the choice): nothing was generated there.
-            if sent:
-                raise
-            failure = exc
-            _log.debug("instance refused; trying another", model=ex.model, instance_id=key)
-        except MIGRATABLE as exc:
-            if migrations >= state.settings.migration_limit:
-                raise
-            failure = exc
-            migrations += 1
-            migrating = True
-            request = ex.payload | {
-                "resume": {"tokens": ex.completion_tokens, "text": "".join(ex.texts)}
-            }
-        finally:
-            chooser.leave(key)
+            loop.call_soon_threadsafe(published.set)
+        except RuntimeError:
+            pass  # the waiting loop is closed; nobody is left to wake
+
+    # Router has no public "wait for a snapshot matching ..."; its holder wakes listeners.
+    holder = router._holder
+    holder.add_listener(wake)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                published.clear()
+                target = chooser.choose(router, tried)
+                if target is not None:
+                    return target
+                await published.wait()
+    except TimeoutError:
+        return None
+    finally:
+        holder.remove_listener(wake)
 
 
 class _EngineResponse(Response):
@@ -633,7 +724,8 @@ def _generation(
                 "invalid_request_error",
                 code="request_too_large",
             )
-            response.headers["connection"] = "close"  # the rest of the body is not read
+            if request.scope.get("http_version") in _HTTP1:
+                response.headers["connection"] = "close"  # the rest of the body is not read
             return response
         try:
             req = decode(body)
@@ -662,7 +754,9 @@ def _generation(
             )
         ex = _Exchange(req)
         try:
-            encode_payload(ex.payload)  # what the router will send; fails on e.g. huge ints
+            # The one field whose values decoding does not check (e.g. integers over 64 bits).
+            # The router encodes the whole request again: it takes objects, not bytes.
+            encode_payload(ex.payload["ext"])
         except TypeError:
             metrics.error(entry.name, endpoint, request_type, 400)
             return _error_response(
@@ -677,18 +771,50 @@ def _generation(
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes."""
+    """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes.
+
+    Over HTTP/1.x the rest of an oversized body is left unread (the 413 closes the connection).
+    Over HTTP/2 it is read and discarded first (up to ``_DRAIN_BYTES`` and ``_DRAIN_SECONDS``):
+    hypercorn fails the whole connection, every stream on it, when DATA frames arrive for a
+    stream it has already answered.
+    """
+    multiplexed = request.scope.get("http_version") not in _HTTP1
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
+    too_large = declared.isdigit() and int(declared) > limit
+    if too_large and (not multiplexed or int(declared) > _DRAIN_BYTES):
+        return None  # nothing gained by reading: it cannot end well
+    chunks = request.stream()
+    if not too_large:
+        parts: list[bytes] = []
+        size = 0
+        async for part in chunks:
+            size += len(part)
+            if size > limit:
+                break
+            parts.append(part)
+        else:
+            return b"".join(parts)
+        if not multiplexed:
             return None
-        parts.append(part)
-    return b"".join(parts)
+    await _discard(chunks)
+    return None
+
+
+async def _discard(chunks: AsyncIterator[bytes]) -> None:
+    """Read and drop the rest of a request body, within the drain bounds."""
+    size = 0
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for part in chunks:
+                size += len(part)
+                if size > _DRAIN_BYTES:
+                    break
+    except TimeoutError:
+        pass  # the 413 goes out anyway; the client may lose its connection
+    except ClientDisconnect:
+        pass  # the client reset the stream: the 413 goes nowhere, harmlessly
+    if size > _DRAIN_BYTES:
+        _log.info("oversized HTTP/2 body not drained", drained=size)
 
 
 def _model_json(entry: ModelEntry) -> dict[str, Any]:

@@ -8,7 +8,7 @@ Labels are bounded: ``model`` is a served model name (an unknown model counts as
 Series (prefix ``troupe_frontend_``): ``requests_total``, ``inflight_requests``,
 ``request_duration_seconds``, ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``input_sequence_tokens``, ``output_sequence_tokens``, ``errors_total{code}``,
-``cancellation_total``, ``migrations_total``.
+``cancellation_total``, ``migrations_total``, ``retries_total``.
 """
 
 from __future__ import annotations
@@ -118,6 +118,13 @@ class FrontendMetrics:
         self.migrations = Counter(
             "troupe_frontend_migrations_total",
             "Generations resumed on another worker after their worker failed.",
+            ("model",),
+            registry=reg,
+        )
+
+        self.retries = Counter(
+            "troupe_frontend_retries_total",
+            "Generations sent to another worker after one answered Overloaded.",
             ("model",),
             registry=reg,
         )

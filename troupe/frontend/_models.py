@@ -13,29 +13,47 @@ Rules (documented in docs/frontend.md):
   among those with live instances (a deterministic, documented choice; a warning is logged).
 - One :class:`~troupe.actors.Router` per (model, endpoint path), routing only to the instances
   of that path whose ``metadata["model"]`` is that model (two workers on one path may serve
-  different models). It is created by the registry actor the first time the pair is seen,
-  before the table listing it is published, and kept until the registry closes (a router with
-  no instances costs two idle actors; keeping it avoids churn when a model's only worker
-  restarts). Handlers on the event loop only read the published router map: they never take
-  a lock that the registry actor holds while it spawns actors.
+  different models). It is created by the registry actor when the pair is seen, before the
+  table listing it is published, and closed ``idle`` seconds (30 by default) after the pair's
+  last instance left, unless an instance came back meanwhile (a model whose only worker
+  restarts keeps its router). Requests use a router through :meth:`ModelRegistry.lease`: a
+  leased router is never closed under a request (the release is retried ``idle`` seconds
+  later), and a request that asks after the release gets ``NoInstances`` (a clean 503).
+  Handlers on the event loop only read the published router map and take a lock that guards
+  a few dict operations: never one the registry actor holds while it spawns or stops actors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import threading
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
+from troupe._clock import TimerHandle
 from troupe._logging import get_logger
-from troupe.actors import Actor, ActorRef, Joined, Left, Router, Subscribe, WatcherActor
+from troupe.actors import (
+    Actor,
+    ActorRef,
+    ExitReason,
+    Joined,
+    Left,
+    Router,
+    Subscribe,
+    WatcherActor,
+)
+from troupe.actors._router import POLICIES, Policy, RoutedInstance, spawn_router
 from troupe.discovery import SERVICES_PREFIX, InstanceRecord, decode_record
-from troupe.errors import NoInstances, TroupeError
+from troupe.errors import ConfigError, NoInstances, TroupeError
 from troupe.runtime import Runtime
 
-__all__ = ["ModelEntry", "ModelRegistry", "ModelTable"]
+__all__ = ["InstanceChooser", "ModelEntry", "ModelRegistry", "ModelTable", "Routing"]
 
 _log = get_logger("troupe.frontend.models")
 
@@ -80,51 +98,175 @@ def _declares(model: str) -> Callable[[InstanceRecord], bool]:
     return accept
 
 
-class _RegistryActor(Actor[Joined | Left]):
-    """Owns ``key -> (model, endpoint path)``; publishes :class:`ModelTable` snapshots."""
+class InstanceChooser:
+    """The frontend's choice of instance on one router: its policy over the instances not yet
+    tried by a request, so that a retry (on ``Overloaded``, or a migration) never goes back to
+    an instance that refused or failed it. Used on the frontend's event loop only."""
+
+    __slots__ = ("inflight", "policy")
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.inflight: dict[str, int] = {}  # this frontend's requests per instance
+
+    def choose(self, router: Router, tried: Collection[str]) -> RoutedInstance | None:
+        """An instance not in ``tried`` (set-aside ones only when nothing else is left)."""
+        snapshot = router.snapshot
+        candidates = tuple(i for i in snapshot.available if i.instance_id not in tried)
+        if not candidates:
+            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
+            if not candidates:
+                return None
+        return self.policy.choose(candidates, self.inflight)
+
+    def has_untried(self, router: Router, tried: Collection[str]) -> bool:
+        """Whether some instance of ``router`` is not in ``tried`` (no policy step taken)."""
+        return any(i.instance_id not in tried for i in router.snapshot.instances)
+
+    def enter(self, instance_id: str) -> None:
+        """A request to ``instance_id`` starts."""
+        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
+
+    def leave(self, instance_id: str) -> None:
+        """A request to ``instance_id`` ended."""
+        left = self.inflight[instance_id] - 1
+        if left:
+            self.inflight[instance_id] = left
+        else:
+            del self.inflight[instance_id]
+
+
+class Routing:
+    """One (model, endpoint path)'s router and the frontend's instance choice on it.
+
+    Obtained with :meth:`ModelRegistry.lease`; ``users`` (the leases held) is guarded by the
+    registry's lock.
+    """
+
+    __slots__ = ("chooser", "model", "path", "router", "users")
+
+    def __init__(self, model: str, path: str, router: Router, chooser: InstanceChooser) -> None:
+        self.model = model
+        self.path = path
+        self.router = router
+        self.chooser = chooser
+        self.users = 0
+
+    def __repr__(self) -> str:
+        return f"<Routing {self.model} on {self.path} users={self.users}>"
+
+
+class _Release(msgspec.Struct, frozen=True, tag=True):
+    """Timer message: release the router of (model, path) if it still has no instance."""
+
+    model: str
+    path: str
+    token: int
+
+
+_Message = Joined | Left | _Release
+
+
+class _RegistryActor(Actor[_Message]):
+    """Owns ``key -> (model, endpoint path)``; publishes :class:`ModelTable` snapshots; creates
+    a pair's router when it is seen and releases it ``idle`` seconds after its last instance
+    left."""
 
     def __init__(
         self,
         watcher: ActorRef[Any],
         publish: Callable[[ModelTable], None],
         add_router: Callable[[str, str], None],
+        release_router: Callable[[str, str], bool],
+        idle: float,
     ) -> None:
         super().__init__()
         self._watcher = watcher
         self._publish_to = publish
         self._add_router = add_router
+        self._release_router = release_router
+        self._idle = idle
         self._served: dict[str, tuple[str, str]] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # live instances per routed pair
         self._created: dict[str, int] = {}
         self._routed: set[tuple[str, str]] = set()
+        self._timers: dict[tuple[str, str], tuple[int, TimerHandle]] = {}
+        self._tokens = 0
         self._version = 0
 
     def started(self) -> None:
         self._watcher.tell(Subscribe(self.ref))
 
-    def receive(self, message: Joined | Left) -> None:
+    def stopped(self, reason: ExitReason, error: BaseException | None) -> None:
+        for _, timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+    def receive(self, message: _Message) -> None:
         match message:
             case Joined(key=key, instance=record):
                 model = record.metadata.get("model") if isinstance(record, InstanceRecord) else None
                 if not isinstance(model, str) or not model:
-                    if self._served.pop(key, None) is not None:
+                    if self._serve(key, None):
                         self._publish()
                     return
                 assert isinstance(record, InstanceRecord)
                 path = f"{record.namespace}.{record.component}.{record.endpoint}"
-                if (model, path) not in self._routed:
+                pair = (model, path)
+                if pair not in self._routed:
                     # Before publishing: a handler that sees the model finds its router.
                     try:
                         self._add_router(model, path)
                     except TroupeError as exc:  # the runtime is closing
                         _log.info("no router for model", model=model, endpoint=path, error=str(exc))
                     else:
-                        self._routed.add((model, path))
+                        self._routed.add(pair)
                 self._created.setdefault(model, int(time.time()))
-                self._served[key] = (model, path)
+                self._serve(key, pair)
                 self._publish()
             case Left(key=key):
-                if self._served.pop(key, None) is not None:
+                if self._serve(key, None):
                     self._publish()
+            case _Release(model=model, path=path, token=token):
+                self._release((model, path), token)
+
+    def _serve(self, key: str, pair: tuple[str, str] | None) -> bool:
+        """Record that ``key`` serves ``pair`` (``None``: nothing); whether it served before."""
+        previous = self._served.pop(key, None)
+        if pair is not None:
+            self._served[key] = pair
+            self._counts[pair] = self._counts.get(pair, 0) + 1
+            timer = self._timers.pop(pair, None)
+            if timer is not None:
+                timer[1].cancel()  # an instance is back: the router stays
+        if previous is not None:
+            left = self._counts[previous] - 1
+            if left:
+                self._counts[previous] = left
+            else:
+                del self._counts[previous]
+                if previous in self._routed:
+                    self._arm(previous)
+        return previous is not None
+
+    def _arm(self, pair: tuple[str, str]) -> None:
+        previous = self._timers.pop(pair, None)
+        if previous is not None:
+            previous[1].cancel()
+        self._tokens += 1
+        timer = self.send_after(self._idle, _Release(pair[0], pair[1], self._tokens))
+        self._timers[pair] = (self._tokens, timer)
+
+    def _release(self, pair: tuple[str, str], token: int) -> None:
+        current = self._timers.get(pair)
+        if current is None or current[0] != token or pair in self._counts:
+            return  # superseded: an instance came back, or another timer is armed
+        del self._timers[pair]
+        if self._release_router(*pair):
+            self._routed.discard(pair)
+            _log.info("router released", model=pair[0], endpoint=pair[1])
+        else:
+            self._arm(pair)  # a request still holds it: try again later
 
     def _publish(self) -> None:
         counts: dict[str, dict[str, int]] = {}
@@ -153,16 +295,24 @@ class ModelRegistry:
     Args:
         rt: a running runtime (its store, actor system and network are used).
         policy: the routers' policy (``round_robin``, ``random``, ``least_loaded``).
+        idle: seconds a pair's router is kept after its last instance left.
+
+    Raises:
+        ConfigError: ``idle`` is not a number of seconds > 0.
     """
 
-    def __init__(self, rt: Runtime, *, policy: str = "round_robin") -> None:
+    def __init__(self, rt: Runtime, *, policy: str = "round_robin", idle: float = 30.0) -> None:
+        if not idle > 0:
+            raise ConfigError("router_idle", idle, "seconds > 0")
         self._rt = rt
         self.policy = policy
+        self.idle = idle
         self.table = ModelTable()
         """The current table (read without a hop; replaced on every change)."""
-        # (model, endpoint path) -> Router. Written only by the registry actor (and close),
-        # always replaced as a whole, so readers on any thread need no lock.
-        self._routers: Mapping[tuple[str, str], Router] = types.MappingProxyType({})
+        # (model, endpoint path) -> Routing. Written only by the registry actor (and close),
+        # always replaced as a whole under _use_lock; plain readers need no lock.
+        self._routers: Mapping[tuple[str, str], Routing] = types.MappingProxyType({})
+        self._use_lock = threading.Lock()  # guards _routers' replacement and Routing.users
         self._lock = threading.Lock()  # guards the listeners only
         self._listeners: set[Callable[[], None]] = set()
         self._actors: tuple[ActorRef[Any], ...] = ()
@@ -175,7 +325,9 @@ class ModelRegistry:
         )
         try:
             actor = self._rt.spawn(
-                lambda: _RegistryActor(watcher, self._publish, self._add_router),
+                lambda: _RegistryActor(
+                    watcher, self._publish, self._add_router, self._release_router, self.idle
+                ),
                 name="frontend-models",
             )
         except TroupeError:
@@ -188,10 +340,11 @@ class ModelRegistry:
         actors, self._actors = self._actors, ()
         for ref in actors:
             ref.stop(timeout=timeout)  # after this, no router is created any more
-        routers = list(self._routers.values())
-        self._routers = types.MappingProxyType({})
-        for router in routers:
-            router.close(timeout=timeout)
+        with self._use_lock:
+            routings = list(self._routers.values())
+            self._routers = types.MappingProxyType({})
+        for routing in routings:
+            routing.router.close(timeout=timeout)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -207,10 +360,36 @@ class ModelRegistry:
                 refused to create one).
         """
         path = entry.endpoints[0]
-        router = self._routers.get((entry.name, path))
-        if router is None:
+        routing = self._routers.get((entry.name, path))
+        if routing is None:
             raise NoInstances(path)
-        return router
+        return routing.router
+
+    @contextlib.contextmanager
+    def lease(self, entry: ModelEntry) -> Iterator[Routing]:
+        """Hold ``entry``'s routing for the block: its router is not released meanwhile.
+
+        Never blocks (a lock held for a few dict operations only).
+
+        Raises:
+            NoInstances: the registry has no router for it (released since the table was
+                read, closing, or the runtime refused to create one).
+        """
+        path = entry.endpoints[0]
+        with self._use_lock:
+            routing = self._routers.get((entry.name, path))
+            if routing is None:
+                raise NoInstances(path)
+            routing.users += 1
+        try:
+            yield routing
+        finally:
+            with self._use_lock:
+                routing.users -= 1
+
+    def routings(self) -> list[Routing]:
+        """The routers kept now (for inspection)."""
+        return list(self._routers.values())
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every change (on the registry's thread; must not block)."""
@@ -234,7 +413,34 @@ class ModelRegistry:
     def _add_router(self, model: str, path: str) -> None:
         if (model, path) in self._routers:
             return
-        router = self._rt.router(path, policy=self.policy, instance_filter=_declares(model))
-        routers = dict(self._routers)
-        routers[(model, path)] = router
-        self._routers = types.MappingProxyType(routers)
+        rt = self._rt
+        # spawn_router rather than rt.router: the runtime keeps every router it makes until it
+        # closes, and this registry releases its routers (it closes the ones it holds itself).
+        router = spawn_router(
+            rt.system,
+            rt.store,  # raises TroupeError once the runtime is closing
+            rt.network,
+            rt.io,
+            path,
+            policy=self.policy,
+            instance_filter=_declares(model),
+        )
+        chooser = InstanceChooser(POLICIES[self.policy](random.Random()))
+        with self._use_lock:
+            routers = dict(self._routers)
+            routers[(model, path)] = Routing(model, path, router, chooser)
+            self._routers = types.MappingProxyType(routers)
+
+    def _release_router(self, model: str, path: str) -> bool:
+        """Close the router of (model, path) unless a request holds it; whether it is gone."""
+        with self._use_lock:
+            routing = self._routers.get((model, path))
+            if routing is None:
+                return True
+            if routing.users:
+                return False
+            routers = dict(self._routers)
+            del routers[(model, path)]
+            self._routers = types.MappingProxyType(routers)
+        routing.router.close()  # no request holds it; new ones find no router (NoInstances)
+        return True

@@ -59,7 +59,9 @@ class Frontend:
     def __init__(self, rt: Runtime, settings: FrontendSettings | None = None) -> None:
         self.rt = rt
         self.settings = settings if settings is not None else FrontendSettings()
-        self.registry = ModelRegistry(rt, policy=self.settings.router_mode)
+        self.registry = ModelRegistry(
+            rt, policy=self.settings.router_mode, idle=self.settings.router_idle
+        )
         self.metrics = FrontendMetrics(rt.metrics.registry)
         self.state = FrontendState(rt, self.registry, self.metrics, self.settings)
         self._started: asyncio.Future[None] | None = None
