@@ -345,6 +345,23 @@ def test_generate_on_the_io_loop_itself(cluster: Cluster) -> None:
     assert worker.seen == [("count", 0)]
 
 
+def test_generate_on_the_io_loop_fails_at_the_first_iteration(cluster: Cluster) -> None:
+    router = cluster.router(expect=0)
+
+    async def go() -> tuple[type[BaseException], type[BaseException]]:
+        chunks = router.generate({"kind": "count", "n": 1})  # nothing sent, nothing raised yet
+        unknown = router.generate({}, instance_id="nope")
+        errors = []
+        for gen in (chunks, unknown):
+            try:
+                await anext(gen)
+            except TroupeError as exc:
+                errors.append(type(exc))
+        return errors[0], errors[1]
+
+    assert cluster.rt.io.run(go(), timeout=5) == (NoInstances, InstanceNotFound)
+
+
 def test_generate_sync_from_threads(cluster: Cluster) -> None:
     cluster.inproc_worker()
     router = cluster.router(expect=1)

@@ -33,9 +33,9 @@ from troupe.transports import (
     Request,
     Server,
     TransportSettings,
-    decode,
     encode,
 )
+from troupe.transports._codec import decode_message
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 # The largest request the conformance planes accept (kept small so limit tests stay cheap).
@@ -63,11 +63,14 @@ class RawPeer:
 
 def _ends(data: bytes, request_id: int) -> bool:
     try:
-        frame = decode(data)
+        frames = decode_message(data)  # one frame, or a batch of them (tcp)
     except ProtocolError:
         return False
-    ended = isinstance(frame, End) or (isinstance(frame, Chunk) and frame.end)
-    return ended and frame.id == request_id
+    return any(
+        (isinstance(frame, End) or (isinstance(frame, Chunk) and frame.end))
+        and frame.id == request_id
+        for frame in frames
+    )
 
 
 class _InprocRawPeer(RawPeer):

@@ -22,6 +22,7 @@ from troupe.transports import (
     encode,
     encode_framed,
 )
+from troupe.transports._codec import decode_message, encode_batch
 
 SAMPLES: list[Frame] = [
     Request(1, "generate", b"payload"),
@@ -200,3 +201,23 @@ def test_frame_buffer_random_bytes_never_escape_typed_errors(raw: bytes) -> None
 def test_frame_buffer_needs_a_positive_limit() -> None:
     with pytest.raises(ValueError, match="positive"):
         FrameBuffer(0)
+
+
+@pytest.mark.parametrize("count", [1, 2, 15, 16, 300])
+def test_batches_carry_frames_in_order(count: int) -> None:
+    sent = [SAMPLES[i % len(SAMPLES)] for i in range(count)]
+    assert decode_message(encode_batch([encode(frame) for frame in sent])) == sent
+
+
+def test_decode_message_reads_single_frames_and_refuses_bad_batches() -> None:
+    assert decode_message(encode(End(4))) == [End(4)]
+    with pytest.raises(ProtocolError):
+        decode_message(b"")
+    with pytest.raises(ProtocolError, match="batch"):
+        decode_message(b"\xc1")  # the marker alone
+    with pytest.raises(ProtocolError, match="batch"):
+        decode_message(b"\xc1\x92" + encode(End(1)) + b"\x01")  # one element is no frame
+    with pytest.raises(ProtocolError, match="batch"):
+        decode_message(b"\xc1\x93" + encode(End(1)))  # truncated
+    with pytest.raises(ValueError, match="at most 65535"):
+        encode_batch([encode(End(1))] * 65_536)

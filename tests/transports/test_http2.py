@@ -714,3 +714,46 @@ async def test_killed_worker_breaks_every_open_stream_promptly() -> None:
     finally:
         await client.close()
         worker.close()
+
+
+async def test_close_is_quick_after_a_caller_reset_a_request_mid_upload(
+    server: Http2Server,
+) -> None:
+    """hypercorn never counts a connection idle after its last stream was reset by the caller;
+    close() must not wait out hypercorn's whole graceful timeout for it (it took 2 s)."""
+    import h2.config  # noqa: PLC0415 - the raw client of this test only
+    import h2.connection  # noqa: PLC0415
+    import h2.events  # noqa: PLC0415
+
+    url = urlsplit(server.address)
+    assert url.hostname is not None
+    assert url.port is not None
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", url.netloc),
+        (":path", f"{url.path}/echo"),
+        ("content-type", FRAMES_CONTENT_TYPE),
+    ]
+    conn.send_headers(1, headers)  # the body never follows: reset mid-upload
+    conn.reset_stream(1)
+    conn.ping(b"troupe!!")
+    writer.write(conn.data_to_send())
+    try:
+        async with asyncio.timeout(5):
+            acked = False
+            while not acked:  # frames are handled in order: the reset came before the ping
+                data = await reader.read(65536)
+                assert data, "the server closed the connection"
+                events = conn.receive_data(data)
+                acked = any(isinstance(e, h2.events.PingAckReceived) for e in events)
+                writer.write(conn.data_to_send())
+        await eventually_async(lambda: server._calls == 0)
+        started = time.monotonic()
+        await server.close()
+        assert time.monotonic() - started < 1.0
+    finally:
+        writer.close()

@@ -21,9 +21,9 @@ from troupe.errors import (
 )
 from troupe.testing import free_port
 from troupe.transports import RequestContext, encode
-from troupe.transports._codec import Request
+from troupe.transports._codec import Request, encode_batch
 from troupe.transports._net import advertised_host, format_hostport, split_address
-from troupe.transports.tcp import TcpClient, TcpServer
+from troupe.transports.tcp import TcpClient, TcpServer, _next_message
 
 LIMIT = 64 * 1024
 CONFIG = TcpConfig(host="127.0.0.1", max_message_size=LIMIT, request_timeout=10.0)
@@ -352,3 +352,30 @@ async def test_server_closing_right_after_a_cancel_does_not_wait_for_its_grace()
     finally:
         await client.close()
         await server.close()
+
+
+async def test_concurrent_frames_are_batched_within_the_size_limit(
+    server: TcpServer, client: TcpClient
+) -> None:
+    # 15 kB frames: up to four fit in one batch under the 64 KiB limit; a batch over it would
+    # make ZeroMQ drop the connection (MAXMSGSIZE) and every stream would break.
+    payloads = [bytes([i]) * 15_000 for i in range(48)]
+    answers = await asyncio.gather(
+        *(call(client, server.address, "echo", payload) for payload in payloads)
+    )
+    assert answers == [[payload] for payload in payloads]
+    small = [str(i).encode() for i in range(600)]
+    answers = await asyncio.gather(
+        *(call(client, server.address, "echo", payload) for payload in small)
+    )
+    assert answers == [[payload] for payload in small]
+
+
+def test_batches_respect_the_byte_limit_and_leave_large_frames_alone() -> None:
+    frames = [b"a" * 100, b"b" * 100, b"c" * 20_000, b"d" * 10]
+    data, count = _next_message(frames, 1_000)
+    assert count == 2
+    assert data == encode_batch(frames[:2])
+    assert _next_message(frames[2:], 1_000_000) == (frames[2], 1)  # large: alone, uncopied
+    assert _next_message(frames, 0) == (frames[0], 1)  # batching off
+    assert _next_message(frames[:2], 150) == (frames[0], 1)  # two would exceed the limit

@@ -25,7 +25,7 @@ import queue
 import random
 import threading
 import types
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -529,19 +529,20 @@ class Router:
 
     # --- requests ------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         request: Any,
         *,
         instance_id: str | None = None,
         deadline: float | None = None,
         headers: dict[str, str] | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Send ``request`` and yield the decoded chunks of the answer.
 
         Works from any event loop: on the runtime's I/O loop directly, elsewhere through a
         bridge. Closing the generator early, or cancelling the task iterating it, cancels the
-        request (the worker's handler sees ``ctx.is_stopped()``).
+        request (the worker's handler sees ``ctx.is_stopped()``). Nothing is sent before the
+        first iteration.
 
         Args:
             request: any msgpack-encodable object.
@@ -550,17 +551,22 @@ class Router:
             headers: string metadata for the handler's context.
 
         Raises:
-            NoInstances: no instance serves the endpoint (at once).
-            InstanceNotFound: ``instance_id`` is not a known instance (at once).
+            NoInstances: no instance serves the endpoint (at the first iteration).
+            InstanceNotFound: ``instance_id`` is not a known instance (at the first iteration).
             TransportError: the typed failure of the last attempt (``StreamBroken``,
                 ``ConnectTimeout``, ``RequestTimeout``, ``RemoteError``, ...).
             Overloaded: the worker is at its admission limit.
         """
-        self._check(instance_id)
-        call = _Call(request, instance_id, deadline, headers)
+        if asyncio._get_running_loop() is self._io.loop:
+            # On the I/O loop the answer is _run itself: no generator layer in between.
+            return self._run(request, instance_id, deadline, headers)
+        return self._generate_elsewhere(_Call(request, instance_id, deadline, headers))
+
+    async def _generate_elsewhere(self, call: _Call) -> AsyncGenerator[Any, None]:
+        """:meth:`generate` called off the I/O loop: bridged unless iterated on the I/O loop."""
+        self._check(call.instance_id)
         if asyncio.get_running_loop() is self._io.loop:
-            # try/finally rather than contextlib.aclosing: the same closing, fewer calls.
-            chunks = self._run(call)
+            chunks = self._run(call.request, call.instance_id, call.deadline, call.headers)
             try:
                 async for chunk in chunks:
                     yield chunk
@@ -678,7 +684,8 @@ class Router:
         if task is not None:
             task.set_name(f"Router-{self.endpoint}-bridge")
         flow.room = asyncio.Event()
-        async with contextlib.aclosing(self._run(call)) as chunks:
+        chunks = self._run(call.request, call.instance_id, call.deadline, call.headers)
+        async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 sink((_ITEM, chunk))
                 flow.sent += 1
@@ -686,19 +693,24 @@ class Router:
                     flow.room.clear()
                     await flow.room.wait()
 
-    def _pick(self, instance_id: str | None, tried: set[str]) -> RoutedInstance:
+    def _pick(self, instance_id: str | None, tried: set[str] | None) -> RoutedInstance:
         snapshot = self._holder.current
+        if instance_id is None and not tried:
+            candidates = snapshot.available
+            if candidates:
+                return self._policy.choose(candidates, self._inflight)
         if instance_id is not None:
             target = snapshot.by_id.get(instance_id)
             if target is None:
                 raise InstanceNotFound(self.endpoint, instance_id)
             return target
+        excluded = tried or set()
         candidates = snapshot.available
-        if tried:
-            candidates = tuple(i for i in candidates if i.instance_id not in tried)
+        if excluded:
+            candidates = tuple(i for i in candidates if i.instance_id not in excluded)
         if not candidates:
             # Everything is set aside (or was tried): trying one beats failing outright.
-            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
+            candidates = tuple(i for i in snapshot.instances if i.instance_id not in excluded)
             if not candidates:
                 raise NoInstances(self.endpoint)
         return self._policy.choose(candidates, self._inflight)
@@ -709,35 +721,47 @@ class Router:
         except ActorDead:
             pass  # the router actor is stopping; there is no table to update any more
 
-    async def _run(self, call: _Call) -> AsyncGenerator[Any, None]:
+    async def _run(
+        self,
+        request: Any,
+        instance_id: str | None,
+        deadline: float | None,
+        headers: dict[str, str] | None,
+    ) -> AsyncGenerator[Any, None]:
         """On the I/O loop: choose, send, stream, and migrate on instance failures."""
-        instance_id = call.instance_id
-        payload = encode_payload(call.request)
-        tried: set[str] = set()
+        payload: bytes | None = None
+        tried: set[str] | None = None
         attempt = 0
         inflight = self._inflight
         while True:
             target = self._pick(instance_id, tried)
-            tried.add(target.instance_id)
+            if payload is None:
+                payload = encode_payload(request)
             key = target.instance_id
             inflight[key] = inflight.get(key, 0) + 1
             try:
                 try:
-                    client = self._network.client_for(target.address)
-                    stream = await client.request(
-                        target.address,
+                    address = target.address
+                    stream = await self._network.client_for(address).request(
+                        address,
                         self.endpoint,
                         payload,
-                        deadline=call.deadline,
-                        headers=call.headers,
+                        deadline=deadline,
+                        headers=headers,
                         attempt=attempt,
                     )
-                    async with stream:
+                    try:
                         async for chunk in stream:
                             yield decode_payload(chunk)
+                    finally:
+                        stream.close()
                     return
                 except MIGRATABLE as exc:
                     self._set_aside(key)
+                    if tried is None:
+                        tried = {key}
+                    else:
+                        tried.add(key)
                     if instance_id is not None or attempt >= self.migration_limit:
                         raise
                     if not any(i.instance_id not in tried for i in self._holder.current.instances):

@@ -50,6 +50,7 @@ __all__ = [
     "PlaneModule",
     "ResponseStream",
     "Server",
+    "TimeoutSweep",
     "TransportSettings",
     "remote_error",
 ]
@@ -106,6 +107,72 @@ _OPEN: Final = 0  # waiting for frames
 _ENDED: Final = 1  # the last frame (End, Error or a failure) is queued, not yet consumed
 _DONE: Final = 2  # the caller consumed the end, or closed the stream
 
+_SWEEP_TICK: Final = 0.1
+"""Seconds between two sweeps of a :class:`TimeoutSweep`."""
+
+
+class TimeoutSweep:
+    """Enforces the waiting limits of many :class:`ResponseStream` objects with one timer.
+
+    A timer per wait (``loop.call_at`` and its ``cancel``) costs more than the rest of a short
+    request's bookkeeping, and almost never fires. A client owns one sweep for its streams: a
+    limit more than one tick away waits in a dict, looked at every ``tick`` seconds while
+    something waits; a limit that comes within a tick then gets its own timer, so a timeout
+    still fires on time. Used on the client's event loop only.
+
+    Args:
+        loop: the client's event loop.
+        tick: seconds between sweeps.
+    """
+
+    __slots__ = ("_closed", "_loop", "_tick", "_timer", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = _SWEEP_TICK) -> None:
+        self._loop = loop
+        self._tick = tick
+        self._waiting: dict[ResponseStream, float] = {}  # stream -> loop time of its limit
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def watch(self, stream: ResponseStream, limit: float) -> asyncio.TimerHandle | None:
+        """Call ``stream._on_timer`` at loop time ``limit`` unless :meth:`unwatch` comes first.
+
+        Returns:
+            The timer when the limit is near (cancel it instead of calling :meth:`unwatch`);
+            ``None`` when the stream waits for the sweep.
+        """
+        loop = self._loop
+        if self._closed or limit - loop.time() <= self._tick:
+            return loop.call_at(limit, stream._on_timer)
+        self._waiting[stream] = limit
+        if self._timer is None:
+            self._timer = loop.call_later(self._tick, self._sweep)
+        return None
+
+    def unwatch(self, stream: ResponseStream) -> None:
+        """``stream`` stopped waiting."""
+        self._waiting.pop(stream, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        waiting = self._waiting
+        horizon = self._loop.time() + self._tick
+        due = [stream for stream, limit in waiting.items() if limit <= horizon]
+        for stream in due:
+            stream._arm(waiting.pop(stream))
+        if waiting and not self._closed:
+            self._timer = self._loop.call_later(self._tick, self._sweep)
+
+    def close(self) -> None:
+        """Stop sweeping; streams still waiting (and later ones) get a timer each."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, {}
+        for stream, limit in waiting.items():
+            stream._arm(limit)
+
 
 class ResponseStream:
     """The answer to one request: an async iterator of ``bytes`` chunks.
@@ -119,6 +186,8 @@ class ResponseStream:
     sends ``Cancel`` to the worker.
 
     Transports create it and feed it with :meth:`deliver` and :meth:`fail`, on the loop thread.
+    A transport may subclass it and override :meth:`_send_cancel` and :meth:`_finished` instead
+    of passing ``cancel`` and ``on_finish`` (two closures less per request).
 
     Args:
         request_id: the id of the request on its transport.
@@ -129,6 +198,7 @@ class ResponseStream:
         deadline: UNIX epoch seconds after which the caller gives up; ``None`` for no deadline.
         on_finish: called once when no more frames are expected (end received, failure, or the
             caller closed the stream), so the transport can forget the request.
+        sweep: the client's :class:`TimeoutSweep`; without one, every wait has its own timer.
     """
 
     __slots__ = (
@@ -140,6 +210,8 @@ class ResponseStream:
         "_on_finish",
         "_request_timeout",
         "_state",
+        "_sweep",
+        "_timer",
         "_waiter",
         "address",
         "endpoint",
@@ -152,10 +224,11 @@ class ResponseStream:
         *,
         address: str,
         endpoint: str,
-        cancel: Callable[[], None],
+        cancel: Callable[[], None] | None = None,
         request_timeout: float | None = None,
         deadline: float | None = None,
         on_finish: Callable[[], None] | None = None,
+        sweep: TimeoutSweep | None = None,
     ) -> None:
         self.request_id = request_id
         self.address = address
@@ -164,10 +237,12 @@ class ResponseStream:
         self._request_timeout = request_timeout
         self._deadline = deadline
         self._on_finish = on_finish
+        self._sweep = sweep
         self._loop = asyncio.get_running_loop()
         self._items: deque[Reply | TroupeError] = deque()
         self._state = _OPEN
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         state = ("open", "ended", "done")[self._state]
@@ -180,6 +255,19 @@ class ResponseStream:
         """Whether no more frames will arrive (the end is queued or consumed, or closed)."""
         return self._state != _OPEN
 
+    # --- hooks for transports --------------------------------------------------------------------
+
+    def _send_cancel(self) -> None:
+        """Tell the worker to stop (at most once, never blocks): calls ``cancel``."""
+        if self._cancel is not None:
+            self._cancel()
+
+    def _finished(self) -> None:
+        """No more frames are expected (called once): calls ``on_finish``."""
+        on_finish, self._on_finish = self._on_finish, None
+        if on_finish is not None:
+            on_finish()
+
     # --- producer side (the transport) -----------------------------------------------------------
 
     def deliver(self, frame: Reply) -> None:
@@ -189,10 +277,12 @@ class ResponseStream:
         items = self._items
         items.append(frame)
         if type(frame) is not Chunk:
-            self._end()
+            self._state = _ENDED
+            self._finished()
         elif frame.end:
             items.append(_END)
-            self._end()
+            self._state = _ENDED
+            self._finished()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -202,16 +292,11 @@ class ResponseStream:
         if self._state != _OPEN:
             return
         self._items.append(exc)
-        self._end()
+        self._state = _ENDED
+        self._finished()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def _end(self) -> None:
-        self._state = _ENDED
-        on_finish, self._on_finish = self._on_finish, None
-        if on_finish is not None:
-            on_finish()
 
     # --- consumer side ---------------------------------------------------------------------------
 
@@ -219,8 +304,8 @@ class ResponseStream:
         return self
 
     async def __anext__(self) -> bytes:
+        items = self._items
         while True:
-            items = self._items
             if items:
                 item = items.popleft()
                 if type(item) is Chunk:
@@ -237,31 +322,40 @@ class ResponseStream:
                 raise item
             if self._state == _DONE:
                 raise StopAsyncIteration
-            await self._wait()
+            # Wait for the next frame (inline rather than a helper coroutine: one less per wait).
+            loop = self._loop
+            waiter = self._waiter = loop.create_future()
+            limit = None
+            if self._request_timeout is not None:
+                limit = loop.time() + self._request_timeout
+            if self._deadline is not None:
+                until_deadline = loop.time() + (self._deadline - time.time())
+                if limit is None or until_deadline <= limit:
+                    limit = until_deadline
+            sweep = self._sweep
+            if limit is not None:
+                if sweep is None:
+                    self._timer = loop.call_at(limit, self._on_timer)
+                else:
+                    self._timer = sweep.watch(self, limit)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._abandon()
+                raise
+            finally:
+                self._waiter = None
+                timer = self._timer
+                if timer is not None:
+                    self._timer = None
+                    timer.cancel()
+                elif limit is not None and sweep is not None:
+                    sweep.unwatch(self)
 
-    async def _wait(self) -> None:
-        loop = self._loop
-        waiter = loop.create_future()
-        self._waiter = waiter
-        timer = None
-        limit = None
-        if self._request_timeout is not None:
-            limit = loop.time() + self._request_timeout
-        if self._deadline is not None:
-            until_deadline = loop.time() + (self._deadline - time.time())
-            if limit is None or until_deadline <= limit:
-                limit = until_deadline
-        if limit is not None:
-            timer = loop.call_at(limit, self._on_timer)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self._abandon()
-            raise
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+    def _arm(self, limit: float) -> None:
+        """Called by the sweep: the limit is near; give this wait its own timer."""
+        if self._waiter is not None and self._timer is None:
+            self._timer = self._loop.call_at(limit, self._on_timer)
 
     def _on_timer(self) -> None:
         if self._state != _OPEN:
@@ -273,19 +367,26 @@ class ResponseStream:
             )
         else:
             exc = RequestTimeout(self.address, self._request_timeout or 0.0)
-        self._cancel()
+        self._send_cancel()
         self.fail(exc)
 
     def _abandon(self) -> None:
         """The caller no longer wants the answer: tell the worker if it is still working."""
-        if self._state == _OPEN:
-            self._cancel()
-        if self._state != _DONE:
-            self._state = _DONE
-            self._items.clear()
-            on_finish, self._on_finish = self._on_finish, None
-            if on_finish is not None:
-                on_finish()
+        state = self._state
+        if state == _DONE:
+            return
+        self._state = _DONE
+        self._items.clear()
+        if state == _OPEN:
+            self._send_cancel()
+            self._finished()
+
+    def close(self) -> None:
+        """Stop receiving; sends ``Cancel`` if the worker has not finished. Idempotent.
+
+        The synchronous form of :meth:`aclose`, for code on the stream's loop thread.
+        """
+        self._abandon()
 
     async def aclose(self) -> None:
         """Stop receiving; sends ``Cancel`` if the worker has not finished. Idempotent."""

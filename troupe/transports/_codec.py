@@ -10,7 +10,9 @@ ignore extra trailing elements, so old peers keep working.
 :func:`decode` turns any bytes into a frame or a :class:`~troupe.errors.ProtocolError`, never a
 ``msgspec`` exception. Transports that carry frames on a byte stream (HTTP/2 bodies) frame them
 with a 4-byte big-endian length prefix: :func:`encode_framed` writes one, :class:`FrameBuffer`
-reads them back from arbitrary slices of the stream.
+reads them back from arbitrary slices of the stream. Transports that carry messages (ZeroMQ)
+may put several encoded frames in one message with :func:`encode_batch`; :func:`decode_message`
+reads either form.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import msgspec
 from troupe.errors import MessageTooLarge, ProtocolError
 
 __all__ = [
+    "BATCH_OVERHEAD",
     "PREFIX_SIZE",
     "Cancel",
     "Chunk",
@@ -33,7 +36,9 @@ __all__ = [
     "Request",
     "RequestId",
     "decode",
+    "decode_message",
     "encode",
+    "encode_batch",
     "encode_framed",
 ]
 
@@ -114,6 +119,13 @@ _MAX_PREFIXED: Final = 2**32 - 1
 # One long-lived encoder and decoder: building them per message costs more than encoding.
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Frame)
+_batch_decoder: Final = msgspec.msgpack.Decoder(list[Frame])
+
+# A batch is this byte (never used by msgpack) followed by a msgpack array of encoded frames.
+_BATCH_MARKER: Final = 0xC1
+_MAX_BATCH: Final = 0xFFFF
+BATCH_OVERHEAD: Final = 4
+"""Bytes :func:`encode_batch` adds to the frames' own (a marker and an array header)."""
 
 
 def encode(frame: Frame) -> bytes:
@@ -135,6 +147,39 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
     except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
         raise ProtocolError(f"undecodable request-plane frame ({len(data)} bytes): {exc}") from exc
     return frame
+
+
+def encode_batch(frames: list[bytes]) -> bytes:
+    """Several encoded frames as one message, for :func:`decode_message`: one send, one receive
+    and one decode call for the lot instead of one each.
+
+    Args:
+        frames: frames from :func:`encode`, at most 65,535 of them.
+    """
+    count = len(frames)
+    if count < 16:
+        header = bytes((_BATCH_MARKER, 0x90 | count))
+    elif count <= _MAX_BATCH:
+        header = bytes((_BATCH_MARKER, 0xDC)) + count.to_bytes(2, "big")
+    else:
+        raise ValueError(f"a batch holds at most {_MAX_BATCH} frames, not {count}")
+    return b"".join([header, *frames])
+
+
+def decode_message(data: bytes) -> list[Frame]:
+    """The frames of one message: a single frame (:func:`encode`) or a batch (:func:`encode_batch`).
+
+    Raises:
+        ProtocolError: the message, or any frame of the batch, is not valid (the whole batch
+            is refused: batches come from troupe's own encoder).
+    """
+    if not data or data[0] != _BATCH_MARKER:
+        return [decode(data)]
+    try:
+        frames: list[Frame] = _batch_decoder.decode(memoryview(data)[1:])
+    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
+        raise ProtocolError(f"undecodable batch of frames ({len(data)} bytes): {exc}") from exc
+    return frames
 
 
 def encode_framed(frame: Frame) -> bytes:

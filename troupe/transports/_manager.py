@@ -37,6 +37,9 @@ _SCHEMES: Final[Mapping[str, str]] = {
 }
 """Address scheme → plane name."""
 
+_ADDRESS_CACHE: Final = 4096
+"""Worker addresses whose client :meth:`NetworkManager.client_for` remembers."""
+
 
 def _plane_module(plane: str) -> PlaneModule:
     try:
@@ -89,6 +92,9 @@ class NetworkManager:
             inproc=inproc,
         )
         self._clients: dict[str, Client] = {}
+        # address -> its client: routers call client_for() once per request, and parsing the
+        # scheme (urlsplit) costs more than the lookup. Bounded: cleared when it grows large.
+        self._by_address: dict[str, Client] = {}
         self._closed = False
 
     @property
@@ -112,7 +118,14 @@ class NetworkManager:
             TransportError: the address's scheme names no plane.
             TransportClosed: the manager is closed.
         """
-        return self.client(plane_of(address))
+        client = self._by_address.get(address)
+        if client is not None and not self._closed:
+            return client
+        client = self.client(plane_of(address))
+        if len(self._by_address) >= _ADDRESS_CACHE:
+            self._by_address.clear()
+        self._by_address[address] = client
+        return client
 
     def client(self, plane: str) -> Client:
         """The client of ``plane`` (``"tcp"``, ``"http"``, ``"nats"``, ``"inproc"``), cached.
@@ -135,5 +148,6 @@ class NetworkManager:
         self._closed = True
         clients = list(self._clients.values())
         self._clients.clear()
+        self._by_address.clear()
         if clients:
             await asyncio.gather(*(client.close() for client in clients))

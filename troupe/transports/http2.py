@@ -35,6 +35,7 @@ out of reach, and request bodies are collected as a list joined once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import itertools
@@ -119,9 +120,14 @@ _log = logging.getLogger("troupe.transports.http2")
 
 # hypercorn closes an HTTP/2 connection after keep_alive_max_requests requests (default 1,000).
 _UNLIMITED_REQUESTS: Final = sys.maxsize
-# Seconds hypercorn waits for busy connections at shutdown, after the runner has stopped every
+# Seconds close() waits for the app's calls to return, after the runner has stopped every
 # request (so only the last bytes of each response are still on their way).
 _GRACEFUL_TIMEOUT: Final = 2.0
+# Seconds hypercorn then gets to close its connections. It closes an idle connection at once,
+# but never counts as idle a connection whose last stream the caller reset (RST_STREAM before
+# the request body ended: hypercorn 0.18 sends no idle update for it) and would wait for its
+# whole graceful_timeout; once the app's calls have returned, nothing is left to wait for.
+_CLOSE_FLUSH: Final = 0.1
 # The most concurrent streams a worker advertises (see _hypercorn_config).
 _SERVER_MAX_STREAMS: Final = 900
 # Listening backlog: bursts of callers connecting at once.
@@ -245,6 +251,10 @@ class Http2Server(Server):
         self._exchanges: dict[RequestId, _Exchange] = {}
         self._early_cancels: dict[RequestId, None] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self._hypercorn: HypercornConfig | None = None
+        self._calls = 0  # ASGI http calls running
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
 
     @property
     def address(self) -> str:
@@ -330,10 +340,11 @@ class Http2Server(Server):
         self._shutdown = asyncio.Event()
         started = self._started = loop.create_future()
         app = wrap_app(cast("ASGIFramework", self._asgi), 0, "asgi")
+        self._hypercorn = self._hypercorn_config()
         self._task = loop.create_task(
             worker_serve(
                 app,
-                self._hypercorn_config(),
+                self._hypercorn,
                 sockets=Sockets([], [sock], []),
                 shutdown_trigger=self._shutdown.wait,
             ),
@@ -362,6 +373,13 @@ class Http2Server(Server):
         task, self._task = self._task, None
         if task is not None:
             assert self._shutdown is not None
+            if self._calls:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_GRACEFUL_TIMEOUT):
+                        await self._no_calls.wait()
+            if self._hypercorn is not None:
+                # Read by hypercorn when the shutdown starts: see _CLOSE_FLUSH.
+                self._hypercorn.graceful_timeout = _CLOSE_FLUSH
             self._shutdown.set()
             await asyncio.wait((task,))
             if not task.cancelled() and task.exception() is not None:
@@ -379,7 +397,14 @@ class Http2Server(Server):
     async def _asgi(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http_call(scope, receive, send)
+            self._calls += 1
+            self._no_calls.clear()
+            try:
+                await self._http_call(scope, receive, send)
+            finally:
+                self._calls -= 1
+                if not self._calls:
+                    self._no_calls.set()
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         # Anything else (a websocket) is refused by returning: hypercorn closes it.

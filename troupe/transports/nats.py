@@ -41,7 +41,6 @@ coalescing flusher.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import re
@@ -65,7 +64,13 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
+from troupe.transports._base import (
+    Client,
+    ResponseStream,
+    Server,
+    TimeoutSweep,
+    TransportSettings,
+)
 from troupe.transports._codec import (
     Cancel,
     Chunk,
@@ -433,9 +438,10 @@ class NatsRpcClient(Client):
         self._inbox = ""  # "<inbox>." : the reply subject of request N is "<inbox>.N"
         self._connect_lock = asyncio.Lock()
         self._ids = itertools.count(1)
-        self._streams: weakref.WeakValueDictionary[int, ResponseStream] = (
-            weakref.WeakValueDictionary()
-        )
+        # request id -> a weak reference to its stream (a stream its caller dropped is
+        # collected; plain weakrefs in a plain dict cost less than a WeakValueDictionary).
+        self._streams: dict[int, weakref.ref[ResponseStream]] = {}
+        self._sweep: TimeoutSweep | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._prober: asyncio.Task[None] | None = None
         self._probe_ids = itertools.count(1)
@@ -483,16 +489,21 @@ class NatsRpcClient(Client):
                 len(data), limit, address=address, variable="max_payload of nats-server"
             )
         reply = self._inbox + str(rid)
-        stream = ResponseStream(
+        sweep = self._sweep
+        if sweep is None:
+            sweep = self._sweep = TimeoutSweep(asyncio.get_running_loop())
+        stream = _NatsStream(
             rid,
             address=address,
             endpoint=endpoint,
-            cancel=functools.partial(self._cancel, subject, reply, rid),
             request_timeout=self._timeout,
             deadline=deadline,
-            on_finish=functools.partial(self._forget, rid),
+            sweep=sweep,
         )
-        self._streams[rid] = stream
+        stream.client = self
+        stream.subject = subject
+        stream.reply = reply
+        self._streams[rid] = weakref.ref(stream)
         try:
             await nc.publish(subject, data, reply=reply)
         except nats.errors.Error as exc:
@@ -545,8 +556,16 @@ class NatsRpcClient(Client):
             self._nc = nc
             return nc
 
-    def _forget(self, rid: int) -> None:
-        self._streams.pop(rid, None)
+    def _live_streams(self) -> list[ResponseStream]:
+        """The open streams (forgetting those their callers dropped)."""
+        live: list[ResponseStream] = []
+        for rid, ref in list(self._streams.items()):
+            stream = ref()
+            if stream is None:
+                del self._streams[rid]
+            else:
+                live.append(stream)
+        return live
 
     async def _on_reply(self, msg: Msg) -> None:
         data = msg.data
@@ -564,16 +583,22 @@ class NatsRpcClient(Client):
         if kind is Chunk or kind is End or kind is Error:
             assert isinstance(frame, Chunk | End | Error)
             rid = frame.id
-            stream = self._streams.get(rid) if type(rid) is int else None
-            if stream is not None:
-                stream.deliver(frame)
+            if type(rid) is not int:
+                return
+            ref = self._streams.get(rid)
+            if ref is not None:
+                stream = ref()
+                if stream is not None:
+                    stream.deliver(frame)
+                else:
+                    del self._streams[rid]  # its caller dropped it
 
     def _no_responders(self, token: str) -> None:
         if token.startswith(_PROBE_TAG):
             address = self._probes.get(token) or self._last_probes.get(token)
             if address is None:
                 return
-            broken = [s for s in list(self._streams.values()) if s.address == address]
+            broken = [s for s in self._live_streams() if s.address == address]
             for stream in broken:
                 stream.fail(
                     StreamBroken(
@@ -586,7 +611,8 @@ class NatsRpcClient(Client):
             rid = int(token)
         except ValueError:
             return
-        pending = self._streams.get(rid)
+        ref = self._streams.get(rid)
+        pending = None if ref is None else ref()
         if pending is not None:
             pending.fail(
                 ConnectionLost(
@@ -599,12 +625,12 @@ class NatsRpcClient(Client):
     async def _probe_workers(self) -> None:
         """While streams are open, probe each worker they use once per interval."""
         interval = self._probe_interval
-        while self._streams and not self._closed:
+        while self._live_streams() and not self._closed:
             await asyncio.sleep(interval)
             nc = self._nc
             if nc is None or not nc.is_connected:
                 continue
-            addresses = {stream.address for stream in list(self._streams.values())}
+            addresses = {stream.address for stream in self._live_streams()}
             probes = {f"{_PROBE_TAG}{next(self._probe_ids)}": address for address in addresses}
             self._last_probes, self._probes = self._probes, probes
             for token, address in probes.items():
@@ -635,7 +661,7 @@ class NatsRpcClient(Client):
     async def _on_disconnected(self) -> None:
         if self._closed:
             return
-        streams = list(self._streams.values())
+        streams = self._live_streams()
         if streams:
             _log.warning(
                 "lost the NATS connection; failing %d open request stream(s)", len(streams)
@@ -656,9 +682,11 @@ class NatsRpcClient(Client):
         if self._closed:
             return
         self._closed = True
-        for stream in list(self._streams.values()):
+        for stream in self._live_streams():
             stream.fail(TransportClosed("nats client closed", address=stream.address))
         self._streams.clear()
+        if self._sweep is not None:
+            self._sweep.close()
         tasks = list(self._tasks)
         if self._prober is not None:
             self._prober.cancel()
@@ -670,6 +698,22 @@ class NatsRpcClient(Client):
             nc, self._nc = self._nc, None
         if nc is not None:
             await _close_quietly(nc)
+
+
+class _NatsStream(ResponseStream):
+    """A stream that cancels and forgets itself through its client (no closures)."""
+
+    __slots__ = ("client", "reply", "subject")
+
+    client: NatsRpcClient
+    subject: str
+    reply: str
+
+    def _send_cancel(self) -> None:
+        self.client._cancel(self.subject, self.reply, self.request_id)  # type: ignore[arg-type]
+
+    def _finished(self) -> None:
+        self.client._streams.pop(self.request_id, None)  # type: ignore[arg-type]
 
 
 # --- the plane module interface ------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The worker binds one ROUTER socket on ``DYN_TCP_RPC_HOST``:``DYN_TCP_RPC_PORT`` (port 0 lets the
 OS pick; :attr:`TcpServer.address` reports the real one). A caller keeps up to
 ``DYN_TCP_POOL_SIZE`` DEALER sockets per worker address and multiplexes many requests on each by
-request id. One message carries one codec frame (the ROUTER adds the peer identity).
+request id. One message carries one codec frame, or a batch of small frames queued in the same
+loop iteration (``_codec.encode_batch``, within ``DYN_TCP_MAX_MESSAGE_SIZE``); the ROUTER adds
+the peer identity.
 
 Performance: ``zmq.asyncio`` costs several times more per message than driving plain pyzmq
 sockets from the event loop, so each socket is registered with ``loop.add_reader(sock.FD)`` and
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import ipaddress
 import itertools
 import logging
@@ -46,8 +47,25 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
-from troupe.transports._codec import Cancel, Chunk, End, Error, Reply, Request, decode, encode
+from troupe.transports._base import (
+    Client,
+    ResponseStream,
+    Server,
+    TimeoutSweep,
+    TransportSettings,
+)
+from troupe.transports._codec import (
+    BATCH_OVERHEAD,
+    Cancel,
+    Chunk,
+    End,
+    Error,
+    Reply,
+    Request,
+    decode_message,
+    encode,
+    encode_batch,
+)
 from troupe.transports._dispatch import SendReply
 from troupe.transports._net import (
     WILDCARD_HOSTS,
@@ -82,8 +100,10 @@ _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 _GONE_MEMORY: Final = 4096
 # How long a closing client's last Cancel frames may take to leave (seconds).
 _CLOSE_LINGER: Final = 0.5
-# Frames sent in one multipart message at most.
+# Frames sent in one ZeroMQ message at most (as one batch: ``_codec.encode_batch``).
 _MAX_PARTS: Final = 256
+# Frames at least this large travel alone (not copied into a batch).
+_BATCH_FRAME_MAX: Final = 16 * 1024
 # A destination's queue is handed to ZeroMQ at once when it holds this many frames, instead of
 # at the end of the loop iteration: the peer works on one batch while the next is produced.
 _EAGER_FRAMES: Final = 16
@@ -117,13 +137,32 @@ def _is_ipv6(host: str) -> bool:
     return ":" in host
 
 
+def _next_message(frames: list[bytes], batch_bytes: int) -> tuple[bytes, int]:
+    """The next message to send from ``frames`` and how many frames it carries: as many small
+    frames as fit in one batch of at most ``batch_bytes`` (0: one frame per message)."""
+    data = frames[0]
+    size = len(data) + BATCH_OVERHEAD
+    if not batch_bytes or size >= _BATCH_FRAME_MAX:
+        return data, 1
+    count = 1
+    most = min(len(frames), _MAX_PARTS)
+    while count < most:
+        more = len(frames[count])
+        if more >= _BATCH_FRAME_MAX or size + more > batch_bytes:
+            break
+        size += more
+        count += 1
+    return (data, 1) if count == 1 else (encode_batch(frames[:count]), count)
+
+
 class _Pump:
     """Drives one plain pyzmq socket from the event loop.
 
     Reads: the reader callback drains every message while ``EVENTS`` has ``POLLIN``. Writes:
     frames are queued per destination (the peer identity on a ROUTER, ``b""`` on a DEALER) and
-    flushed once per loop iteration, each destination's queue as one multipart message, so a
-    burst of replies or requests costs one ZeroMQ message instead of one each. A queue that
+    flushed once per loop iteration, each destination's queue as one message (a batch, see
+    ``_codec.encode_batch``, within ``batch_bytes``), so a burst of replies or requests costs one
+    ZeroMQ send, one receive and one decode call instead of one each. A queue that
     reaches ``_EAGER_FRAMES`` frames is handed over at once, so the peer works on one batch while
     the next is produced (otherwise the two sides take turns).
 
@@ -133,6 +172,7 @@ class _Pump:
 
     __slots__ = (
         "_backoff",
+        "_batch_bytes",
         "_flush_scheduled",
         "_get",
         "_loop",
@@ -144,6 +184,7 @@ class _Pump:
         "_room",
         "_routed",
         "_send",
+        "_single",
         "check_scheduled",
         "closed",
         "limit",
@@ -159,7 +200,23 @@ class _Pump:
         routed: bool = False,
         limit: int = 1,
         on_unroutable: Callable[[bytes], None] | None = None,
+        batch_bytes: int = 0,
+        single_part: bool = False,
     ) -> None:
+        """
+        Args:
+            loop: the event loop driving the socket.
+            sock: the socket.
+            on_message: called with the parts of each message received (on a ROUTER, the
+                peer identity first).
+            routed: a ROUTER socket (messages start with the peer identity).
+            limit: frames queued per destination before :meth:`room` waits.
+            on_unroutable: called with a destination ZeroMQ cannot route to.
+            batch_bytes: the largest batch of frames sent as one message (the peer's
+                ``ZMQ_MAXMSGSIZE``); 0 sends every frame as a message of its own.
+            single_part: every part received is handed over alone, without asking ZeroMQ
+                whether more parts follow (a DEALER whose peer sends one part per message).
+        """
         self._loop = loop
         self.sock = sock
         self._send = _ZmqSocket.send.__get__(sock)
@@ -169,6 +226,8 @@ class _Pump:
         self._routed = routed
         self.limit = limit
         self._on_unroutable = on_unroutable
+        self._batch_bytes = batch_bytes
+        self._single = single_part
         self._queues: dict[bytes, list[bytes]] = {}
         self._room: dict[bytes, list[asyncio.Future[bool]]] = {}
         self._flush_scheduled = False
@@ -196,13 +255,20 @@ class _Pump:
         handle = self._on_message
         get = self._get
         recv = self._recv
+        routed = self._routed
+        single = self._single
         try:
             for _ in range(_DRAIN_BATCH):
                 if not get(_EVENTS) & _POLLIN:
                     return
-                parts = [recv(_NOBLOCK)]
-                while get(_RCVMORE):
-                    parts.append(recv(_NOBLOCK))
+                # Asking ZeroMQ for RCVMORE costs a Python enum lookup inside pyzmq: ask once
+                # per message (a ROUTER's identity is always followed by a part), or never.
+                if single:
+                    parts = [recv(_NOBLOCK)]
+                else:
+                    parts = [recv(_NOBLOCK), recv(_NOBLOCK)] if routed else [recv(_NOBLOCK)]
+                    while get(_RCVMORE):
+                        parts.append(recv(_NOBLOCK))
                 handle(parts)
                 if sock.closed:  # the handler closed the connection
                     return
@@ -282,25 +348,20 @@ class _Pump:
         sock = self.sock
         send = self._send
         routed = self._routed
+        batch_bytes = self._batch_bytes
         blocked = False
         unroutable: list[bytes] = []
         queues = self._queues
         for dest in list(queues):
             frames = queues[dest]
             while frames:
-                batch = frames[:_MAX_PARTS]
-                last = len(batch) - 1
+                data, count = _next_message(frames, batch_bytes)
                 try:
                     # ZeroMQ delivers a multipart message whole or not at all, and only its
                     # first part can fail (full queue, unroutable peer).
                     if routed:
                         send(dest, _SEND_MORE)
-                    for index, frame in enumerate(batch):
-                        send(
-                            frame,
-                            _SEND_MORE if index < last else _NOBLOCK,
-                            len(frame) < _COPY_THRESHOLD,
-                        )
+                    send(data, _NOBLOCK, len(data) < _COPY_THRESHOLD)
                 except zmq.Again:  # the peer's queue is full (SNDHWM): retry later
                     blocked = True
                     break
@@ -312,7 +373,7 @@ class _Pump:
                     frames.clear()
                     unroutable.append(dest)
                     break
-                del frames[: len(batch)]
+                del frames[:count]
             if not frames:
                 del queues[dest]
             if dest in self._room and (not frames or len(frames) < self.limit):
@@ -444,6 +505,7 @@ class TcpServer(Server):
             routed=True,
             limit=config.channel_buffer,
             on_unroutable=self._on_unroutable,
+            batch_bytes=config.max_message_size,
         )
         self._address = f"tcp://{format_hostport(advertised_host(host), port)}"
         _log.debug("TCP server listening on %s (bound %s)", self._address, bound)
@@ -455,18 +517,19 @@ class TcpServer(Server):
         runner = self._runner
         for data in itertools.islice(parts, 1, None):
             try:
-                frame = decode(data)
+                frames = decode_message(data)
             except ProtocolError as exc:
-                _log.debug("dropping an undecodable frame: %s", exc)
+                _log.debug("dropping an undecodable message: %s", exc)
                 continue
-            kind = type(frame)
-            if kind is Request:
-                assert isinstance(frame, Request)
-                runner.dispatch((identity, frame.id), frame, self._sender(identity, frame.id))
-            elif kind is Cancel:
-                runner.cancel((identity, frame.id))
-            else:
-                _log.debug("dropping an unexpected %s frame from a caller", kind.__name__)
+            for frame in frames:
+                kind = type(frame)
+                if kind is Request:
+                    assert isinstance(frame, Request)
+                    runner.dispatch((identity, frame.id), frame, self._sender(identity, frame.id))
+                elif kind is Cancel:
+                    runner.cancel((identity, frame.id))
+                else:
+                    _log.debug("dropping an unexpected %s frame from a caller", kind.__name__)
 
     def _on_unroutable(self, identity: bytes) -> None:
         """A caller's connection is gone: stop everything it asked for."""
@@ -538,15 +601,23 @@ class _Connection:
         self.address = address
         self.host = host
         self.loop = asyncio.get_running_loop()
-        self.streams: weakref.WeakValueDictionary[int, ResponseStream] = (
-            weakref.WeakValueDictionary()
-        )
+        # request id -> a weak reference to its stream: a stream its caller dropped without
+        # closing it is collected, and its next frame sends Cancel (plain weakrefs in a plain
+        # dict: WeakValueDictionary's Python-level bookkeeping cost more per request).
+        self.streams: dict[int, weakref.ref[ResponseStream]] = {}
         self.state = "connecting"
         self._cancelled: dict[int, None] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.ready.add_done_callback(_consume_exception)
         sock, monitor = _open_dealer(ctx, config, address, host)
-        self.pump = _Pump(self.loop, sock, self._on_message, limit=config.channel_buffer)
+        self.pump = _Pump(
+            self.loop,
+            sock,
+            self._on_message,
+            limit=config.channel_buffer,
+            batch_bytes=config.max_message_size,
+            single_part=True,
+        )
         self.monitor = _Pump(self.loop, monitor, self._on_monitor)
         self._timer: asyncio.TimerHandle | None = self.loop.call_later(
             config.connect_timeout, self._connect_timed_out
@@ -592,8 +663,9 @@ class _Connection:
         reply (a handler that is silent for a while would keep a closing worker waiting)."""
         if self.state != "ready":
             return
-        for rid, stream in list(self.streams.items()):
-            if not stream.finished and rid not in self._cancelled:
+        for rid, ref in list(self.streams.items()):
+            stream = ref()
+            if stream is not None and not stream.finished and rid not in self._cancelled:
                 self.pump.put(b"", encode(Cancel(rid)))
         if self.pump.backlog(b""):
             self.pump.flush_now()
@@ -612,15 +684,26 @@ class _Connection:
         if not self.ready.done():
             self.ready.set_exception(exc)
         self.client._forget_connection(self)
-        for stream in list(self.streams.values()):
-            stream.fail(exc)
+        streams = [ref() for ref in self.streams.values()]
         self.streams.clear()
+        for stream in streams:
+            if stream is not None:
+                stream.fail(exc)
         with contextlib.suppress(zmq.ZMQError):
             self.pump.sock.disable_monitor()
         self.monitor.close()
         self.pump.close(linger)
 
     # --- traffic ---
+
+    def try_send(self, data: bytes) -> bool:
+        """Queue one encoded frame if there is room now (no coroutine); ``False`` otherwise."""
+        pump = self.pump
+        if self.state != "ready" or pump.backlog(b"") >= pump.limit:
+            return False
+        # Alone on the connection: send now rather than at the end of the loop iteration.
+        pump.put(b"", data, now=len(self.streams) <= 1)
+        return True
 
     async def send(self, data: bytes) -> None:
         """Queue one encoded frame, first waiting (up to the request timeout) while
@@ -656,20 +739,41 @@ class _Connection:
         streams = self.streams
         for data in parts:
             try:
-                frame = decode(data)
+                frames = decode_message(data)
             except ProtocolError as exc:
                 _log.debug("dropping an undecodable reply from %s: %s", self.address, exc)
                 continue
-            kind = type(frame)
-            if kind is not Chunk and kind is not End and kind is not Error:
-                continue
-            assert isinstance(frame, Chunk | End | Error)
-            rid = frame.id
-            stream = streams.get(rid) if type(rid) is int else None
-            if stream is not None:
-                stream.deliver(frame)
-            elif kind is Chunk and type(rid) is int and rid not in self._cancelled:
-                self.send_cancel(rid)  # nobody reads this stream any more
+            for frame in frames:
+                kind = type(frame)
+                if kind is not Chunk and kind is not End and kind is not Error:
+                    continue
+                assert isinstance(frame, Chunk | End | Error)
+                rid = frame.id
+                if type(rid) is not int:
+                    continue  # this client's ids are ints
+                ref = streams.get(rid)
+                stream = None if ref is None else ref()
+                if stream is not None:
+                    stream.deliver(frame)
+                    continue
+                if ref is not None:
+                    del streams[rid]  # its caller dropped it without closing it
+                if type(frame) is Chunk and not frame.end and rid not in self._cancelled:
+                    self.send_cancel(rid)  # nobody reads this stream any more
+
+
+class _TcpStream(ResponseStream):
+    """A stream that cancels and forgets itself through its connection (no closures)."""
+
+    __slots__ = ("conn",)
+
+    conn: _Connection
+
+    def _send_cancel(self) -> None:
+        self.conn.send_cancel(self.request_id)  # type: ignore[arg-type]  # ints on tcp
+
+    def _finished(self) -> None:
+        self.conn.streams.pop(self.request_id, None)  # type: ignore[arg-type]  # ints on tcp
 
 
 def _open_dealer(
@@ -719,6 +823,7 @@ class TcpClient(Client):
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pools: dict[str, list[_Connection]] = {}
         self._ids = itertools.count(1)
+        self._sweep: TimeoutSweep | None = None
         self._closed = False
 
     def _connection(self, address: str, host: str) -> _Connection:
@@ -782,16 +887,21 @@ class TcpClient(Client):
         conn = self._connection(address, host)
         if conn.state == "connecting":
             await asyncio.shield(conn.ready)
-        stream = ResponseStream(
+        sweep = self._sweep
+        if sweep is None:
+            sweep = self._sweep = TimeoutSweep(asyncio.get_running_loop())
+        stream = _TcpStream(
             rid,
             address=address,
             endpoint=endpoint,
-            cancel=functools.partial(conn.send_cancel, rid),
             request_timeout=self.config.request_timeout,
             deadline=deadline,
-            on_finish=functools.partial(conn.forget, rid),
+            sweep=sweep,
         )
-        conn.streams[rid] = stream
+        stream.conn = conn
+        conn.streams[rid] = weakref.ref(stream)
+        if conn.try_send(data):
+            return stream
         try:
             await conn.send(data)
         except BaseException:
@@ -812,6 +922,8 @@ class TcpClient(Client):
                     TransportClosed("TCP client closed", address=conn.address), _CLOSE_LINGER
                 )
         self._pools.clear()
+        if self._sweep is not None:
+            self._sweep.close()
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
             await asyncio.to_thread(ctx.term)
