@@ -263,6 +263,34 @@ def _zmq_client(port: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return handle
 
 
+def _async_handler(
+    loop: asyncio.AbstractEventLoop,
+    rtt: Callable[[int, float], Awaitable[list[float]]],
+    tp: Callable[[int, float], Awaitable[int]],
+    stream: Callable[[int, float], Awaitable[int]],
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """One command handler for an asyncio floor client: warm up, then measure the timed phase."""
+
+    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
+        op, n, cap = cmd["op"], int(cmd["n"]), float(cmd["cap"])
+        warm = int(cmd.get("warm", 0))
+        run = loop.run_until_complete
+        if op == "rtt":
+            run(rtt(warm, cap))
+            meter = _Meter(cmd["pids"])
+            lat = run(rtt(n, cap))
+            return meter.result(len(lat), lat_us=lat)
+        if op == "tp":
+            run(tp(warm, cap))
+            meter = _Meter(cmd["pids"])
+            return meter.result(run(tp(n, cap)))
+        run(stream(max(1, warm // 100), cap))
+        meter = _Meter(cmd["pids"])
+        return meter.result(run(stream(n, cap)))
+
+    return handle
+
+
 def _nats_client(
     loop: asyncio.AbstractEventLoop, url: str
 ) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -332,24 +360,7 @@ def _nats_client(
                 break
         return chunks
 
-    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-        op, n, cap = cmd["op"], int(cmd["n"]), float(cmd["cap"])
-        warm = int(cmd.get("warm", 0))
-        run = loop.run_until_complete
-        if op == "rtt":
-            run(rtt(warm, cap))
-            meter = _Meter(cmd["pids"])
-            lat = run(rtt(n, cap))
-            return meter.result(len(lat), lat_us=lat)
-        if op == "tp":
-            run(tp(warm, cap))
-            meter = _Meter(cmd["pids"])
-            return meter.result(run(tp(n, cap)))
-        run(stream(max(1, warm // 100), cap))
-        meter = _Meter(cmd["pids"])
-        return meter.result(run(stream(n, cap)))
-
-    return handle
+    return _async_handler(loop, rtt, tp, stream)
 
 
 def _http_client(
@@ -408,24 +419,7 @@ def _http_client(
         # HTTP coalesces DATA frames; the server sent 100 chunks per stream.
         return streams * STREAM_CHUNKS
 
-    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-        op, n, cap = cmd["op"], int(cmd["n"]), float(cmd["cap"])
-        warm = int(cmd.get("warm", 0))
-        run = loop.run_until_complete
-        if op == "rtt":
-            run(rtt(warm, cap))
-            meter = _Meter(cmd["pids"])
-            lat = run(rtt(n, cap))
-            return meter.result(len(lat), lat_us=lat)
-        if op == "tp":
-            run(tp(warm, cap))
-            meter = _Meter(cmd["pids"])
-            return meter.result(run(tp(n, cap)))
-        run(stream(max(1, warm // 100), cap))
-        meter = _Meter(cmd["pids"])
-        return meter.result(run(stream(n, cap)))
-
-    return handle
+    return _async_handler(loop, rtt, tp, stream)
 
 
 class _H2Connection(asyncio.Protocol):
@@ -611,24 +605,7 @@ def _h2_client(
                 break
         return streams * STREAM_CHUNKS  # as for httpx: the server sent 100 chunks per stream
 
-    def handle(cmd: dict[str, Any]) -> dict[str, Any]:
-        op, n, cap = cmd["op"], int(cmd["n"]), float(cmd["cap"])
-        warm = int(cmd.get("warm", 0))
-        run = loop.run_until_complete
-        if op == "rtt":
-            run(rtt(warm, cap))
-            meter = _Meter(cmd["pids"])
-            lat = run(rtt(n, cap))
-            return meter.result(len(lat), lat_us=lat)
-        if op == "tp":
-            run(tp(warm, cap))
-            meter = _Meter(cmd["pids"])
-            return meter.result(run(tp(n, cap)))
-        run(stream(max(1, warm // 100), cap))
-        meter = _Meter(cmd["pids"])
-        return meter.result(run(stream(n, cap)))
-
-    return handle
+    return _async_handler(loop, rtt, tp, stream)
 
 
 def _client_main(kind: str, port: int, nats_url: str | None) -> None:
