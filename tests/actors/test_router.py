@@ -253,6 +253,20 @@ def test_no_instances_fails_at_once_then_wait_for_instances_succeeds(cluster: Cl
     assert call(router) == [worker.id]
 
 
+def test_wait_for_snapshot_returns_the_first_matching_snapshot(cluster: Cluster) -> None:
+    router = cluster.router(expect=0)
+    first = cluster.inproc_worker()
+    two = cluster.rt.io.submit(router.wait_for_snapshot(lambda s: len(s.instances) == 2, timeout=5))
+    assert (
+        cluster.rt.io.run(router.wait_for_snapshot(lambda s: len(s.instances) == 3, timeout=0.05))
+        is None
+    )  # timed out: None, not an exception
+    second = cluster.inproc_worker()
+    snapshot = two.result(5)
+    assert snapshot is not None
+    assert {i.instance_id for i in snapshot.instances} == {first.id, second.id}
+
+
 def test_left_removes_the_instance_at_once(cluster: Cluster) -> None:
     a, b = cluster.inproc_worker(), cluster.inproc_worker()
     router = cluster.router(expect=2)

@@ -498,8 +498,21 @@ class Router:
         Raises:
             NoInstances: none appeared within ``timeout`` seconds.
         """
-        if self._holder.current.instances:
-            return self.instance_ids()
+        if await self.wait_for_snapshot(lambda s: bool(s.instances), timeout) is None:
+            raise NoInstances(self.endpoint)
+        return self.instance_ids()
+
+    async def wait_for_snapshot(
+        self, predicate: Callable[[RouterSnapshot], bool], timeout: float | None = None
+    ) -> RouterSnapshot | None:
+        """Wait until a published snapshot satisfies ``predicate``; None after ``timeout``.
+
+        Event-driven: ``predicate`` is checked now and after every snapshot the router's actor
+        publishes (an instance joined, left, was set aside or came back), on the calling loop.
+        """
+        current = self._holder.current
+        if predicate(current):
+            return current
         loop = asyncio.get_running_loop()
         woken: asyncio.Future[None] = loop.create_future()
 
@@ -512,14 +525,14 @@ class Router:
         self._holder.add_listener(wake)
         try:
             async with asyncio.timeout(timeout):
-                while not self._holder.current.instances:
+                while not predicate(current := self._holder.current):
                     await woken
                     woken = loop.create_future()
         except TimeoutError:
-            raise NoInstances(self.endpoint) from None
+            return None
         finally:
             self._holder.remove_listener(wake)
-        return self.instance_ids()
+        return current
 
     def wait_for_instances_sync(self, timeout: float | None = None) -> list[str]:
         """Blocking :meth:`wait_for_instances`, for scripts (not from an event loop)."""

@@ -47,7 +47,7 @@ from starlette.types import Lifespan, Receive, Scope, Send
 from troupe._logging import get_logger
 from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from troupe._payload import encode_payload
-from troupe.actors._router import MIGRATABLE, RoutedInstance, Router
+from troupe.actors._router import MIGRATABLE, RoutedInstance, Router, RouterSnapshot
 from troupe.errors import (
     ActorError,
     Cancelled,
@@ -547,32 +547,18 @@ async def _wait_for_untried(
 ) -> RoutedInstance | None:
     """Wait up to ``timeout`` seconds for an instance not in ``tried``; ``None`` if none came.
 
-    Event-driven: woken by every snapshot the router's actor publishes.
+    Event-driven: checked after every snapshot the router's actor publishes.
     """
-    loop = asyncio.get_running_loop()
-    published = asyncio.Event()
+    found: RoutedInstance | None = None
 
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(published.set)
-        except RuntimeError:
-            pass  # the waiting loop is closed; nobody is left to wake
+    def untried(_: RouterSnapshot) -> bool:
+        nonlocal found
+        found = chooser.choose(router, tried)
+        return found is not None
 
-    # Router has no public "wait for a snapshot matching ..."; its holder wakes listeners.
-    holder = router._holder
-    holder.add_listener(wake)
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                published.clear()
-                target = chooser.choose(router, tried)
-                if target is not None:
-                    return target
-                await published.wait()
-    except TimeoutError:
+    if await router.wait_for_snapshot(untried, timeout) is None:
         return None
-    finally:
-        holder.remove_listener(wake)
+    return found
 
 
 class _EngineResponse(Response):
