@@ -20,15 +20,12 @@ import socket
 import sys
 import types
 from collections.abc import AsyncIterator
-from typing import Final, cast
+from typing import Final
 
-from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.typing import ASGIFramework
-from hypercorn.utils import wrap_app
 from starlette.applications import Starlette
 
+from troupe._hypercorn import StartFailed, serve_on_socket
 from troupe._logging import get_logger
 from troupe.errors import ConfigError, TroupeError
 from troupe.frontend._app import FrontendSettings, FrontendState, build_app
@@ -104,26 +101,19 @@ class Frontend:
         self._port = int(sock.getsockname()[1])
         self._sock = sock
         loop = asyncio.get_running_loop()
-        self._shutdown = asyncio.Event()
         started = self._started = loop.create_future()
-        app = wrap_app(cast("ASGIFramework", self.app), 0, "asgi")
-        self._task = loop.create_task(
-            worker_serve(
-                app,
+        try:
+            self._task, self._shutdown = await serve_on_socket(
+                self.app,
                 self._hypercorn_config(),
-                sockets=Sockets([], [sock], []),
-                shutdown_trigger=self._shutdown.wait,
-            ),
-            name=f"frontend-http-{self._port}",
-        )
-        await asyncio.wait((self._task, started), return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            started.cancel()
-            task, self._task = self._task, None
+                sock,
+                started=started,
+                name=f"frontend-http-{self._port}",
+            )
+        except StartFailed as exc:
             sock.close()
             await asyncio.to_thread(self.registry.close)
-            exc = task.exception()
-            raise TroupeError(f"frontend failed to start: {exc!r}") from exc
+            raise TroupeError(f"frontend failed to start: {exc.cause!r}") from exc.cause
         _log.info("frontend listening", url=self.url)
         return self
 

@@ -55,12 +55,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.typing import ASGIFramework
-from hypercorn.utils import wrap_app
 
+from troupe._hypercorn import StartFailed, serve_on_socket
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
     ConfigError,
@@ -337,27 +334,15 @@ class Http2Server(Server):
         port = int(sock.getsockname()[1])
         loop = asyncio.get_running_loop()
         self._sock = sock
-        self._shutdown = asyncio.Event()
         started = self._started = loop.create_future()
-        app = wrap_app(cast("ASGIFramework", self._asgi), 0, "asgi")
         self._hypercorn = self._hypercorn_config()
-        self._task = loop.create_task(
-            worker_serve(
-                app,
-                self._hypercorn,
-                sockets=Sockets([], [sock], []),
-                shutdown_trigger=self._shutdown.wait,
-            ),
-            name=f"http2-server-{port}",
-        )
-        await asyncio.wait((self._task, started), return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            started.cancel()
-            task = self._task
-            self._task = None
+        try:
+            self._task, self._shutdown = await serve_on_socket(
+                self._asgi, self._hypercorn, sock, started=started, name=f"http2-server-{port}"
+            )
+        except StartFailed as exc:
             sock.close()
-            exc = task.exception()
-            raise TransportError(f"HTTP/2 server failed to start: {exc!r}") from exc
+            raise TransportError(f"HTTP/2 server failed to start: {exc.cause!r}") from exc.cause
         host = format_hostport(advertised_host(bound), port)
         self._address = f"{SCHEME}://{host}{self._root}"
         _log.debug("HTTP/2 server listening on %s (bound %s)", self._address, bound)
