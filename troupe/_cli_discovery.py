@@ -26,7 +26,17 @@ from troupe.runtime import Runtime
 
 __all__ = ["add_arguments", "cmd_instances"]
 
-_COLUMNS = ("INSTANCE", "NAMESPACE", "COMPONENT", "ENDPOINT", "TRANSPORT", "HOST", "PID", "AGE")
+_COLUMNS = (
+    "INSTANCE",
+    "NAMESPACE",
+    "COMPONENT",
+    "ENDPOINT",
+    "TRANSPORT",
+    "HOST",
+    "PID",
+    "AGE",
+    "WIRE",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +86,7 @@ def _row(record: InstanceRecord) -> tuple[str, ...]:
         record.host,
         str(record.pid),
         _age(record.started_at),
+        str(record.wire),
     )
 
 

@@ -8,7 +8,7 @@ them as attributes (variable, endpoint, address, limit, ...), not only as messag
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "ActorDead",
@@ -21,6 +21,7 @@ __all__ = [
     "DeadlineExceeded",
     "DiscoveryError",
     "DiscoveryUnavailable",
+    "IncompatibleInstances",
     "InstanceNotFound",
     "InvalidName",
     "InvalidRecord",
@@ -345,3 +346,33 @@ class InvalidRequest(TroupeError, ValueError):
         self.param = param
         self.detail = detail
         super().__init__(f"invalid request: {detail}" + (f" (field {param})" if param else ""))
+
+
+# --- wire versions (added with the instance record's ``wire`` field) -----------------------------
+
+
+class IncompatibleInstances(NoInstances):
+    """Instances of the endpoint exist, but none speaks this troupe's wire version.
+
+    A ``NoInstances`` (an OpenAI frontend still answers 503): nothing is sent to such instances,
+    since an older peer would hang or drop frames rather than fail.
+
+    Attributes:
+        endpoint: the endpoint, ``"{namespace}.{component}.{endpoint}"``.
+        versions: the wire version of each incompatible instance, by instance id.
+        wire: the wire version this troupe speaks.
+    """
+
+    def __init__(self, endpoint: str, versions: Mapping[str, int], wire: int) -> None:
+        self.versions = dict(versions)
+        self.wire = wire
+        count = len(self.versions)
+        distinct = ", ".join(str(v) for v in sorted(set(self.versions.values())))
+        plural = len(set(self.versions.values())) > 1
+        TroupeError.__init__(
+            self,
+            f"{count} instance{'s' if count != 1 else ''} of {endpoint} "
+            f"speak{'' if count != 1 else 's'} wire version{'s' if plural else ''} {distinct}, "
+            f"this troupe speaks {wire}: upgrade them together",
+        )
+        self.endpoint = endpoint

@@ -8,11 +8,13 @@ needs one loop) or real TCP servers on 127.0.0.1 (``Runtime.serve``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from troupe import Config, Runtime
@@ -28,10 +30,23 @@ from troupe.actors._router import (
     spawn_router,
 )
 from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig
-from troupe.discovery import InstanceRecord, MemoryKvServer
-from troupe.errors import ConfigError, InstanceNotFound, NoInstances, StreamBroken, TroupeError
+from troupe.discovery import InstanceRecord, MemoryKvServer, decode_record, encode_record
+from troupe.errors import (
+    ConfigError,
+    IncompatibleInstances,
+    InstanceNotFound,
+    NoInstances,
+    StreamBroken,
+    TroupeError,
+)
 from troupe.testing._wait import eventually
-from troupe.transports import InprocRegistry, InprocServer, NetworkManager, RequestContext
+from troupe.transports import (
+    WIRE_VERSION,
+    InprocRegistry,
+    InprocServer,
+    NetworkManager,
+    RequestContext,
+)
 
 NS, COMP, NAME = "ns", "comp", "ep"
 EP = f"{NS}.{COMP}.{NAME}"
@@ -466,5 +481,125 @@ def test_set_aside_excludes_for_the_window_then_re_includes() -> None:
         actor.ask(SetAside("00000000000000cc"))  # barrier
         assert holder.current.version == version
         assert [i.instance_id for i in holder.current.instances] == [a]
+    finally:
+        system.shutdown(timeout=5)
+
+
+# --- wire versions -------------------------------------------------------------------------------
+
+
+def downgrade(cluster: Cluster, worker: Worker, wire: int = 0) -> None:
+    """Re-write ``worker``'s registration as an older troupe (one of ``wire``) would have."""
+    key = f"/services/{NS}/{COMP}/{NAME}/{worker.id}"
+    stored = cluster.rt.io.run(cluster.rt.store.get(key), timeout=5)
+    assert stored is not None
+    current = decode_record(stored.value, key=key)
+    assert current.wire == WIRE_VERSION  # what every registration writes
+    old = msgspec.structs.replace(current, wire=wire)
+    cluster.rt.io.run(cluster.rt.store.put(key, encode_record(old)), timeout=5)
+
+
+def test_only_instances_of_this_wire_version_get_requests(cluster: Cluster) -> None:
+    current, old = cluster.inproc_worker(), cluster.inproc_worker()
+    downgrade(cluster, old)
+    router = cluster.router(expect=1)
+    eventually(lambda: dict(router.snapshot.incompatible) == {old.id: 0}, what="old listed")
+    assert router.instance_ids() == [current.id]
+    assert [call(router)[0] for _ in range(6)] == [current.id] * 6
+    with pytest.raises(IncompatibleInstances) as info:
+        call(router, instance_id=old.id)  # direct routing does not reach it either
+    assert info.value.versions == {old.id: 0}
+    assert old.seen == []
+    assert len(current.seen) == 6
+
+
+def test_only_incompatible_instances_fail_at_once_naming_the_versions(cluster: Cluster) -> None:
+    olds = [cluster.inproc_worker(), cluster.inproc_worker()]
+    for worker in olds:
+        downgrade(cluster, worker)
+    router = cluster.router(expect=0)
+    eventually(lambda: len(router.snapshot.incompatible) == 2, what="both old ones listed")
+    with pytest.raises(IncompatibleInstances) as info:
+        call(router)
+    error = info.value
+    assert isinstance(error, NoInstances)  # the frontend's 503
+    assert error.endpoint == EP
+    assert error.versions == {w.id: 0 for w in olds}
+    assert error.wire == WIRE_VERSION
+    assert str(error) == (
+        f"2 instances of {EP} speak wire version 0, this troupe speaks 1: upgrade them together"
+    )
+
+    async def on_the_io_loop() -> None:
+        async for _ in router.generate({"kind": "who"}):
+            pass
+
+    with pytest.raises(IncompatibleInstances):
+        cluster.rt.io.run(on_the_io_loop(), timeout=5)
+    with pytest.raises(IncompatibleInstances):
+        router.wait_for_instances_sync(timeout=0.05)
+    assert all(w.seen == [] for w in olds)
+
+    fresh = cluster.inproc_worker()  # a current instance makes the endpoint routable again
+    eventually(lambda: router.instance_ids() == [fresh.id], what="the current one")
+    assert call(router) == [fresh.id]
+
+
+def test_the_router_actor_checks_the_wire_version_when_records_arrive(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    system = ActorSystem("router-wire-test", clock=VirtualClock())
+    holder = SnapshotHolder()
+    subscribed = threading.Event()
+    a, b, c = "00000000000000aa", "00000000000000bb", "00000000000000cc"
+
+    def rec(instance_id: str, wire: int, model: str = "m") -> InstanceRecord:
+        return InstanceRecord.create(
+            NS,
+            COMP,
+            NAME,
+            instance_id=instance_id,
+            transport={"inproc": f"inproc://{instance_id}"},
+            metadata={"model": model},
+            wire=wire,
+        )
+
+    def accept(record: InstanceRecord) -> bool:
+        return bool(record.metadata["model"] == "m")
+
+    try:
+        watcher = system.spawn(lambda: FakeWatcher(subscribed))
+        actor = system.spawn(lambda: RouterActor(watcher, holder, instance_filter=accept))
+        assert subscribed.wait(5)
+        with caplog.at_level(logging.WARNING, logger="troupe.actors.router"):
+            actor.tell(Joined(f"/k/{a}", a, rec(a, 0)))
+            actor.tell(Joined(f"/k/{b}", b, rec(b, WIRE_VERSION)))
+            actor.tell(Joined(f"/k/{c}", c, rec(c, 0, model="other")))  # filtered: not counted
+            snap = holder.wait_sync(lambda s: len(s.instances) == 1 and bool(s.incompatible), 5)
+            assert snap is not None
+            assert dict(snap.incompatible) == {a: 0}
+            assert [i.instance_id for i in snap.instances] == [b]
+            version = snap.version
+            actor.tell(Joined(f"/k/{a}", a, rec(a, 0)))  # the same again: no news, no warning
+            actor.ask(SetAside("00000000000000dd"))  # a barrier (unknown ids are ignored)
+            assert holder.current.version == version
+        warnings = [r for r in caplog.records if "wire version" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "'instance_wire': 0" in warnings[0].getMessage()
+        assert f"'wire': {WIRE_VERSION}" in warnings[0].getMessage()
+
+        actor.tell(Joined(f"/k/{a}", a, rec(a, WIRE_VERSION)))  # upgraded in place
+        snap = holder.wait_sync(lambda s: len(s.instances) == 2, 5)
+        assert snap is not None
+        assert dict(snap.incompatible) == {}
+        actor.tell(Joined(f"/k/{a}", a, rec(a, 2)))  # a newer one is no more routable
+        snap = holder.wait_sync(lambda s: bool(s.incompatible), 5)
+        assert snap is not None
+        assert dict(snap.incompatible) == {a: 2}
+        assert [i.instance_id for i in snap.instances] == [b]
+        actor.tell(Left(f"/k/{a}", a, "expired"))
+        snap = holder.wait_sync(lambda s: not s.incompatible, 5)
+        assert snap is not None
+        assert [i.instance_id for i in snap.instances] == [b]
     finally:
         system.shutdown(timeout=5)

@@ -20,6 +20,7 @@ from troupe.discovery import (
     services_prefix,
 )
 from troupe.errors import ConfigError, DiscoveryError, InvalidName, InvalidRecord
+from troupe.transports import WIRE_VERSION
 
 ID = "694d98147d54be25"
 
@@ -35,6 +36,7 @@ def record(**changes: object) -> InstanceRecord:
         "pid": 4242,
         "started_at": 1_700_000_000.5,
         "metadata": {"gpu": "a100", "slots": 4},
+        "wire": WIRE_VERSION,
     }
     fields.update(changes)
     return InstanceRecord(**fields)  # type: ignore[arg-type]
@@ -116,6 +118,7 @@ def test_records_are_readable_json_and_round_trip() -> None:
         "pid": 4242,
         "started_at": 1_700_000_000.5,
         "metadata": {"gpu": "a100", "slots": 4},
+        "wire": 1,
     }
     assert decode_record(data, key=rec.key) == rec
     assert rec.key == f"/services/vllm-agg/backend/generate/{ID}"
@@ -129,6 +132,25 @@ def test_create_fills_in_this_process() -> None:
     assert rec.host
     assert rec.started_at > 1_700_000_000
     assert rec.metadata == {}
+    assert rec.wire == WIRE_VERSION == 1
+
+
+def test_the_wire_version_round_trips_and_create_can_set_it() -> None:
+    for wire in (0, 1, 7):
+        rec = record(wire=wire)
+        decoded = decode_record(encode_record(rec), key=rec.key)
+        assert decoded == rec
+        assert decoded.wire == wire
+    old = InstanceRecord.create("ns", "comp", "ep", instance_id=ID, transport={}, wire=0)
+    assert json.loads(encode_record(old))["wire"] == 0
+
+
+def test_records_written_before_the_wire_field_decode_as_version_0() -> None:
+    shown = json.loads(encode_record(record()))
+    del shown["wire"]
+    old = decode_record(json.dumps(shown).encode())
+    assert old.wire == 0
+    assert old == record(wire=0)
 
 
 def test_a_record_built_with_a_bad_name_is_refused() -> None:
@@ -145,6 +167,7 @@ def test_a_record_built_with_a_bad_name_is_refused() -> None:
         b'{"namespace": "ns"}',
         json.dumps({**json.loads(encode_record(record())), "pid": "x"}).encode(),
         json.dumps({**json.loads(encode_record(record())), "namespace": "Bad NS"}).encode(),
+        json.dumps({**json.loads(encode_record(record())), "wire": "1"}).encode(),
     ],
 )
 def test_undecodable_records_raise_invalid_record(data: bytes) -> None:

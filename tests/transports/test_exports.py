@@ -32,6 +32,7 @@ def test_public_api() -> None:
             "Server",
             "StopReason",
             "TransportSettings",
+            "WIRE_VERSION",
             "decode",
             "encode",
             "encode_framed",

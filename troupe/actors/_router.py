@@ -45,12 +45,13 @@ from troupe.errors import (
     ConfigError,
     ConnectionLost,
     ConnectTimeout,
+    IncompatibleInstances,
     InstanceNotFound,
     NoInstances,
     StreamBroken,
     TroupeError,
 )
-from troupe.transports import NetworkManager
+from troupe.transports import WIRE_VERSION, NetworkManager
 
 __all__ = [
     "ADDRESS_PREFERENCE",
@@ -104,6 +105,8 @@ class RouterSnapshot:
         set_aside: ``instance_id -> clock time`` until which the instance is excluded.
         by_id: every known instance by id.
         version: increases with every publication.
+        incompatible: ``instance_id -> wire version`` of the instances that speak another wire
+            version than :data:`~troupe.transports.WIRE_VERSION`: known, but never routed to.
     """
 
     instances: tuple[RoutedInstance, ...] = ()
@@ -111,10 +114,15 @@ class RouterSnapshot:
     set_aside: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))
     by_id: Mapping[str, RoutedInstance] = field(default_factory=lambda: types.MappingProxyType({}))
     version: int = 0
+    incompatible: Mapping[str, int] = field(default_factory=lambda: types.MappingProxyType({}))
 
     @classmethod
     def build(
-        cls, table: Mapping[str, RoutedInstance], set_aside: Mapping[str, float], version: int
+        cls,
+        table: Mapping[str, RoutedInstance],
+        set_aside: Mapping[str, float],
+        version: int,
+        incompatible: Mapping[str, int] | None = None,
     ) -> RouterSnapshot:
         """A snapshot of ``table`` with ``set_aside`` excluded from :attr:`available`."""
         instances = tuple(table[key] for key in sorted(table))
@@ -124,6 +132,7 @@ class RouterSnapshot:
             set_aside=types.MappingProxyType(dict(set_aside)),
             by_id=types.MappingProxyType(dict(table)),
             version=version,
+            incompatible=types.MappingProxyType(dict(incompatible or {})),
         )
 
 
@@ -208,6 +217,12 @@ class RouterActor(Actor[RouterMessage]):
         instance_filter: if given, only records it returns ``True`` for are routed to; any
             other record counts as absent (a change that makes a record fail it removes the
             instance). Called on the actor's thread; it must not block or raise.
+
+    A record whose ``wire`` is not :data:`~troupe.transports.WIRE_VERSION` is not routed to
+    either (an older peer would hang or drop frames): it is listed in the snapshot's
+    ``incompatible``, with one warning per instance, so that requests fail with
+    :class:`~troupe.errors.IncompatibleInstances` rather than ``NoInstances``. The check is made
+    when the record arrives, never per request.
     """
 
     def __init__(
@@ -227,6 +242,7 @@ class RouterActor(Actor[RouterMessage]):
         self._instance_filter = instance_filter
         self._table: dict[str, RoutedInstance] = {}
         self._set_aside: dict[str, float] = {}
+        self._incompatible: dict[str, int] = {}  # instance_id -> its wire version
         self._tokens = itertools.count(1)
         self._timers: dict[str, tuple[int, Any]] = {}  # instance_id -> (token, TimerHandle)
         self._version = 0
@@ -248,9 +264,7 @@ class RouterActor(Actor[RouterMessage]):
             case Joined(instance_id=instance_id, instance=record):
                 self._joined(instance_id, record)
             case Left(instance_id=instance_id):
-                if self._table.pop(instance_id, None) is not None:
-                    self._include(instance_id)
-                    self._publish()
+                self._drop(instance_id)
             case SetAside(instance_id=instance_id):
                 if instance_id in self._table:
                     self._exclude(instance_id)
@@ -263,28 +277,47 @@ class RouterActor(Actor[RouterMessage]):
 
     def _joined(self, instance_id: str, record: object) -> None:
         address = choose_address(record) if isinstance(record, InstanceRecord) else None
-        if address is not None and self._instance_filter is not None:
-            assert isinstance(record, InstanceRecord)
-            if not self._instance_filter(record):
-                self._drop(instance_id)  # filtered out: as if absent
-                return
         if address is None:
             _log.warning(
                 "ignoring an instance with no usable address",
                 instance_id=instance_id,
                 record=repr(record),
             )
-            if self._table.pop(instance_id, None) is not None:
-                self._include(instance_id)
-                self._publish()
+            self._drop(instance_id)
             return
         assert isinstance(record, InstanceRecord)
+        if self._instance_filter is not None and not self._instance_filter(record):
+            self._drop(instance_id)  # filtered out: as if absent
+            return
+        if record.wire != WIRE_VERSION:
+            self._incompatible_joined(instance_id, record)
+            return
+        self._incompatible.pop(instance_id, None)
         self._table[instance_id] = RoutedInstance(instance_id, address, record)
         self._publish()
 
-    def _drop(self, instance_id: str) -> None:
+    def _incompatible_joined(self, instance_id: str, record: InstanceRecord) -> None:
+        """``record`` speaks another wire version: list it as incompatible, not routable."""
+        if self._incompatible.get(instance_id) == record.wire:
+            return  # known already (its record changed otherwise): nothing to publish or warn
+        _log.warning(
+            "not routing to an instance of another wire version: upgrade them together",
+            endpoint=f"{record.namespace}.{record.component}.{record.endpoint}",
+            instance_id=instance_id,
+            instance_wire=record.wire,
+            wire=WIRE_VERSION,
+        )
+        self._incompatible[instance_id] = record.wire
         if self._table.pop(instance_id, None) is not None:
             self._include(instance_id)
+        self._publish()
+
+    def _drop(self, instance_id: str) -> None:
+        """Forget ``instance_id`` (it left, or no longer counts); publish if anything changed."""
+        removed = self._table.pop(instance_id, None) is not None
+        if removed:
+            self._include(instance_id)
+        if self._incompatible.pop(instance_id, None) is not None or removed:
             self._publish()
 
     def _exclude(self, instance_id: str) -> None:
@@ -305,7 +338,9 @@ class RouterActor(Actor[RouterMessage]):
 
     def _publish(self) -> None:
         self._version += 1
-        self._holder.publish(RouterSnapshot.build(self._table, self._set_aside, self._version))
+        self._holder.publish(
+            RouterSnapshot.build(self._table, self._set_aside, self._version, self._incompatible)
+        )
 
 
 # --- policies ----------------------------------------------------------------------------------
@@ -497,9 +532,10 @@ class Router:
 
         Raises:
             NoInstances: none appeared within ``timeout`` seconds.
+            IncompatibleInstances: none appeared, but instances of another wire version did.
         """
         if await self.wait_for_snapshot(lambda s: bool(s.instances), timeout) is None:
-            raise NoInstances(self.endpoint)
+            raise self._no_instances(self._holder.current)
         return self.instance_ids()
 
     async def wait_for_snapshot(
@@ -537,7 +573,7 @@ class Router:
     def wait_for_instances_sync(self, timeout: float | None = None) -> list[str]:
         """Blocking :meth:`wait_for_instances`, for scripts (not from an event loop)."""
         if self._holder.wait_sync(lambda s: bool(s.instances), timeout) is None:
-            raise NoInstances(self.endpoint)
+            raise self._no_instances(self._holder.current)
         return self.instance_ids()
 
     # --- requests ------------------------------------------------------------------------------
@@ -565,6 +601,8 @@ class Router:
 
         Raises:
             NoInstances: no instance serves the endpoint (at the first iteration).
+            IncompatibleInstances: the only instances (or ``instance_id``) speak another wire
+                version (at the first iteration).
             InstanceNotFound: ``instance_id`` is not a known instance (at the first iteration).
             TransportError: the typed failure of the last attempt (``StreamBroken``,
                 ``ConnectTimeout``, ``RequestTimeout``, ``RemoteError``, ...).
@@ -673,9 +711,22 @@ class Router:
         snapshot = self._holder.current
         if instance_id is not None:
             if instance_id not in snapshot.by_id:
-                raise InstanceNotFound(self.endpoint, instance_id)
+                raise self._not_found(snapshot, instance_id)
         elif not snapshot.instances:
-            raise NoInstances(self.endpoint)
+            raise self._no_instances(snapshot)
+
+    def _no_instances(self, snapshot: RouterSnapshot) -> NoInstances:
+        """The error for "nothing to route to": incompatible instances, if any, are named."""
+        if snapshot.incompatible and not snapshot.instances:
+            return IncompatibleInstances(self.endpoint, snapshot.incompatible, WIRE_VERSION)
+        return NoInstances(self.endpoint)
+
+    def _not_found(self, snapshot: RouterSnapshot, instance_id: str) -> NoInstances:
+        """The error for a direct request to an instance that is not routable."""
+        wire = snapshot.incompatible.get(instance_id)
+        if wire is not None:
+            return IncompatibleInstances(self.endpoint, {instance_id: wire}, WIRE_VERSION)
+        return InstanceNotFound(self.endpoint, instance_id)
 
     def _bridge(self, call: _Call, sink: _Sink) -> tuple[_Flow, concurrent.futures.Future[None]]:
         flow = _Flow()
@@ -715,7 +766,7 @@ class Router:
         if instance_id is not None:
             target = snapshot.by_id.get(instance_id)
             if target is None:
-                raise InstanceNotFound(self.endpoint, instance_id)
+                raise self._not_found(snapshot, instance_id)
             return target
         excluded = tried or set()
         candidates = snapshot.available
@@ -725,7 +776,7 @@ class Router:
             # Everything is set aside (or was tried): trying one beats failing outright.
             candidates = tuple(i for i in snapshot.instances if i.instance_id not in excluded)
             if not candidates:
-                raise NoInstances(self.endpoint)
+                raise self._no_instances(snapshot)
         return self._policy.choose(candidates, self._inflight)
 
     def _set_aside(self, instance_id: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from troupe.errors import InvalidName, InvalidRecord
+from troupe.transports._codec import WIRE_VERSION
 
 __all__ = [
     "SERVICES_PREFIX",
@@ -150,6 +151,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         pid: the worker's process id.
         started_at: when the worker process started (Unix time, seconds).
         metadata: free-form JSON-compatible details.
+        wire: the request-plane wire version the instance speaks
+            (:data:`~troupe.transports.WIRE_VERSION` when it registered); records written before
+            the field existed decode as 0. Routers skip instances of another version.
     """
 
     namespace: str
@@ -161,6 +165,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     started_at: float
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    wire: int = 0
 
     def __post_init__(self) -> None:
         validate_name("namespace", self.namespace)
@@ -179,8 +184,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         transport: dict[str, str],
         metadata: dict[str, Any] | None = None,
         started_at: float | None = None,
+        wire: int = WIRE_VERSION,
     ) -> InstanceRecord:
-        """A record for this process: host name, pid and (unless given) the time now."""
+        """A record for this process: host name, pid, (unless given) the time now, wire version."""
         return cls(
             namespace=namespace,
             component=component,
@@ -191,6 +197,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
             pid=os.getpid(),
             started_at=time.time() if started_at is None else started_at,
             metadata=dict(metadata or {}),
+            wire=wire,
         )
 
     @property

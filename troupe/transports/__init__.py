@@ -14,6 +14,7 @@ from troupe.transports._base import (
     remote_error,
 )
 from troupe.transports._codec import (
+    WIRE_VERSION,
     Cancel,
     Chunk,
     End,
@@ -34,6 +35,7 @@ from troupe.transports.inproc import InprocClient, InprocRegistry, InprocServer
 
 __all__ = [
     "PLANES",
+    "WIRE_VERSION",
     "Cancel",
     "Chunk",
     "Client",

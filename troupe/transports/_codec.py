@@ -26,6 +26,7 @@ from troupe.errors import MessageTooLarge, ProtocolError
 __all__ = [
     "BATCH_OVERHEAD",
     "PREFIX_SIZE",
+    "WIRE_VERSION",
     "Cancel",
     "Chunk",
     "End",
@@ -41,6 +42,14 @@ __all__ = [
     "encode_batch",
     "encode_framed",
 ]
+
+WIRE_VERSION: Final = 1
+"""The version of the exchange this troupe speaks, published in every instance record (``wire``).
+
+Bump it with any change an older peer would misread (it hangs or drops frames rather than
+failing): routers do not send requests to instances of another version. 1: the one-frame reply
+(``Chunk(end=True)``) and ZeroMQ batches; records written before it carry none and count as 0.
+"""
 
 RequestId: TypeAlias = int | str
 """A request id: unique per connection (per caller for connectionless planes)."""
