@@ -207,3 +207,13 @@ def test_call_without_instances_fails_in_one_line(env: dict[str, str]) -> None:
     assert result.returncode == 1
     assert "no instances" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_spawned_workers_can_log_to_files(rt: Runtime, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    rt.spawn_workers("demo.backend.words", "troupe.demo:words", processes=2, log_dir=logs)
+    eventually(lambda: len(records(rt)) == 2, timeout=20, what="two workers registered")
+    for n in range(2):  # the start-up line follows the registration: wait for it too
+        log = logs / f"worker-{n}.log"
+        eventually(lambda log=log: "troupe: serving demo.backend.words" in log.read_text())

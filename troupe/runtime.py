@@ -10,11 +10,14 @@ every thread joined.
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import sys
 import threading
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from troupe._clock import Clock, SystemClock
@@ -400,6 +403,7 @@ class Runtime:
         model: str | None = None,
         intensity: Intensity | None = None,
         backoff: Backoff | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
     ) -> ActorRef[Any]:
         """Start ``processes`` worker processes serving ``handler``, under a supervisor.
 
@@ -408,6 +412,9 @@ class Runtime:
         ``backoff``); all of them stop (SIGTERM: unregister, drain) with this runtime. The
         handler must be importable by a fresh interpreter: a module-level function, or a
         ``"module:function"`` / ``"path/to/file.py:function"`` string.
+
+        With ``log_dir``, worker ``n`` writes its stdout and stderr to ``log_dir/worker-n.log``
+        (appended across restarts) instead of this process's streams.
 
         Returns the supervisor's ref (ask it ``WhichChildren()`` for the processes).
         """
@@ -421,8 +428,12 @@ class Runtime:
         if model is not None:
             argv += ["--model", model]
         env = self.config.child_environment()
+        logs = [
+            None if log_dir is None else Path(log_dir, f"worker-{n}.log") for n in range(processes)
+        ]
         children = [
-            ChildSpec(f"worker-{n}", lambda: ProcessActor(argv, env)) for n in range(processes)
+            ChildSpec(f"worker-{n}", functools.partial(ProcessActor, argv, env, log=logs[n]))
+            for n in range(processes)
         ]
         return self.system.spawn(
             lambda: Supervisor(

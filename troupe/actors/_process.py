@@ -10,6 +10,7 @@ the actor stops the process: SIGTERM (a troupe worker unregisters and drains), t
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,7 +44,11 @@ class _Exited(msgspec.Struct, frozen=True, tag=True):
 
 
 class ProcessActor(Actor[Pid | _Exited]):
-    """Runs ``argv`` with ``env`` for as long as the actor lives."""
+    """Runs ``argv`` with ``env`` for as long as the actor lives.
+
+    ``log`` (a file path) takes the process's stdout and stderr, appended, instead of this
+    process's own streams; each restart appends to the same file.
+    """
 
     def __init__(
         self,
@@ -51,15 +56,23 @@ class ProcessActor(Actor[Pid | _Exited]):
         env: Mapping[str, str] | None = None,
         *,
         stop_timeout: float = 10.0,
+        log: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__()
         self._argv = list(argv)
         self._env = dict(env) if env is not None else None
         self._stop_timeout = stop_timeout
+        self._log = log
         self._proc: subprocess.Popen[bytes] | None = None
 
     def started(self) -> None:
-        self._proc = subprocess.Popen(self._argv, env=self._env)
+        if self._log is None:
+            self._proc = subprocess.Popen(self._argv, env=self._env)
+        else:
+            with open(self._log, "ab") as out:  # the child keeps its own copy of the descriptor
+                self._proc = subprocess.Popen(
+                    self._argv, env=self._env, stdout=out, stderr=subprocess.STDOUT
+                )
         proc = self._proc
         self.run_io(asyncio.to_thread(proc.wait), lambda f: _Exited(f.result()))
         _log.info("process started", pid=proc.pid, argv=" ".join(self._argv[:6]))

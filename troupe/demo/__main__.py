@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -189,10 +190,22 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="troupe-demo-") as kv_dir,
         Runtime(_config(kv_dir), handle_signals=False) as rt,
     ):
+        logs = Path(kv_dir, "logs")
+        logs.mkdir()
+        # The workers write to files, so a restarted worker's start-up lines don't land in the
+        # middle of a streamed answer; they are shown if the demo fails.
         supervisor = rt.spawn_workers(
-            ENDPOINT, "troupe.demo.mocker:generate", processes=WORKERS, model=MODEL
+            ENDPOINT, "troupe.demo.mocker:generate", processes=WORKERS, model=MODEL, log_dir=logs
         )
-        asyncio.run(_run(rt, supervisor))
+        try:
+            asyncio.run(_run(rt, supervisor))
+        except BaseException:
+            for log in sorted(logs.glob("*.log")):
+                print(f"\n--- {log.name} (last lines) ---", file=sys.stderr)
+                print(
+                    "\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr
+                )
+            raise
     print("done: every process stopped, every thread joined.")
     return 0
 
