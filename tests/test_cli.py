@@ -83,6 +83,8 @@ def test_main_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) 
     ("args", "env", "mentions"),
     [
         (["--port", "70000"], {}, "--port"),
+        (["--overload-tries", "0"], {}, "--overload-tries"),
+        (["--max-body-size", "0"], {}, "--max-body-size"),
         ([], {"DYN_HTTP_PORT": "http"}, "DYN_HTTP_PORT"),
     ],
 )

@@ -41,6 +41,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="resume a generation on another worker up to N times if its worker fails",
     )
     parser.add_argument(
+        "--max-body-size",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest request body accepted, else 413 (default: DYN_TCP_MAX_MESSAGE_SIZE)",
+    )
+    parser.add_argument(
+        "--overload-tries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="instances a request tries while they answer overloaded (default 3)",
+    )
+    parser.add_argument(
+        "--router-idle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a model's router is kept after its last worker left (default 30)",
+    )
+    parser.add_argument(
         "--grace",
         type=float,
         default=5.0,
@@ -87,6 +108,9 @@ def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
         router_mode=args.router_mode,
         migration_limit=args.migration_limit,
         grace=args.grace,
+        max_body_size=args.max_body_size,
+        overload_tries=args.overload_tries,
+        router_idle=args.router_idle,
     )
     with (
         Runtime(config, handle_signals=False) as rt,

@@ -162,13 +162,13 @@ class FrontendSettings:
         if self.max_body_size is not None and (
             not isinstance(self.max_body_size, int) or self.max_body_size < 1
         ):
-            raise ConfigError("max_body_size", self.max_body_size, "a number of bytes >= 1")
+            raise ConfigError("--max-body-size", self.max_body_size, "a number of bytes >= 1")
         if not isinstance(self.overload_tries, int) or self.overload_tries < 1:
-            raise ConfigError("overload_tries", self.overload_tries, "an integer >= 1")
+            raise ConfigError("--overload-tries", self.overload_tries, "an integer >= 1")
         if not self.overload_pause >= 0:
             raise ConfigError("overload_pause", self.overload_pause, "seconds >= 0")
         if not self.router_idle > 0:
-            raise ConfigError("router_idle", self.router_idle, "seconds > 0")
+            raise ConfigError("--router-idle", self.router_idle, "seconds > 0")
 
 
 class FrontendState:
