@@ -22,11 +22,14 @@ from troupe.demo.mocker import VOCABULARY, make_generate
 from troupe.discovery import MemoryKvServer
 from troupe.errors import (
     ConfigError,
+    IncompatibleInstances,
+    InstanceNotFound,
     MessageTooLarge,
     NoInstances,
     Overloaded,
     RemoteError,
     StreamBroken,
+    TroupeError,
 )
 from troupe.frontend import Frontend, FrontendSettings
 from troupe.frontend import _app as frontend_app
@@ -686,3 +689,77 @@ def test_the_engine_request_carries_the_text_once() -> None:
     completion = engine_request(decode_completion(b'{"model": "m", "prompt": "hi"}'))
     assert "messages" not in completion
     assert completion["prompt"] == "hi"
+
+
+def test_an_instance_on_another_wire_version_is_retried_like_a_gone_one() -> None:
+    """A direct request whose instance changed wire version between the choice and the send
+    raises IncompatibleInstances: nothing was generated there, so another one is tried."""
+    refused = frontend_app._REFUSED
+    assert isinstance(IncompatibleInstances("a.b.c", {"i1": 0}, 1), refused)
+    assert isinstance(InstanceNotFound("a.b.c", "i1"), refused)
+    assert isinstance(Overloaded("x"), refused)
+    assert not isinstance(NoInstances("a.b.c"), refused)
+    assert not isinstance(StreamBroken("gone"), refused)
+
+
+class GatedFrontend(Frontend):
+    """Its lifespan startup waits for :attr:`gate`: start() stays inside hypercorn's start-up."""
+
+    def __init__(self, rt: Runtime, settings: FrontendSettings) -> None:
+        super().__init__(rt, settings)
+        self.gate = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        await self.gate.wait()
+        async with super()._lifespan(app):
+            yield
+
+
+async def test_close_during_start_stops_hypercorn_and_start_raises(
+    kv: MemoryKvServer, settings: FrontendSettings
+) -> None:
+    rt = Runtime(CONFIG, handle_signals=False, memory_server=kv).start()
+    try:
+        before = {ref.name for ref in rt.system.actors()}
+        frontend = GatedFrontend(rt, settings)
+        start = asyncio.create_task(frontend.start(), name="test-frontend-start")
+        await eventually_async(lambda: frontend._task is not None, timeout=5, what="hypercorn")
+        task, shutdown = frontend._task, frontend._shutdown
+        assert task is not None
+        assert shutdown is not None
+        close = asyncio.create_task(frontend.close(), name="test-frontend-close")
+        await eventually_async(shutdown.is_set, timeout=5, what="shutdown triggered")
+        frontend.gate.set()  # the startup completes only now, after close() began
+        with pytest.raises(TroupeError, match="closed while starting"):
+            await asyncio.wait_for(start, 5)
+        await asyncio.wait_for(close, 5)
+        assert task.done()
+        assert {ref.name for ref in rt.system.actors()} == before
+    finally:
+        await asyncio.to_thread(rt.close)
+
+
+async def test_a_cancelled_start_leaves_no_server_behind(
+    kv: MemoryKvServer, settings: FrontendSettings
+) -> None:
+    rt = Runtime(CONFIG, handle_signals=False, memory_server=kv).start()
+    try:
+        before = {ref.name for ref in rt.system.actors()}
+        frontend = GatedFrontend(rt, settings)
+        start = asyncio.create_task(frontend.start(), name="test-frontend-start")
+        await eventually_async(lambda: frontend._task is not None, timeout=5, what="hypercorn")
+        task = frontend._task
+        assert task is not None
+        port = frontend.port
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(start, 5)
+        assert task.done()
+        assert frontend._task is None
+        assert {ref.name for ref in rt.system.actors()} == before
+        with pytest.raises(ConnectionRefusedError):  # the socket is closed
+            await asyncio.open_connection("127.0.0.1", port)
+        await frontend.close()
+    finally:
+        await asyncio.to_thread(rt.close)

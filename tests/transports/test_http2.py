@@ -757,3 +757,78 @@ async def test_close_is_quick_after_a_caller_reset_a_request_mid_upload(
         assert time.monotonic() - started < 1.0
     finally:
         writer.close()
+
+
+# --- start/close races -------------------------------------------------------------------------
+
+
+async def test_close_during_start_stops_hypercorn_and_start_raises_closed() -> None:
+    """close() while start() awaits hypercorn's startup used to find no task to stop: start()
+    then returned on a closed server and hypercorn died later with EBADF, unowned."""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        server = Http2Server(LOOPBACK)
+        start = asyncio.create_task(server.start(), name="test-start")
+        await asyncio.sleep(0)  # start() now waits for hypercorn's lifespan startup
+        assert server._task is not None
+        await server.close()
+        with pytest.raises(TransportClosed):
+            await asyncio.wait_for(start, 5)
+        assert _our_tasks() == []
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def test_a_cancelled_start_leaves_no_server_behind() -> None:
+    server = Http2Server(LOOPBACK)
+    start = asyncio.create_task(server.start(), name="test-start")
+    await asyncio.sleep(0)
+    assert server._sock is not None
+    port = server._sock.getsockname()[1]
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(start, 5)
+    assert _our_tasks() == []
+    assert server._task is None
+    with pytest.raises(ConnectionRefusedError):  # the socket is closed: nothing listens
+        await asyncio.open_connection("127.0.0.1", port)
+    await server.start()  # not closed: it can still start
+    try:
+        assert server.address.startswith("http://127.0.0.1:")
+    finally:
+        await server.close()
+
+
+async def test_close_keeps_the_rest_of_the_grace_for_calls_still_writing(
+    client: Http2Client,
+) -> None:
+    """Calls still running at close() may have bytes on their way to a slow reader: hypercorn
+    gets what is left of the 2 s grace, not the 0.1 s meant for reset streams."""
+    server = Http2Server(LOOPBACK)
+    blocker = Blocker()
+    server.add_endpoint("block", blocker)
+    await server.start()
+    closed = False
+    try:
+        stream = await client.request(server.address, "block", b"")
+        assert await anext(stream) == b"first"
+        assert server._calls == 1
+        await server.close()
+        closed = True
+        assert server._hypercorn is not None
+        assert server._hypercorn.graceful_timeout > 1.0
+    finally:
+        if not closed:
+            await server.close()
+
+
+async def test_close_with_no_call_running_gives_hypercorn_only_the_short_flush(
+    server: Http2Server,
+) -> None:
+    await server.close()
+    assert server._hypercorn is not None
+    assert server._hypercorn.graceful_timeout == pytest.approx(0.1)

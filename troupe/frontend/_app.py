@@ -52,6 +52,7 @@ from troupe.errors import (
     ActorError,
     Cancelled,
     ConfigError,
+    IncompatibleInstances,
     InstanceNotFound,
     InvalidRequest,
     MessageTooLarge,
@@ -445,8 +446,9 @@ async def _generate(
                         sent = True
                         yield chunk
                 return
-            except (Overloaded, InstanceNotFound) as exc:
-                # Refused at admission (or gone since the choice): nothing was generated there.
+            except _REFUSED as exc:
+                # Refused at admission (or gone, or on another wire version, since the choice):
+                # nothing was generated there.
                 if sent:
                     raise
                 attempts.refused_by(exc)
@@ -464,6 +466,12 @@ async def _generate(
                 )
             finally:
                 chooser.leave(key)
+
+
+# What a direct request to the chosen instance raises when nothing was generated there, so
+# that another instance is tried: Overloaded (refused at admission), InstanceNotFound (gone
+# since the choice) and IncompatibleInstances (its record changed wire version since the choice).
+_REFUSED: Final = (Overloaded, InstanceNotFound, IncompatibleInstances)
 
 
 class _Attempts:
@@ -497,7 +505,7 @@ class _Attempts:
         self.migrating = False  # the last instance failed and a migration is allowed
 
     def refused_by(self, exc: TroupeError) -> None:
-        """The last instance refused (``Overloaded``) or was gone (``InstanceNotFound``)."""
+        """The last instance refused or was gone (one of ``_REFUSED``)."""
         self.failure = exc
         self.refusals += 1
         self.refused = True

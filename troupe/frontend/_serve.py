@@ -25,7 +25,7 @@ from typing import Final
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 
-from troupe._hypercorn import StartFailed, serve_on_socket
+from troupe._hypercorn import StartFailed, launch
 from troupe._logging import get_logger
 from troupe.errors import ConfigError, TroupeError
 from troupe.frontend._app import FrontendSettings, FrontendState, build_app
@@ -94,6 +94,8 @@ class Frontend:
             raise TroupeError("the frontend was already started")
         await asyncio.to_thread(self.registry.start)  # opens the store once (blocking)
         try:
+            if self._closed:
+                raise TroupeError("the frontend was closed while starting")
             sock = self._bind()
         except BaseException:
             await asyncio.to_thread(self.registry.close)  # its actors must not outlive us
@@ -102,18 +104,27 @@ class Frontend:
         self._sock = sock
         loop = asyncio.get_running_loop()
         started = self._started = loop.create_future()
+        # Owned before anything is awaited: a close() during the start-up stops it.
+        served = launch(
+            self.app, self._hypercorn_config(), sock, name=f"frontend-http-{self._port}"
+        )
+        self._task, self._shutdown = served.task, served.shutdown
         try:
-            self._task, self._shutdown = await serve_on_socket(
-                self.app,
-                self._hypercorn_config(),
-                sock,
-                started=started,
-                name=f"frontend-http-{self._port}",
-            )
-        except StartFailed as exc:
+            await served.wait_started(started)  # stops hypercorn itself if this fails
+        except BaseException as exc:
+            if self._task is served.task:
+                self._task = self._shutdown = None
+            if self._sock is sock:
+                self._sock = None
             sock.close()
             await asyncio.to_thread(self.registry.close)
+            if not isinstance(exc, StartFailed):
+                raise
+            if self._closed:
+                raise TroupeError("the frontend was closed while starting") from exc.cause
             raise TroupeError(f"frontend failed to start: {exc.cause!r}") from exc.cause
+        if self._closed:  # close() ran during the start-up and stops hypercorn
+            raise TroupeError("the frontend was closed while starting")
         _log.info("frontend listening", url=self.url)
         return self
 
@@ -128,13 +139,14 @@ class Frontend:
         if self._closed:
             return
         self._closed = True
+        # Taken together now: a start-up failing meanwhile drops both (and stops hypercorn).
+        task, shutdown = self._task, self._shutdown
         try:
-            if self._task is not None:
+            if task is not None and shutdown is not None:
                 if not await self.drain(grace):
                     _log.warning("closing with generations in flight", count=self.state.inflight)
-                assert self._shutdown is not None
-                self._shutdown.set()
-                task, self._task = self._task, None
+                shutdown.set()
+                self._task = None
                 await asyncio.wait((task,))
                 if not task.cancelled() and task.exception() is not None:
                     _log.error("frontend server stopped with an error", exc_info=task.exception())

@@ -57,7 +57,7 @@ import h2.exceptions
 import h2.settings
 from hypercorn.config import Config as HypercornConfig
 
-from troupe._hypercorn import StartFailed, serve_on_socket
+from troupe._hypercorn import Served, StartFailed, launch
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
     ConfigError,
@@ -120,10 +120,12 @@ _UNLIMITED_REQUESTS: Final = sys.maxsize
 # Seconds close() waits for the app's calls to return, after the runner has stopped every
 # request (so only the last bytes of each response are still on their way).
 _GRACEFUL_TIMEOUT: Final = 2.0
-# Seconds hypercorn then gets to close its connections. It closes an idle connection at once,
-# but never counts as idle a connection whose last stream the caller reset (RST_STREAM before
-# the request body ended: hypercorn 0.18 sends no idle update for it) and would wait for its
-# whole graceful_timeout; once the app's calls have returned, nothing is left to wait for.
+# The least seconds hypercorn then gets to close its connections: what is left of
+# _GRACEFUL_TIMEOUT when calls were running at close() (a slow reader keeps the whole grace),
+# this when none was. hypercorn closes an idle connection at once, but never counts as
+# idle a connection whose last stream the caller reset (RST_STREAM before the request body
+# ended: hypercorn 0.18 sends no idle update for it) and would wait for its whole
+# graceful_timeout; with no call running, nothing is left to wait for.
 _CLOSE_FLUSH: Final = 0.1
 # The most concurrent streams a worker advertises (see _hypercorn_config).
 _SERVER_MAX_STREAMS: Final = 900
@@ -336,13 +338,21 @@ class Http2Server(Server):
         self._sock = sock
         started = self._started = loop.create_future()
         self._hypercorn = self._hypercorn_config()
+        # Owned before anything is awaited: a close() during the start-up stops it.
+        served = launch(self._asgi, self._hypercorn, sock, name=f"http2-server-{port}")
+        self._task, self._shutdown = served.task, served.shutdown
         try:
-            self._task, self._shutdown = await serve_on_socket(
-                self._asgi, self._hypercorn, sock, started=started, name=f"http2-server-{port}"
-            )
+            await served.wait_started(started)  # stops hypercorn itself if this fails
         except StartFailed as exc:
-            sock.close()
+            self._forget(served)
+            if self._closed:
+                raise TransportClosed("HTTP/2 server was closed while starting") from exc.cause
             raise TransportError(f"HTTP/2 server failed to start: {exc.cause!r}") from exc.cause
+        except BaseException:
+            self._forget(served)
+            raise
+        if self._closed:  # close() ran during the start-up and stops hypercorn
+            raise TransportClosed("HTTP/2 server was closed while starting")
         host = format_hostport(advertised_host(bound), port)
         self._address = f"{SCHEME}://{host}{self._root}"
         _log.debug("HTTP/2 server listening on %s (bound %s)", self._address, bound)
@@ -352,19 +362,26 @@ class Http2Server(Server):
         if self._closed:
             return
         self._closed = True
+        writing = self._calls > 0  # responses may still be on their way to a slow reader
         await self._runner.close(grace)
         for exchange in list(self._exchanges.values()):
             exchange.abort()
         task, self._task = self._task, None
         if task is not None:
             assert self._shutdown is not None
-            if self._calls:
+            flush = _CLOSE_FLUSH
+            if writing or self._calls:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + _GRACEFUL_TIMEOUT
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_GRACEFUL_TIMEOUT):
+                    async with asyncio.timeout_at(deadline):
                         await self._no_calls.wait()
+                # Their last bytes may still be on their way to a slow reader, who keeps what
+                # is left of the grace (see _CLOSE_FLUSH).
+                flush = max(_CLOSE_FLUSH, deadline - loop.time())
             if self._hypercorn is not None:
-                # Read by hypercorn when the shutdown starts: see _CLOSE_FLUSH.
-                self._hypercorn.graceful_timeout = _CLOSE_FLUSH
+                # Read by hypercorn when the shutdown starts.
+                self._hypercorn.graceful_timeout = flush
             self._shutdown.set()
             await asyncio.wait((task,))
             if not task.cancelled() and task.exception() is not None:
@@ -375,6 +392,14 @@ class Http2Server(Server):
             await asyncio.wait(self._watchers)
         if self._sock is not None:
             self._sock.close()  # hypercorn closed it already; closing again is harmless
+            self._sock = None
+
+    def _forget(self, served: Served) -> None:
+        """A failed or cancelled start-up: hypercorn has stopped; drop it and the socket."""
+        if self._task is served.task:
+            self._task = self._shutdown = None
+        if self._sock is not None:
+            self._sock.close()
             self._sock = None
 
     # --- the ASGI app ----------------------------------------------------------------------------
