@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from troupe.errors import MessageTooLarge, ProtocolError
+from troupe.errors import InvalidRequest, MessageTooLarge, ProtocolError
 from troupe.transports import (
     Cancel,
     Chunk,
@@ -22,7 +22,7 @@ from troupe.transports import (
     encode,
     encode_framed,
 )
-from troupe.transports._codec import decode_message, encode_batch
+from troupe.transports._codec import Undecodable, decode_message, encode_batch, encode_request
 
 SAMPLES: list[Frame] = [
     Request(1, "generate", b"payload"),
@@ -209,15 +209,59 @@ def test_batches_carry_frames_in_order(count: int) -> None:
     assert decode_message(encode_batch([encode(frame) for frame in sent])) == sent
 
 
-def test_decode_message_reads_single_frames_and_refuses_bad_batches() -> None:
+def test_decode_message_reads_single_frames_and_refuses_broken_batches() -> None:
     assert decode_message(encode(End(4))) == [End(4)]
-    with pytest.raises(ProtocolError):
-        decode_message(b"")
     with pytest.raises(ProtocolError, match="batch"):
         decode_message(b"\xc1")  # the marker alone
-    with pytest.raises(ProtocolError, match="batch"):
-        decode_message(b"\xc1\x92" + encode(End(1)) + b"\x01")  # one element is no frame
     with pytest.raises(ProtocolError, match="batch"):
         decode_message(b"\xc1\x93" + encode(End(1)))  # truncated
     with pytest.raises(ValueError, match="at most 65535"):
         encode_batch([encode(End(1))] * 65_536)
+
+
+def _undecodable(item: object) -> Undecodable:
+    assert isinstance(item, Undecodable)
+    assert isinstance(item.error, ProtocolError)
+    return item
+
+
+def test_a_bad_frame_costs_only_itself() -> None:
+    bad_request = msgspec.msgpack.encode(["req", 7, "echo", b"", None, {"n": 1}, 0])
+    frames = decode_message(encode_batch([encode(End(1)), bad_request, encode(Cancel("c"))]))
+    assert frames[0] == End(1)
+    assert frames[2] == Cancel("c")
+    bad = _undecodable(frames[1])
+    assert (bad.tag, bad.id) == ("req", 7)
+    # A single frame, or one that is not even an array: what can be told is told.
+    [alone] = decode_message(msgspec.msgpack.encode(["chunk", "s-1", 5]))
+    assert (_undecodable(alone).tag, _undecodable(alone).id) == ("chunk", "s-1")
+    [garbage] = decode_message(b"")
+    assert (_undecodable(garbage).tag, _undecodable(garbage).id) == (None, None)
+    [number] = decode_message(b"\xc1\x92" + encode(End(1)) + b"\x01")[1:]
+    assert (_undecodable(number).tag, _undecodable(number).id) == (None, None)
+    [no_id] = decode_message(msgspec.msgpack.encode(["req", [1], "echo", b""]))
+    assert (_undecodable(no_id).tag, _undecodable(no_id).id) == ("req", None)
+    assert "Undecodable(tag='req'" in repr(no_id)
+
+
+def test_encode_request_refuses_what_a_worker_could_not_decode() -> None:
+    data = encode_request(3, "ep", b"x", deadline=5, headers={"k": "v"}, attempt=1)
+    assert decode(data) == Request(3, "ep", b"x", 5.0, {"k": "v"}, 1)
+    assert decode(encode_request(4, "ep", bytearray(b"y"))) == Request(4, "ep", b"y")  # type: ignore[arg-type]
+    bad: list[tuple[dict[str, object], str | None]] = [
+        ({"headers": {"n": 1}}, "headers"),
+        ({"headers": {1: "v"}}, "headers"),
+        ({"payload": "text"}, "payload"),
+        ({"endpoint": b"ep"}, "endpoint"),
+        ({"deadline": "soon"}, "deadline"),
+        ({"deadline": True}, "deadline"),
+        ({"attempt": 1.5}, "attempt"),
+        ({"attempt": False}, "attempt"),
+        ({"attempt": 2**64}, None),  # too large for msgpack
+        ({"endpoint": "\ud800"}, None),  # not encodable as UTF-8
+    ]
+    for change, param in bad:
+        args: dict[str, object] = {"endpoint": "ep", "payload": b"x"} | change
+        with pytest.raises(InvalidRequest) as caught:
+            encode_request(1, **args)  # type: ignore[arg-type]
+        assert caught.value.param == param, change

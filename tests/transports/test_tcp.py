@@ -8,22 +8,33 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import msgspec
 import pytest
 import zmq
 
 from troupe.config import TcpConfig
 from troupe.errors import (
     ConnectTimeout,
+    InvalidRequest,
     MessageTooLarge,
+    ProtocolError,
     RequestTimeout,
     TransportClosed,
     TransportError,
 )
 from troupe.testing import free_port
 from troupe.transports import RequestContext, encode
-from troupe.transports._codec import Request, encode_batch
+from troupe.transports._codec import (
+    BATCH_MAX_BYTES,
+    Chunk,
+    End,
+    Error,
+    Request,
+    decode_message,
+    encode_batch,
+)
 from troupe.transports._net import advertised_host, format_hostport, split_address
-from troupe.transports.tcp import TcpClient, TcpServer, _next_message
+from troupe.transports.tcp import TcpClient, TcpServer, _batch_bytes, _next_message
 
 LIMIT = 64 * 1024
 CONFIG = TcpConfig(host="127.0.0.1", max_message_size=LIMIT, request_timeout=10.0)
@@ -379,3 +390,158 @@ def test_batches_respect_the_byte_limit_and_leave_large_frames_alone() -> None:
     assert _next_message(frames[2:], 1_000_000) == (frames[2], 1)  # large: alone, uncopied
     assert _next_message(frames, 0) == (frames[0], 1)  # batching off
     assert _next_message(frames[:2], 150) == (frames[0], 1)  # two would exceed the limit
+
+
+def test_batches_never_exceed_64_kib_and_small_limits_turn_them_off() -> None:
+    assert _batch_bytes(TcpConfig(max_message_size=32 * 1024 * 1024)) == BATCH_MAX_BYTES
+    assert _batch_bytes(TcpConfig(max_message_size=BATCH_MAX_BYTES)) == BATCH_MAX_BYTES
+    assert _batch_bytes(TcpConfig(max_message_size=BATCH_MAX_BYTES - 1)) == 0
+
+
+async def test_batches_fit_a_worker_with_a_smaller_limit() -> None:
+    # The caller's limit (32 MiB) is far above the worker's (64 KiB): its batches must still
+    # fit the worker's, or libzmq drops the connection and every stream on it breaks.
+    server = TcpServer(CONFIG)
+    server.add_endpoint("echo", echo)
+    await server.start()
+    client = TcpClient(replace(CONFIG, max_message_size=32 * 1024 * 1024, pool_size=1))
+    try:
+        payloads = [bytes([i]) * 15_000 for i in range(64)]
+        answers = await asyncio.gather(
+            *(call(client, server.address, "echo", payload) for payload in payloads)
+        )
+        assert answers == [[payload] for payload in payloads]
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_batches_fit_a_caller_with_a_smaller_limit() -> None:
+    server = TcpServer(replace(CONFIG, max_message_size=32 * 1024 * 1024))
+    server.add_endpoint("echo", echo)
+    await server.start()
+    client = TcpClient(replace(CONFIG, pool_size=1))  # 64 KiB
+    try:
+        payloads = [bytes([i]) * 15_000 for i in range(64)]
+        answers = await asyncio.gather(
+            *(call(client, server.address, "echo", payload) for payload in payloads)
+        )
+        assert answers == [[payload] for payload in payloads]
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_request_refuses_what_a_worker_could_not_decode(
+    server: TcpServer, client: TcpClient
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        await client.request(server.address, "echo", b"x", headers={"n": 1})  # type: ignore[dict-item]
+    assert caught.value.param == "headers"
+    with pytest.raises(InvalidRequest) as caught:
+        await client.request(server.address, "echo", "text")  # type: ignore[arg-type]
+    assert caught.value.param == "payload"
+    with pytest.raises(InvalidRequest):
+        await client.request(server.address, "echo", b"x", headers={"k": "\ud800"})
+    assert await call(client, server.address, "echo", b"fine") == [b"fine"]
+
+
+def _poisoned_request(rid: int) -> bytes:
+    """A request whose headers hold an int: the worker cannot decode it."""
+    return msgspec.msgpack.encode(["req", rid, "echo", b"bad", None, {"n": 1}, 0])
+
+
+async def test_one_bad_request_in_a_batch_costs_only_itself(server: TcpServer) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    try:
+        frames = [encode(Request(i, "echo", b"%d" % i)) for i in range(16)]
+        frames.insert(8, _poisoned_request(99))
+        sock.send(encode_batch(frames))
+        answers: dict[int | str, object] = {}
+        async with asyncio.timeout(5):
+            while len(answers) < 17:
+                while sock.poll(0):
+                    for frame in decode_message(sock.recv()):
+                        assert isinstance(frame, Chunk | End | Error)
+                        answers[frame.id] = frame.data if isinstance(frame, Chunk) else frame
+                await asyncio.sleep(0.005)
+        assert {rid: answers[rid] for rid in range(16)} == {i: b"%d" % i for i in range(16)}
+        refused = answers[99]
+        assert isinstance(refused, Error)
+        assert refused.kind == "ProtocolError"
+    finally:
+        sock.close(0)
+        await asyncio.to_thread(ctx.term)
+
+
+async def test_an_undecodable_reply_fails_only_its_own_stream() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = TcpClient(replace(CONFIG, pool_size=1))
+    try:
+        address = f"tcp://127.0.0.1:{port}"
+        first, second = await asyncio.gather(
+            client.request(address, "echo", b"1"), client.request(address, "echo", b"2")
+        )
+        ids: list[int] = []
+        async with asyncio.timeout(5):
+            while len(ids) < 2:
+                while router.poll(0):
+                    identity, data = router.recv_multipart()
+                    ids += [frame.id for frame in decode_message(data)]  # type: ignore[misc]
+                await asyncio.sleep(0.005)
+        good = encode(Chunk(first.request_id, b"ok", end=True))
+        bad = msgspec.msgpack.encode(["chunk", second.request_id, 5])  # data is no bytes
+        router.send_multipart([identity, encode_batch([good, bad])])
+        assert await asyncio.wait_for(first.collect(), 5) == [b"ok"]
+        with pytest.raises(ProtocolError, match="undecodable reply"):
+            await asyncio.wait_for(second.collect(), 5)
+    finally:
+        await client.close()
+        router.close(0)
+        await asyncio.to_thread(ctx.term)
+
+
+async def test_streams_dropped_unclosed_are_forgotten_and_cancelled(server: TcpServer) -> None:
+    count = 100
+    started: list[None] = []
+    all_started = asyncio.Event()
+    stopped: list[str | None] = []
+    all_stopped = asyncio.Event()
+
+    async def silent(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        started.append(None)
+        if len(started) == count:
+            all_started.set()
+        try:
+            await asyncio.Event().wait()
+            yield b"never"
+        finally:
+            stopped.append(ctx.stop_reason)
+            if len(stopped) == count:
+                all_stopped.set()
+
+    server.add_endpoint("silent", silent)
+    client = TcpClient(replace(CONFIG, pool_size=1))
+    try:
+        streams = [await client.request(server.address, "silent", b"") for _ in range(count)]
+        await asyncio.wait_for(all_started.wait(), 5)
+        [conn] = client._pools[server.address]
+        assert len(conn.streams) == count
+        # Dropped without close() (an exception path, say); a cycle keeps one of them alive
+        # until the collector runs.
+        cycle: list[object] = [streams[0]]
+        cycle.append(cycle)
+        del streams, cycle
+        gc.collect()
+        await asyncio.wait_for(all_stopped.wait(), 5)
+        assert stopped == ["cancelled"] * count
+        assert conn.streams == {}
+        assert server.inflight == 0
+    finally:
+        await client.close()

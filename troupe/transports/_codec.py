@@ -12,18 +12,21 @@ ignore extra trailing elements, so old peers keep working.
 with a 4-byte big-endian length prefix: :func:`encode_framed` writes one, :class:`FrameBuffer`
 reads them back from arbitrary slices of the stream. Transports that carry messages (ZeroMQ)
 may put several encoded frames in one message with :func:`encode_batch`; :func:`decode_message`
-reads either form.
+reads either form, and hands back a frame it cannot read as an :class:`Undecodable` (with the
+request id when one can be recovered) so that one bad frame costs only its own request.
 """
 
 from __future__ import annotations
 
-from typing import Final, TypeAlias
+from collections.abc import Mapping
+from typing import Final, TypeAlias, cast
 
 import msgspec
 
-from troupe.errors import MessageTooLarge, ProtocolError
+from troupe.errors import InvalidRequest, MessageTooLarge, ProtocolError
 
 __all__ = [
+    "BATCH_MAX_BYTES",
     "BATCH_OVERHEAD",
     "PREFIX_SIZE",
     "WIRE_VERSION",
@@ -36,11 +39,13 @@ __all__ = [
     "Reply",
     "Request",
     "RequestId",
+    "Undecodable",
     "decode",
     "decode_message",
     "encode",
     "encode_batch",
     "encode_framed",
+    "encode_request",
 ]
 
 WIRE_VERSION: Final = 1
@@ -129,12 +134,57 @@ _MAX_PREFIXED: Final = 2**32 - 1
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Frame)
 _batch_decoder: Final = msgspec.msgpack.Decoder(list[Frame])
+_raw_batch_decoder: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_DECODE_ERRORS: Final = (ValueError, TypeError, RecursionError, OverflowError, MemoryError)
 
 # A batch is this byte (never used by msgpack) followed by a msgpack array of encoded frames.
 _BATCH_MARKER: Final = 0xC1
 _MAX_BATCH: Final = 0xFFFF
 BATCH_OVERHEAD: Final = 4
 """Bytes :func:`encode_batch` adds to the frames' own (a marker and an array header)."""
+BATCH_MAX_BYTES: Final = 64 * 1024
+"""The largest batch a transport builds, whatever its own message size limit.
+
+A batch is an optimisation the peer did not ask for: it must never be refused where the frames
+it carries, sent one by one, would have been accepted. Every peer accepts messages of this size
+unless its own limit is smaller, and a transport whose own limit is smaller does not batch.
+"""
+
+
+class Undecodable:
+    """A frame of a message that :func:`decode_message` could not read.
+
+    Attributes:
+        error: why it could not be read.
+        tag: the frame's tag (``"req"``, ``"chunk"``...) when its first element is a string.
+        id: the request id (the second element) when it is an int or a string, else ``None``:
+            a transport may answer (or fail) that request instead of leaving it to time out.
+    """
+
+    __slots__ = ("error", "id", "tag")
+
+    def __init__(self, error: ProtocolError, tag: str | None, id: RequestId | None) -> None:
+        self.error = error
+        self.tag = tag
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"Undecodable(tag={self.tag!r}, id={self.id!r}, error={str(self.error)!r})"
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview, error: ProtocolError) -> Undecodable:
+        """Describe the undecodable frame ``data``, recovering its tag and id if it has them."""
+        tag: str | None = None
+        rid: RequestId | None = None
+        try:
+            head = msgspec.msgpack.decode(data)
+        except _DECODE_ERRORS:
+            return cls(error, None, None)
+        if type(head) is list and head and type(head[0]) is str:
+            tag = head[0]
+            if len(head) > 1 and type(head[1]) in (int, str):
+                rid = head[1]
+        return cls(error, tag, rid)
 
 
 def encode(frame: Frame) -> bytes:
@@ -153,7 +203,7 @@ def decode(data: bytes | bytearray | memoryview) -> Frame:
         frame: Frame = _decoder.decode(data)
     # msgspec.DecodeError and ValidationError are ValueErrors, and so is the UnicodeDecodeError
     # that invalid UTF-8 in a string field raises.
-    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"undecodable request-plane frame ({len(data)} bytes): {exc}") from exc
     return frame
 
@@ -175,20 +225,88 @@ def encode_batch(frames: list[bytes]) -> bytes:
     return b"".join([header, *frames])
 
 
-def decode_message(data: bytes) -> list[Frame]:
+def decode_message(data: bytes) -> list[Frame | Undecodable]:
     """The frames of one message: a single frame (:func:`encode`) or a batch (:func:`encode_batch`).
 
+    A frame that is not valid comes back as an :class:`Undecodable` in its place; the frames
+    around it are read as usual (a bad request in a batch costs no other request).
+
     Raises:
-        ProtocolError: the message, or any frame of the batch, is not valid (the whole batch
-            is refused: batches come from troupe's own encoder).
+        ProtocolError: a batch whose layout is broken (not an array of msgpack values,
+            truncated): none of its frames can be told apart.
     """
     if not data or data[0] != _BATCH_MARKER:
-        return [decode(data)]
+        try:
+            return [decode(data)]
+        except ProtocolError as exc:
+            return [Undecodable.of(data, exc)]
+    body = memoryview(data)[1:]
     try:
-        frames: list[Frame] = _batch_decoder.decode(memoryview(data)[1:])
-    except (ValueError, TypeError, RecursionError, OverflowError, MemoryError) as exc:
+        good: list[Frame] = _batch_decoder.decode(body)
+    except _DECODE_ERRORS:
+        pass  # one frame or the layout is bad: look at them one by one (rare; slower)
+    else:
+        return cast("list[Frame | Undecodable]", good)  # a fresh list: widening is safe
+    try:
+        raws = _raw_batch_decoder.decode(body)
+    except _DECODE_ERRORS as exc:
         raise ProtocolError(f"undecodable batch of frames ({len(data)} bytes): {exc}") from exc
+    frames: list[Frame | Undecodable] = []
+    for raw in raws:
+        try:
+            frames.append(decode(raw))
+        except ProtocolError as exc:
+            frames.append(Undecodable.of(raw, exc))
     return frames
+
+
+def encode_request(
+    request_id: RequestId,
+    endpoint: str,
+    payload: bytes,
+    *,
+    deadline: float | None = None,
+    headers: Mapping[str, str] | None = None,
+    attempt: int = 0,
+) -> bytes:
+    """Encode a :class:`Request` from a caller's arguments, refusing what its worker could not
+    decode (such a request would be dropped there and its caller left waiting).
+
+    Raises:
+        InvalidRequest: ``endpoint`` is not a string, ``payload`` not bytes, ``headers`` not a
+            mapping of strings to strings, ``deadline`` not a number or ``None``, ``attempt``
+            not an int, or a string is not encodable as UTF-8 (``param`` names the argument).
+    """
+    if type(endpoint) is not str:
+        raise InvalidRequest(
+            f"endpoint must be a str, not {type(endpoint).__name__}", param="endpoint"
+        )
+    if type(payload) is not bytes and not isinstance(payload, bytes | bytearray | memoryview):
+        raise InvalidRequest(
+            f"payload must be bytes, not {type(payload).__name__}", param="payload"
+        )
+    if deadline is not None and (type(deadline) is bool or not isinstance(deadline, float | int)):
+        raise InvalidRequest(
+            f"deadline must be a number or None, not {type(deadline).__name__}", param="deadline"
+        )
+    if type(attempt) is bool or not isinstance(attempt, int):
+        raise InvalidRequest(
+            f"attempt must be an int, not {type(attempt).__name__}", param="attempt"
+        )
+    fields: dict[str, str] = {}
+    if headers:
+        fields = dict(headers)
+        for key, value in fields.items():
+            if type(key) is not str or type(value) is not str:
+                raise InvalidRequest(
+                    f"headers must map str to str, not {type(key).__name__} to "
+                    f"{type(value).__name__} (at {key!r})",
+                    param="headers",
+                )
+    try:
+        return _encoder.encode(Request(request_id, endpoint, payload, deadline, fields, attempt))
+    except (msgspec.EncodeError, UnicodeEncodeError, OverflowError) as exc:
+        raise InvalidRequest(f"the request cannot be encoded: {exc}") from exc
 
 
 def encode_framed(frame: Frame) -> bytes:

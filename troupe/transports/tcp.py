@@ -4,8 +4,10 @@ The worker binds one ROUTER socket on ``DYN_TCP_RPC_HOST``:``DYN_TCP_RPC_PORT`` 
 OS pick; :attr:`TcpServer.address` reports the real one). A caller keeps up to
 ``DYN_TCP_POOL_SIZE`` DEALER sockets per worker address and multiplexes many requests on each by
 request id. One message carries one codec frame, or a batch of small frames queued in the same
-loop iteration (``_codec.encode_batch``, within ``DYN_TCP_MAX_MESSAGE_SIZE``); the ROUTER adds
-the peer identity.
+loop iteration (``_codec.encode_batch``, at most ``_codec.BATCH_MAX_BYTES``, and none when
+``DYN_TCP_MAX_MESSAGE_SIZE`` is smaller: a batch must fit the peer's limit too); the ROUTER adds
+the peer identity. A frame the peer cannot decode costs only its own request: the worker answers
+it with a ``ProtocolError`` when its request id can be read, the caller fails that one stream.
 
 Performance: ``zmq.asyncio`` costs several times more per message than driving plain pyzmq
 sockets from the event loop, so each socket is registered with ``loop.add_reader(sock.FD)`` and
@@ -13,7 +15,9 @@ drained with ``NOBLOCK`` while ``sock.EVENTS`` has ``POLLIN``. ZeroMQ's FD is ed
 a ``send`` may consume its edge, so every send schedules one re-check of ``EVENTS``.
 
 Failures: ``ZMQ_MAXMSGSIZE`` makes libzmq disconnect a peer that sends an oversized message
-without touching other connections; the caller refuses an oversized request before sending it.
+without touching other connections; the caller refuses an oversized or malformed request before
+sending it. A stream its caller drops without closing it is forgotten when it is collected, and
+the worker is told to stop (``Cancel``).
 A socket monitor reports handshakes (connect timeout) and disconnects (a dead worker fails its
 open streams with ``StreamBroken`` at once); ZMTP heartbeats catch silent peers. Only the event
 loop thread touches the sockets.
@@ -55,6 +59,7 @@ from troupe.transports._base import (
     TransportSettings,
 )
 from troupe.transports._codec import (
+    BATCH_MAX_BYTES,
     BATCH_OVERHEAD,
     Cancel,
     Chunk,
@@ -62,9 +67,11 @@ from troupe.transports._codec import (
     Error,
     Reply,
     Request,
+    Undecodable,
     decode_message,
     encode,
     encode_batch,
+    encode_request,
 )
 from troupe.transports._dispatch import SendReply
 from troupe.transports._net import (
@@ -135,6 +142,13 @@ def _resolve(host: str) -> str:
 
 def _is_ipv6(host: str) -> bool:
     return ":" in host
+
+
+def _batch_bytes(config: TcpConfig) -> int:
+    """The largest batch to send (0: no batching): ``BATCH_MAX_BYTES``, which every peer whose
+    limit is not smaller accepts, or none at all when this side's own limit is smaller (its
+    peers are then expected to have small limits too)."""
+    return BATCH_MAX_BYTES if config.max_message_size >= BATCH_MAX_BYTES else 0
 
 
 def _next_message(frames: list[bytes], batch_bytes: int) -> tuple[bytes, int]:
@@ -212,8 +226,9 @@ class _Pump:
             routed: a ROUTER socket (messages start with the peer identity).
             limit: frames queued per destination before :meth:`room` waits.
             on_unroutable: called with a destination ZeroMQ cannot route to.
-            batch_bytes: the largest batch of frames sent as one message (the peer's
-                ``ZMQ_MAXMSGSIZE``); 0 sends every frame as a message of its own.
+            batch_bytes: the largest batch of frames sent as one message (at most what the
+                peer's ``ZMQ_MAXMSGSIZE`` accepts: see :func:`_batch_bytes`); 0 sends every
+                frame as a message of its own.
             single_part: every part received is handed over alone, without asking ZeroMQ
                 whether more parts follow (a DEALER whose peer sends one part per message).
         """
@@ -505,7 +520,7 @@ class TcpServer(Server):
             routed=True,
             limit=config.channel_buffer,
             on_unroutable=self._on_unroutable,
-            batch_bytes=config.max_message_size,
+            batch_bytes=_batch_bytes(config),
         )
         self._address = f"tcp://{format_hostport(advertised_host(host), port)}"
         _log.debug("TCP server listening on %s (bound %s)", self._address, bound)
@@ -527,9 +542,25 @@ class TcpServer(Server):
                     assert isinstance(frame, Request)
                     runner.dispatch((identity, frame.id), frame, self._sender(identity, frame.id))
                 elif kind is Cancel:
+                    assert isinstance(frame, Cancel)
                     runner.cancel((identity, frame.id))
+                elif kind is Undecodable:
+                    assert isinstance(frame, Undecodable)
+                    self._refuse(identity, frame)
                 else:
                     _log.debug("dropping an unexpected %s frame from a caller", kind.__name__)
+
+    def _refuse(self, identity: bytes, frame: Undecodable) -> None:
+        """Answer an undecodable request with a ``ProtocolError`` when its id can be read (its
+        caller fails at once instead of timing out); drop anything else."""
+        pump = self._pump
+        if frame.tag != "req" or frame.id is None:
+            _log.debug("dropping an undecodable frame from a caller: %s", frame.error)
+            return
+        if pump is None or pump.closed or identity in self._gone:
+            return
+        _log.debug("refusing an undecodable request %r: %s", frame.id, frame.error)
+        pump.put(identity, encode(Error(frame.id, "ProtocolError", str(frame.error))))
 
     def _on_unroutable(self, identity: bytes) -> None:
         """A caller's connection is gone: stop everything it asked for."""
@@ -586,6 +617,28 @@ class TcpServer(Server):
 # --- caller side -------------------------------------------------------------------------------
 
 
+class _StreamRef(weakref.ref[ResponseStream]):
+    """A weak reference to a stream that remembers its request id, for the callback that runs
+    when the stream is collected (its caller dropped it without closing it)."""
+
+    __slots__ = ("rid",)
+
+    rid: int
+
+    def __new__(
+        cls, stream: ResponseStream, callback: Callable[[_StreamRef], None], rid: int
+    ) -> _StreamRef:
+        self = super().__new__(cls, stream, callback)
+        self.rid = rid
+        return self
+
+    def __init__(
+        self, stream: ResponseStream, callback: Callable[[_StreamRef], None], rid: int
+    ) -> None:
+        # ref.__init__ takes (ob, callback); typeshed does not declare it.
+        super().__init__(stream, callback)  # type: ignore[call-arg]
+
+
 class _Connection:
     """One DEALER socket to one worker, carrying many requests."""
 
@@ -602,9 +655,11 @@ class _Connection:
         self.host = host
         self.loop = asyncio.get_running_loop()
         # request id -> a weak reference to its stream: a stream its caller dropped without
-        # closing it is collected, and its next frame sends Cancel (plain weakrefs in a plain
-        # dict: WeakValueDictionary's Python-level bookkeeping cost more per request).
-        self.streams: dict[int, weakref.ref[ResponseStream]] = {}
+        # closing it is collected, and the reference's callback has the loop forget it and send
+        # Cancel (weakrefs in a plain dict: WeakValueDictionary's Python-level bookkeeping cost
+        # more per request). Its next frame, should it come first, does the same.
+        self.streams: dict[int, _StreamRef] = {}
+        self.on_collected = self._on_collected
         self.state = "connecting"
         self._cancelled: dict[int, None] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()
@@ -615,7 +670,7 @@ class _Connection:
             sock,
             self._on_message,
             limit=config.channel_buffer,
-            batch_bytes=config.max_message_size,
+            batch_bytes=_batch_bytes(config),
             single_part=True,
         )
         self.monitor = _Pump(self.loop, monitor, self._on_monitor)
@@ -735,6 +790,27 @@ class _Connection:
         """The stream ``rid`` expects no more frames."""
         self.streams.pop(rid, None)
 
+    def _on_collected(self, ref: _StreamRef) -> None:
+        """The weakref callback of a stream collected while still registered (dropped unclosed).
+
+        Runs wherever the garbage collector runs: any thread, possibly in the middle of loop
+        code that iterates :attr:`streams`. So it only schedules :meth:`_dropped` on the loop.
+        """
+        loop = self.loop
+        if loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+            loop.call_soon_threadsafe(self._dropped, ref)
+
+    def _dropped(self, ref: _StreamRef) -> None:
+        """Forget a collected stream and tell the worker to stop (on the loop)."""
+        rid = ref.rid
+        if self.streams.get(rid) is not ref:
+            return  # already forgotten (a frame for it arrived first, or the connection closed)
+        del self.streams[rid]
+        if rid not in self._cancelled:
+            self.send_cancel(rid)
+
     def _on_message(self, parts: list[bytes]) -> None:
         streams = self.streams
         for data in parts:
@@ -746,6 +822,9 @@ class _Connection:
             for frame in frames:
                 kind = type(frame)
                 if kind is not Chunk and kind is not End and kind is not Error:
+                    if kind is Undecodable:
+                        assert isinstance(frame, Undecodable)
+                        self._on_undecodable(frame)
                     continue
                 assert isinstance(frame, Chunk | End | Error)
                 rid = frame.id
@@ -760,6 +839,24 @@ class _Connection:
                     del streams[rid]  # its caller dropped it without closing it
                 if type(frame) is Chunk and not frame.end and rid not in self._cancelled:
                     self.send_cancel(rid)  # nobody reads this stream any more
+
+    def _on_undecodable(self, frame: Undecodable) -> None:
+        """Fail the one stream an undecodable reply belongs to, when its id can be read."""
+        rid = frame.id
+        _log.debug("undecodable reply from %s (id %r): %s", self.address, rid, frame.error)
+        if not isinstance(rid, int):
+            return  # this client's ids are ints
+        ref = self.streams.pop(rid, None)
+        stream = None if ref is None else ref()
+        if stream is None:
+            return
+        stream.fail(
+            ProtocolError(
+                f"undecodable reply from {self.address}: {frame.error}", address=self.address
+            )
+        )
+        if frame.tag == "chunk" and rid not in self._cancelled:
+            self.send_cancel(rid)  # the worker may go on sending: stop it
 
 
 class _TcpStream(ResponseStream):
@@ -864,6 +961,8 @@ class TcpClient(Client):
         """Send a request to the worker at ``tcp://host:port``; see :meth:`Client.request`.
 
         Raises:
+            InvalidRequest: the arguments do not make a request a worker can decode (headers
+                that are not strings, a payload that is not bytes...); nothing was sent.
             MessageTooLarge: the encoded request exceeds ``DYN_TCP_MAX_MESSAGE_SIZE``.
             ConnectTimeout: no connection within ``DYN_TCP_CONNECT_TIMEOUT``.
             RequestTimeout: ``DYN_TCP_CHANNEL_BUFFER`` frames stayed queued for
@@ -876,8 +975,8 @@ class TcpClient(Client):
         pool = self._pools.get(address)
         host = pool[0].host if pool else split_address(address, SCHEME)[0]
         rid = next(self._ids)
-        data = encode(
-            Request(rid, endpoint, payload, deadline, dict(headers) if headers else {}, attempt)
+        data = encode_request(
+            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
         )
         limit = self.config.max_message_size
         if len(data) > limit:
@@ -899,7 +998,7 @@ class TcpClient(Client):
             sweep=sweep,
         )
         stream.conn = conn
-        conn.streams[rid] = weakref.ref(stream)
+        conn.streams[rid] = _StreamRef(stream, conn.on_collected, rid)
         if conn.try_send(data):
             return stream
         try:
