@@ -11,6 +11,7 @@ import pytest
 from troupe.errors import (
     ConfigError,
     DeadlineExceeded,
+    InvalidRequest,
     MessageTooLarge,
     Overloaded,
     RemoteError,
@@ -27,6 +28,24 @@ CANCEL_LATENCY = 0.1
 
 async def echo(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
     yield payload
+
+
+async def test_a_request_its_worker_could_not_decode_is_refused_before_sending(
+    plane: Plane,
+) -> None:
+    async def echo(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield payload
+
+    server = await plane.server()
+    server.add_endpoint("echo", echo)
+    client = plane.client()
+    with pytest.raises(InvalidRequest) as caught:
+        await client.request(server.address, "echo", b"x", headers={"n": 1})  # type: ignore[dict-item]
+    assert caught.value.param == "headers"
+    with pytest.raises(InvalidRequest):
+        await client.request(server.address, "echo", "text")  # type: ignore[arg-type]
+    stream = await client.request(server.address, "echo", b"still serving")
+    assert [chunk async for chunk in stream] == [b"still serving"]
 
 
 async def test_chunks_arrive_in_order_and_incrementally(plane: Plane) -> None:

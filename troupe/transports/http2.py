@@ -87,6 +87,7 @@ from troupe.transports._codec import (
     decode,
     encode,
     encode_framed,
+    encode_request,
 )
 from troupe.transports._net import advertised_host, detect_host, format_hostport, split_address
 
@@ -1332,8 +1333,8 @@ class Http2Client(Client):
             raise TransportClosed("HTTP/2 client is closed", address=address)
         target = self._target(address)
         rid = f"{self._prefix}{next(self._ids)}"
-        data = encode(
-            Request(rid, endpoint, payload, deadline, dict(headers) if headers else {}, attempt)
+        data = encode_request(
+            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
         )
         if len(data) > self._max:
             raise MessageTooLarge(len(data), self._max, address=address)

@@ -34,6 +34,7 @@ from troupe.transports._codec import (
     Request,
     decode,
     encode,
+    encode_request,
 )
 from troupe.transports._dispatch import SendReply
 
@@ -238,8 +239,8 @@ class InprocClient(Client):
         if server is None:
             raise ConnectionLost(f"no in-process server listening at {address}", address=address)
         rid = next(self._ids)
-        data = encode(
-            Request(rid, endpoint, payload, deadline, dict(headers) if headers else {}, attempt)
+        data = encode_request(
+            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
         )
         if len(data) > self._max:
             raise MessageTooLarge(len(data), self._max, address=address)

@@ -81,6 +81,7 @@ from troupe.transports._codec import (
     RequestId,
     decode,
     encode,
+    encode_request,
 )
 from troupe.transports._dispatch import SendReply
 
@@ -480,8 +481,8 @@ class NatsRpcClient(Client):
                 address=address,
             )
         rid = next(self._ids)
-        data = encode(
-            Request(rid, endpoint, payload, deadline, dict(headers) if headers else {}, attempt)
+        data = encode_request(
+            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
         )
         limit = nc.max_payload
         if len(data) > limit:
