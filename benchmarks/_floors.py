@@ -263,6 +263,37 @@ def _zmq_client(port: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     return handle
 
 
+async def _timed_calls(call: Callable[[], Awaitable[object]], n: int, cap: float) -> list[float]:
+    """Latencies (µs) of ``n`` calls made one at a time, stopping early after ``cap`` seconds."""
+    lat: list[float] = []
+    clock = time.perf_counter
+    deadline = clock() + cap
+    for _ in range(n):
+        t0 = clock()
+        await call()
+        t1 = clock()
+        lat.append((t1 - t0) * 1e6)
+        if t1 > deadline:
+            break
+    return lat
+
+
+async def _pipelined_calls(call: Callable[[], Awaitable[object]], n: int, cap: float) -> int:
+    """``n`` calls from PIPELINE concurrent callers (fewer after ``cap`` seconds); how many ran."""
+    deadline = time.perf_counter() + cap
+    left = [n]
+    done = [0]
+
+    async def caller() -> None:
+        while left[0] > 0 and time.perf_counter() < deadline:
+            left[0] -= 1
+            await call()
+            done[0] += 1
+
+    await asyncio.gather(*(caller() for _ in range(PIPELINE)))
+    return done[0]
+
+
 def _async_handler(
     loop: asyncio.AbstractEventLoop,
     rtt: Callable[[int, float], Awaitable[list[float]]],
@@ -299,32 +330,14 @@ def _nats_client(
     nc = loop.run_until_complete(nats.connect(url, max_reconnect_attempts=0))
     payload = os.urandom(1024)
 
+    async def call() -> object:
+        return await nc.request(SUBJECT, payload, timeout=10)
+
     async def rtt(n: int, cap: float) -> list[float]:
-        lat: list[float] = []
-        clock = time.perf_counter
-        deadline = clock() + cap
-        for _ in range(n):
-            t0 = clock()
-            await nc.request(SUBJECT, payload, timeout=10)
-            t1 = clock()
-            lat.append((t1 - t0) * 1e6)
-            if t1 > deadline:
-                break
-        return lat
+        return await _timed_calls(call, n, cap)
 
     async def tp(n: int, cap: float) -> int:
-        deadline = time.perf_counter() + cap
-        left = [n]
-        done = [0]
-
-        async def caller() -> None:
-            while left[0] > 0 and time.perf_counter() < deadline:
-                left[0] -= 1
-                await nc.request(SUBJECT, payload, timeout=10)
-                done[0] += 1
-
-        await asyncio.gather(*(caller() for _ in range(PIPELINE)))
-        return done[0]
+        return await _pipelined_calls(call, n, cap)
 
     # One wildcard subscription for every stream's replies (as troupe's nats client does); each
     # stream gets its own subject under it and a queue, found by subject.
@@ -374,34 +387,14 @@ def _http_client(
     echo, streamed = f"{base}/echo", f"{base}/stream"
     payload = os.urandom(1024)
 
+    async def call() -> object:
+        return (await client.post(echo, content=payload)).raise_for_status()
+
     async def rtt(n: int, cap: float) -> list[float]:
-        lat: list[float] = []
-        clock = time.perf_counter
-        deadline = clock() + cap
-        for _ in range(n):
-            t0 = clock()
-            response = await client.post(echo, content=payload)
-            response.raise_for_status()
-            t1 = clock()
-            lat.append((t1 - t0) * 1e6)
-            if t1 > deadline:
-                break
-        return lat
+        return await _timed_calls(call, n, cap)
 
     async def tp(n: int, cap: float) -> int:
-        deadline = time.perf_counter() + cap
-        left = [n]
-        done = [0]
-
-        async def caller() -> None:
-            while left[0] > 0 and time.perf_counter() < deadline:
-                left[0] -= 1
-                response = await client.post(echo, content=payload)
-                response.raise_for_status()
-                done[0] += 1
-
-        await asyncio.gather(*(caller() for _ in range(PIPELINE)))
-        return done[0]
+        return await _pipelined_calls(call, n, cap)
 
     async def stream(n: int, cap: float) -> int:
         deadline = time.perf_counter() + cap
@@ -564,34 +557,17 @@ def _h2_client(
     conn = loop.run_until_complete(connect())
     payload = os.urandom(1024)
 
+    async def call() -> object:
+        got = await conn.post(b"/echo", payload)
+        if got != len(payload):
+            raise RuntimeError(f"h2 floor echo: got {got} bytes")
+        return got
+
     async def rtt(n: int, cap: float) -> list[float]:
-        lat: list[float] = []
-        clock = time.perf_counter
-        deadline = clock() + cap
-        for _ in range(n):
-            t0 = clock()
-            got = await conn.post(b"/echo", payload)
-            t1 = clock()
-            if got != len(payload):
-                raise RuntimeError(f"h2 floor echo: got {got} bytes")
-            lat.append((t1 - t0) * 1e6)
-            if t1 > deadline:
-                break
-        return lat
+        return await _timed_calls(call, n, cap)
 
     async def tp(n: int, cap: float) -> int:
-        deadline = time.perf_counter() + cap
-        left = [n]
-        done = [0]
-
-        async def caller() -> None:
-            while left[0] > 0 and time.perf_counter() < deadline:
-                left[0] -= 1
-                await conn.post(b"/echo", payload)
-                done[0] += 1
-
-        await asyncio.gather(*(caller() for _ in range(PIPELINE)))
-        return done[0]
+        return await _pipelined_calls(call, n, cap)
 
     async def stream(n: int, cap: float) -> int:
         deadline = time.perf_counter() + cap
