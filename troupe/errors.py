@@ -330,11 +330,11 @@ class InvalidRecord(DiscoveryError):
         super().__init__(f"invalid discovery record{f' at {key}' if key else ''}: {reason}")
 
 
-# --- the OpenAI-compatible frontend (added with troupe.frontend) ---------------------------------
+# --- requests refused before they are sent (the frontend, every request plane) ----------------
 
 
 class InvalidRequest(TroupeError, ValueError):
-    """A client's request body is malformed or has a field with an unusable value.
+    """A request is malformed or has a field with an unusable value (frontend body, plane call).
 
     Attributes:
         param: the offending field as a dotted path (``"messages[0].content"``), or ``None``
