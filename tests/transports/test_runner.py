@@ -432,3 +432,114 @@ async def test_a_first_item_that_is_not_bytes_fails_before_the_handler_goes_on()
     assert error.kind == "TypeError"
     assert went_on == []
     await wait_idle(runner)
+
+
+@pytest.mark.parametrize("before", [1, 3], ids=["second-chunk", "fourth-chunk"])
+@pytest.mark.parametrize("fallback", [True, False], ids=["fallback", "no-fallback"])
+async def test_a_handler_timeout_firing_while_a_later_chunk_waits_for_room_ends_the_stream(
+    before: int, fallback: bool
+) -> None:
+    # The handler's timeout spans a later yield and fires while the runner waits in that
+    # chunk's send: the handler must see it (as TimeoutError) and carry on to End.
+    seen: list[str] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        for i in range(before):
+            yield b"%d" % i
+        try:
+            async with asyncio.timeout(0.01):
+                yield b"held"
+                await asyncio.sleep(30)
+        except TimeoutError:
+            seen.append("timeout")
+            if fallback:
+                yield b"fallback"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"held")
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    expected: list[Reply] = [Chunk(1, b"%d" % i) for i in range(before)]
+    expected.append(Chunk(1, b"held"))
+    if fallback:
+        expected.append(Chunk(1, b"fallback"))
+    assert sink.frames == [*expected, End(1)]
+    assert seen == ["timeout"]
+    await wait_idle(runner)
+
+
+async def test_a_handler_timeout_outlives_a_yield_that_needs_no_wait() -> None:
+    # The timeout fires during the send of "held"; the handler yields "more" before it waits
+    # again, and must still see its timeout there.
+    seen: list[str] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"a"
+        await asyncio.sleep(0)
+        try:
+            async with asyncio.timeout(0.01):
+                yield b"held"
+                yield b"more"
+                await asyncio.sleep(30)
+        except TimeoutError:
+            seen.append("timeout")
+            yield b"fallback"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"held")
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert sink.frames == [
+        Chunk(1, b"a"),
+        Chunk(1, b"held"),
+        Chunk(1, b"more"),
+        Chunk(1, b"fallback"),
+        End(1),
+    ]
+    assert seen == ["timeout"]
+    await wait_idle(runner)
+
+
+async def test_a_cancel_during_a_later_send_closes_the_handler_at_its_yield() -> None:
+    closed: list[str] = []
+
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        try:
+            yield b"a"
+            yield b"b"
+            closed.append("went on")
+        except GeneratorExit:
+            closed.append(ctx.stop_reason or "")
+            raise
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"b")
+    runner.dispatch("k", Request(1, "ep", b""), sink)
+    await asyncio.wait_for(sink.waiting.wait(), 5)
+    assert runner.cancel("k")
+    await wait_idle(runner)
+    assert closed == ["cancelled"]
+    assert sink.frames == [Chunk(1, b"a"), Chunk(1, b"b")]
+
+
+async def test_a_deadline_while_a_later_chunk_waits_for_room_ends_with_deadline_exceeded() -> None:
+    async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"a"
+        yield b"b"
+        await asyncio.sleep(30)
+        yield b"never"
+
+    runner = RequestRunner("t")
+    runner.add_endpoint("ep", handler)
+    sink = HeldSend(b"b")
+    runner.dispatch("k", Request(1, "ep", b"", deadline=time.time() + 0.05), sink)
+    await asyncio.wait_for(sink.done.wait(), 5)
+    assert sink.frames[:2] == [Chunk(1, b"a"), Chunk(1, b"b")]
+    assert len(sink.frames) == 3
+    last = sink.frames[2]
+    assert isinstance(last, Error)
+    assert last.kind == "DeadlineExceeded"
+    await wait_idle(runner)

@@ -137,6 +137,69 @@ async def _stop_step(
         raise asyncio.CancelledError
 
 
+def _cancel_again(task: asyncio.Task[Any]) -> None:
+    """Request again the cancellation that interrupted a send, the count unchanged.
+
+    A send is cancelled while it waits for room (the frame is handed over before that): by the
+    request's stop (the caller's Cancel, its deadline, shutdown) or by a timeout (or task group)
+    the handler holds across the point where it is parked. The cancellation belongs where the
+    handler waits: requested again, the task delivers it there, as it would have.
+    """
+    if task.cancelling():
+        task.uncancel()
+    task.cancel()
+
+
+async def _deliver_cancellation(
+    task: asyncio.Task[Any], step: Generator[Any, Any, object], yielded: object
+) -> object:
+    """Hand the cancellation that interrupted a send to the handler's step parked on ``yielded``.
+
+    The handler sees it where it waits and may catch its own timeout and go on.
+
+    Returns:
+        The handler's next item; ``_NEEDS_END`` when it ended.
+
+    Raises:
+        asyncio.CancelledError: a cancellation meant for the request is still pending once the
+            handler ran (it swallowed it): the request ends as if cancelled during the send.
+    """
+    _cancel_again(task)
+    try:
+        item = await _Resume(step, yielded)
+    except StopAsyncIteration:
+        item = _NEEDS_END
+    if task.cancelling():
+        raise asyncio.CancelledError
+    return item
+
+
+async def _resume_after_cancelled_send(stream: AsyncIterator[object]) -> object:
+    """Go on with a handler parked at its ``yield`` after the send of that item was cancelled.
+
+    The handler runs as far as it gets without waiting; where it waits, the cancellation is
+    delivered (:func:`_deliver_cancellation`). One that yields again first keeps the cancellation
+    requested for its next wait, unless the timeout that armed it has ended meanwhile.
+
+    Returns:
+        The handler's next item; ``_NEEDS_END`` when it ended.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    step = anext(stream).__await__()
+    try:
+        yielded = step.send(None)
+    except StopIteration as got:
+        if task.cancelling():
+            _cancel_again(task)
+        return got.value
+    except StopAsyncIteration:
+        if task.cancelling():
+            raise asyncio.CancelledError from None
+        return _NEEDS_END
+    return await _deliver_cancellation(task, step, yielded)
+
+
 async def _send_then_resume(
     chunk: Chunk,
     step: Generator[Any, Any, object],
@@ -155,32 +218,53 @@ async def _send_then_resume(
     task = asyncio.current_task()
     assert task is not None
     try:
-        ok: bool | None = await send(chunk)
+        ok = await send(chunk)
     except asyncio.CancelledError:
-        # Cancelled while the send waited for room (the frame is handed over before that): by
-        # the request's stop, or by a timeout the handler armed in its step. The cancellation
-        # belongs where the handler waits: request it again (the count stays the same) and let
-        # the task deliver it there, as it would have.
-        if task.cancelling():
-            task.uncancel()
-        task.cancel()
-        ok = None
+        return await _deliver_cancellation(task, step, yielded)
     except BaseException:
         await _stop_step(task, step, yielded)
         raise
-    if ok is False:
+    if not ok:
         ctx.stop("disconnected")
         await _stop_step(task, step, yielded)
         return _GONE
     try:
-        second = await _Resume(step, yielded)
+        return await _Resume(step, yielded)
     except StopAsyncIteration:
-        second = _NEEDS_END
-    if ok is None and task.cancelling():
-        # The handler swallowed a cancellation meant for the request: the request ends as if
-        # it had been cancelled during the send.
-        raise asyncio.CancelledError
-    return second
+        return _NEEDS_END
+
+
+async def _send_rest(
+    item: object,
+    stream: AsyncIterator[object],
+    rid: RequestId,
+    ctx: RequestContext,
+    send: SendReply,
+) -> object:
+    """Send ``item`` and every item the handler yields after it.
+
+    Returns:
+        ``_NEEDS_END`` when the stream ended; ``_GONE`` when the caller went away.
+    """
+    while True:
+        try:
+            ok = await send(Chunk(rid, _as_bytes(item)))
+        except asyncio.CancelledError:
+            if ctx.stop_reason not in (None, "handler"):
+                raise  # the request's stop: the handler is closed at its yield, as always
+            # Cancelled while it waited for room by a timeout (or task group) the handler holds
+            # across its yield: the handler gets it, as for the first chunk.
+            item = await _resume_after_cancelled_send(stream)
+            if item is _NEEDS_END:
+                return _NEEDS_END
+            continue
+        if not ok:
+            ctx.stop("disconnected")
+            return _GONE
+        try:
+            item = await anext(stream)
+        except StopAsyncIteration:
+            return _NEEDS_END
 
 
 class _Active:
@@ -392,25 +476,29 @@ class RequestRunner:
                     return _GONE
                 raise
             if yielded is _NOTHING:
-                if not await send(Chunk(rid, first)):
+                try:
+                    ok = await send(Chunk(rid, first))
+                except asyncio.CancelledError:
+                    if ctx.stop_reason not in (None, "handler"):
+                        raise
+                    # A timeout the handler holds across its second yield: that item goes out
+                    # first, and the handler gets the cancellation where it next waits.
+                    task = asyncio.current_task()
+                    assert task is not None
+                    _cancel_again(task)
+                    ok = True
+                if not ok:
                     ctx.stop("disconnected")
                     return _GONE
             else:
                 second = await _send_then_resume(Chunk(rid, first), step, yielded, ctx, send)
                 if second is _GONE or second is _NEEDS_END:
                     return second
-            if not await send(Chunk(rid, _as_bytes(second))):
-                ctx.stop("disconnected")
-                return _GONE
-            async for item in stream:
-                if not await send(Chunk(rid, _as_bytes(item))):
-                    ctx.stop("disconnected")
-                    return _GONE
+            return await _send_rest(second, stream, rid, ctx, send)
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
-        return _NEEDS_END
 
     # --- shutdown --------------------------------------------------------------------------------
 
