@@ -487,28 +487,34 @@ def _versus(
 
 def _floor_rows(plane: str, floor_name: str, f: dict[str, _Series]) -> list[Row]:
     """The floor's own figures, as reference rows."""
+    return series_rows(plane, f"{floor_name}: ", f)
+
+
+def series_rows(group: str, prefix: str, f: dict[str, _Series], rtt_note: str = "") -> list[Row]:
+    """One series' three figures as rows without a reference, named ``<prefix><figure>``."""
     return [
         Row(
-            group=plane,
-            name=f"{floor_name}: round trip p50",
+            group=group,
+            name=f"{prefix}round trip p50",
             value=median(f["rtt"].p50),
             unit="µs",
             p99=median(f["rtt"].p99),
             cpu_us=median(f["rtt"].cpu_us),
             higher_is_better=False,
+            note=rtt_note,
             samples=f["rtt"].p50,
         ),
         Row(
-            group=plane,
-            name=f"{floor_name}: throughput @{INFLIGHT}",
+            group=group,
+            name=f"{prefix}throughput @{INFLIGHT}",
             value=median(f["tp"].rate),
             unit="req/s",
             cpu_us=median(f["tp"].cpu_us),
             samples=f["tp"].rate,
         ),
         Row(
-            group=plane,
-            name=f"{floor_name}: stream {STREAM_CHUNKS} chunks",
+            group=group,
+            name=f"{prefix}stream {STREAM_CHUNKS} chunks",
             value=median(f["stream"].rate),
             unit="chunks/s",
             cpu_us=median(f["stream"].cpu_us),

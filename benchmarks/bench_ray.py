@@ -51,6 +51,7 @@ from benchmarks.bench_planes import (
     _troupe_rtt,
     _troupe_stream,
     _troupe_tp,
+    series_rows,
 )
 
 __all__ = ["RAY_TARGETS", "SUITE", "TCP_ROWS", "TROUPE_PREFIX", "run", "versus"]
@@ -415,37 +416,8 @@ class _TroupeTcp:
 
     def rows(self) -> list[Row]:
         """``troupe tcp: <figure>`` rows (no reference: :func:`versus` pairs them with Ray's)."""
-        t = self.result.troupe
         note = "each repetition right after Ray's, in this suite; the planes suite's code"
-        return [
-            Row(
-                group=GROUP,
-                name=TROUPE_PREFIX + "round trip p50",
-                value=median(t["rtt"].p50),
-                unit="µs",
-                p99=median(t["rtt"].p99),
-                cpu_us=median(t["rtt"].cpu_us),
-                higher_is_better=False,
-                note=note,
-                samples=t["rtt"].p50,
-            ),
-            Row(
-                group=GROUP,
-                name=TROUPE_PREFIX + "throughput @64",
-                value=median(t["tp"].rate),
-                unit="req/s",
-                cpu_us=median(t["tp"].cpu_us),
-                samples=t["tp"].rate,
-            ),
-            Row(
-                group=GROUP,
-                name=TROUPE_PREFIX + "stream 100 chunks",
-                value=median(t["stream"].rate),
-                unit="chunks/s",
-                cpu_us=median(t["stream"].cpu_us),
-                samples=t["stream"].rate,
-            ),
-        ]
+        return series_rows(GROUP, TROUPE_PREFIX, self.result.troupe, rtt_note=note)
 
 
 def checked_note(checks: int) -> str:
