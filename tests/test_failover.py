@@ -1,8 +1,10 @@
 """Failover across processes on etcd: a SIGKILLed worker, a SIGTERMed worker.
 
 The reference system lost 32 of 100 requests when a worker was killed; here, with migration
-every request completes, and without it failures are typed and stop once the router has set
-the dead instance aside.
+every request completes (continuing its stream: no chunk twice), and without it failures are
+typed and stop once the router has set the dead instance aside. Both run at the default 10 s
+lease: the dead worker's record stays that long, and a refused connection must cost
+milliseconds, not the connect timeout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +22,7 @@ import pytest
 
 from troupe import Config, Runtime
 from troupe.actors._router import MIGRATABLE, Router
+from troupe.errors import ConnectTimeout
 from troupe.testing import EtcdServer
 from troupe.testing._wait import eventually
 
@@ -35,7 +39,6 @@ def env(etcd_server: EtcdServer) -> dict[str, str]:
         "DYN_DISCOVERY_BACKEND": "etcd",
         "ETCD_ENDPOINTS": etcd_server.url,
         "DYN_TCP_RPC_HOST": "127.0.0.1",
-        "DYN_LEASE_TTL": "3",
         "DYN_LOG": "error",
     }
 
@@ -60,31 +63,49 @@ def workers(env: dict[str, str]) -> Iterator[list[subprocess.Popen[str]]]:
         proc.wait(10)
 
 
-async def _load(router: Router, victim: subprocess.Popen[str]) -> tuple[int, list[BaseException]]:
+class _Outcome:
+    """What a load run saw: requests done, typed failures, streams holding a chunk twice, and
+    how long each request that was moved (a chunk from attempt > 0) took."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.failures: list[BaseException] = []
+        self.repeated: list[list[int]] = []
+        self.moved: list[float] = []
+
+
+async def _load(router: Router, victim: subprocess.Popen[str]) -> _Outcome:
     """200 requests, 20 at a time; SIGKILL the victim after 60 have completed."""
-    done = 0
-    failures: list[BaseException] = []
+    out = _Outcome()
     queue: asyncio.Queue[int] = asyncio.Queue()
     for n in range(200):
         queue.put_nowait(n)
 
     async def one() -> None:
-        nonlocal done
         while not queue.empty():
             queue.get_nowait()
-            seen: dict[int, str] = {}
+            indices: list[int] = []
+            words: dict[int, str] = {}
+            moved = False
+            started = time.perf_counter()
             try:
                 async for chunk in router.generate({"text": TEXT, "delay": 0.005}):
-                    seen[chunk["index"]] = chunk["word"]
-                assert " ".join(seen[i] for i in sorted(seen)) == TEXT
+                    indices.append(chunk["index"])
+                    words[chunk["index"]] = chunk["word"]
+                    moved = moved or chunk["attempt"] > 0
+                assert " ".join(words[i] for i in sorted(words)) == TEXT
+                if indices != sorted(set(indices)):
+                    out.repeated.append(indices)
+                if moved:
+                    out.moved.append(time.perf_counter() - started)
             except MIGRATABLE as exc:
-                failures.append(exc)
-            done += 1
-            if done == 60:
+                out.failures.append(exc)
+            out.done += 1
+            if out.done == 60:
                 victim.kill()
 
     await asyncio.gather(*(one() for _ in range(20)))
-    return done, failures
+    return out
 
 
 def _router(rt: Runtime, migration_limit: int) -> Router:
@@ -99,9 +120,13 @@ async def test_with_migration_every_request_completes(
 ) -> None:
     with Runtime(Config.from_env(env), handle_signals=False) as rt:
         router = _router(rt, migration_limit=2)
-        done, failures = await _load(router, workers[0])
-    assert done == 200
-    assert failures == []
+        out = await _load(router, workers[0])
+    assert out.done == 200
+    assert out.failures == []
+    assert out.repeated == []  # moved streams continued where they broke
+    assert out.moved, "the kill hit no request in flight"
+    # A dead worker is seen at once (its connection closes, then refuses): no connect timeout.
+    assert max(out.moved) < 1.0, f"slowest moved request took {max(out.moved):.2f} s"
 
 
 @pytest.mark.slow
@@ -110,9 +135,15 @@ async def test_without_migration_failures_are_typed_and_bounded(
 ) -> None:
     with Runtime(Config.from_env(env), handle_signals=False) as rt:
         router = _router(rt, migration_limit=0)
-        done, failures = await _load(router, workers[0])
+        started = time.perf_counter()
+        out = await _load(router, workers[0])
+        took = time.perf_counter() - started
+    done, failures = out.done, out.failures
     assert done == 200
     assert all(isinstance(f, MIGRATABLE) for f in failures)
+    # No request waited out DYN_TCP_CONNECT_TIMEOUT on the dead worker's port.
+    assert not any(isinstance(f, ConnectTimeout) for f in failures), failures
+    assert took < 10, f"200 requests took {took:.1f} s"
     # Only the requests in flight on the dead worker (at most the 20 concurrent) may fail: the
     # router sets the instance aside at the first failure and sends nothing more to it.
     # At least one did fail: the kill really hit requests in flight.

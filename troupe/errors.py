@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "ConnectTimeout",
     "ConnectionLost",
+    "ConnectionRefused",
     "DeadlineExceeded",
     "DiscoveryError",
     "DiscoveryUnavailable",
@@ -35,6 +36,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "StreamBroken",
+    "StreamNotResumable",
     "SupervisorEscalation",
     "TransportClosed",
     "TransportError",
@@ -241,8 +243,40 @@ class StreamBroken(TransportError):
     """The response stream ended before ``End``: the worker or the connection went away."""
 
 
+class StreamNotResumable(StreamBroken):
+    """A stream broke after it delivered chunks, and no instance can continue it.
+
+    Raised by a router with ``migration_limit`` instead of re-sending the request from the start
+    (which would repeat what the caller already has): no other instance serves the endpoint with
+    a handler marked ``resumable``, and the router has no ``resume`` hook.
+
+    Attributes:
+        endpoint: the endpoint called.
+        received: how many chunks the caller had received.
+    """
+
+    def __init__(
+        self, endpoint: str, received: int, cause: str, *, address: str | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.received = received
+        super().__init__(
+            f"{cause}; not migrated after {received} chunk(s): no instance of {endpoint} can "
+            "resume the stream (mark the handler with troupe.transports.resumable, or give the "
+            "router a resume hook)",
+            address=address,
+        )
+
+
 class ConnectionLost(TransportError):
     """The connection to the peer (or broker) was lost; requests fail fast until it returns."""
+
+
+class ConnectionRefused(ConnectionLost):
+    """The worker's address refused the connection (nothing listens there: it died or moved).
+
+    Seen as soon as the operating system reports it, never as a connect timeout.
+    """
 
 
 class TransportClosed(TransportError):

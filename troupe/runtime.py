@@ -30,7 +30,7 @@ from troupe._status import HealthReport, StatusServer
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, ChildSpec, Intensity, Supervisor
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._process import ProcessActor
-from troupe.actors._router import Router, spawn_router
+from troupe.actors._router import Resume, Router, spawn_router
 from troupe.actors._worker import Health, WorkerActor
 from troupe.config import Config
 from troupe.discovery import (
@@ -42,7 +42,7 @@ from troupe.discovery import (
     open_store,
 )
 from troupe.errors import ConfigError, TroupeError
-from troupe.transports import NetworkManager, Server
+from troupe.transports import NetworkManager, Server, is_resumable
 
 __all__ = ["Runtime"]
 
@@ -251,12 +251,14 @@ class Runtime:
         metadata: dict[str, Any] | None = None,
         *,
         timeout: float = 10.0,
+        resumable: bool = False,
     ) -> InstanceRecord:
         """Publish this process's instance of an endpoint under the runtime's lease.
 
         The key is ``/services/{namespace}/{component}/{endpoint}/{instance_id}``; it is kept
         alive with the lease, re-written if the lease is lost and re-taken, and removed at once
-        by :meth:`unregister` or :meth:`close`.
+        by :meth:`unregister` or :meth:`close`. ``resumable`` advertises a handler that
+        continues migrated streams (:func:`~troupe.transports.resumable`).
         """
         record = InstanceRecord.create(
             namespace,
@@ -265,6 +267,7 @@ class Runtime:
             instance_id=self.instance_id,
             transport=transport,
             metadata=metadata,
+            resumable=resumable,
         )
         self._lease_actor().ask(Register(record.key, encode_record(record)), timeout=timeout)
         return record
@@ -319,16 +322,26 @@ class Runtime:
         The handler takes ``(request, ctx)`` and is an async or sync function or generator. The
         instance is registered in discovery once the server listens, and unregistered first when
         the worker stops (``ref.stop()``, :meth:`close`, SIGTERM); requests in flight then get
-        ``grace`` seconds (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``) to finish.
+        ``grace`` seconds (``DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS``) to finish. A handler
+        marked :func:`~troupe.transports.resumable` is advertised as able to continue streams
+        migrated from a failed instance.
         """
         ep = parse_endpoint(endpoint)
         worker_config = self.config.worker
         server = self.server()
         self._lease_actor()  # started before the worker, so it outlives it at shutdown
         plane = self.network.plane
+        can_resume = is_resumable(handler)
 
         def register(ep: Endpoint, address: str) -> InstanceRecord:
-            return self.register(ep.namespace, ep.component, ep.name, {plane: address}, metadata)
+            return self.register(
+                ep.namespace,
+                ep.component,
+                ep.name,
+                {plane: address},
+                metadata,
+                resumable=can_resume,
+            )
 
         worker = self.system.spawn(
             lambda: WorkerActor(
@@ -368,15 +381,19 @@ class Runtime:
         migration_limit: int = 0,
         set_aside_for: float = 5.0,
         instance_filter: Callable[[InstanceRecord], bool] | None = None,
+        resume: Resume | None = None,
     ) -> Router:
         """A router over the live instances of ``endpoint``, fed by a WatcherActor.
 
         Policies: ``round_robin``, ``random``, ``least_loaded``; ``generate(...,
-        instance_id=...)`` sends to one instance directly. An instance that fails to connect
-        or breaks a stream is set aside for ``set_aside_for`` seconds; with ``migration_limit=k``
-        a broken request is re-sent to another instance up to k times. ``instance_filter``
-        limits the router to the records it accepts (e.g. one model's instances). See
-        docs/routing.md.
+        instance_id=...)`` sends to one instance directly. An instance that refuses or fails
+        a connection or breaks a stream is set aside for ``set_aside_for`` seconds; one that
+        answers ``Overloaded`` before any chunk is skipped for the next. With
+        ``migration_limit=k`` a broken request is re-sent to another instance up to k times; a
+        stream that already delivered chunks continues there (never repeats): the new instance's
+        handler, if :func:`~troupe.transports.resumable`, skips ``ctx.received`` chunks, or
+        ``resume(request, received_chunks)`` rewrites the request. ``instance_filter`` limits
+        the router to the records it accepts (e.g. one model's instances). See docs/routing.md.
         """
         self._require_running()
         router = spawn_router(
@@ -389,6 +406,7 @@ class Runtime:
             migration_limit=migration_limit,
             set_aside_for=set_aside_for,
             instance_filter=instance_filter,
+            resume=resume,
         )
         self._routers.append(router)
         return router

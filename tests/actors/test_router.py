@@ -36,7 +36,9 @@ from troupe.errors import (
     IncompatibleInstances,
     InstanceNotFound,
     NoInstances,
+    Overloaded,
     StreamBroken,
+    StreamNotResumable,
     TroupeError,
 )
 from troupe.testing._wait import eventually
@@ -46,6 +48,7 @@ from troupe.transports import (
     InprocServer,
     NetworkManager,
     RequestContext,
+    resumable,
 )
 
 NS, COMP, NAME = "ns", "comp", "ep"
@@ -72,6 +75,7 @@ class Worker:
     server: Any
     io: Any
     seen: list[tuple[str, int]] = field(default_factory=list)  # (request kind, ctx.attempt)
+    received: list[int] = field(default_factory=list)  # ctx.received of each request
     stopped: threading.Event = field(default_factory=threading.Event)
     stop_reason: list[str | None] = field(default_factory=list)
 
@@ -89,14 +93,26 @@ def behaviour(worker_box: list[Worker]) -> UserHandler:
 
     ``"who"``: yields the worker's id. ``"count"``: yields 0..n-1. ``"hang"``: yields its id, then
     waits until stopped. ``"resume"``: on attempt 0 yields its id and hangs; later attempts yield
-    ``("rest", id, attempt)``.
+    ``("rest", id, attempt)``. ``"stream"``: yields ``skip + ctx.received .. n-1`` (``skip`` from
+    the request), and on attempt 0 hangs after yielding ``hang_at`` (``None``: before any).
     """
 
     async def handler(request: dict[str, Any], ctx: RequestContext) -> AsyncIterator[Any]:
         worker = worker_box[0]
         kind = request["kind"]
         worker.seen.append((kind, ctx.attempt))
-        if kind == "who":
+        worker.received.append(ctx.received)
+        if kind == "stream":
+            hang_at = request.get("hang_at") if ctx.attempt == 0 else -1
+            if hang_at is None:
+                await ctx.wait_stopped()
+                return
+            for i in range(request.get("skip", 0) + ctx.received, request["n"]):
+                yield i
+                if i == hang_at:
+                    await ctx.wait_stopped()
+                    return
+        elif kind == "who":
             yield worker.id
         elif kind == "count":
             for i in range(request["n"]):
@@ -143,7 +159,7 @@ class Cluster:
         wrt.register(NS, COMP, NAME, {"inproc": server.address})
         return box[0]
 
-    def tcp_worker(self) -> Worker:
+    def tcp_worker(self, *, can_resume: bool = True, max_inflight: int | None = None) -> Worker:
         wrt = self._runtime()
         box: list[Worker] = []
         handler = behaviour(box)
@@ -154,7 +170,9 @@ class Cluster:
 
         box.append(Worker(wrt, None, wrt.io))
         self.workers.append(box[0])
-        wrt.serve(EP, serve, grace=0.0)
+        wrt.serve(
+            EP, resumable(serve) if can_resume else serve, grace=0.0, max_inflight=max_inflight
+        )
         box[0].server = wrt.server()
         return box[0]
 
@@ -317,8 +335,113 @@ def test_migration_completes_a_broken_stream_on_another_instance(cluster: Cluste
     victim.kill()
     assert list(stream) == [["rest", survivor.id, 1]]  # msgpack turns tuples into lists
     assert survivor.seen == [("resume", 1)]
+    assert survivor.received == [1]  # told what its caller already had
     assert victim.seen == [("resume", 0)]
     eventually(lambda: victim.id in router.snapshot.set_aside)
+
+
+def _victim(cluster: Cluster, served_by: str) -> tuple[Worker, Worker]:
+    a, b = cluster.workers[-2:]
+    return (a, b) if served_by == a.id else (b, a)
+
+
+def _who_has(cluster: Cluster, count: int) -> Worker:
+    """The worker that has received ``count`` requests (waited for)."""
+    eventually(lambda: any(len(w.seen) == count for w in cluster.workers), what="the request")
+    return next(w for w in cluster.workers if len(w.seen) == count)
+
+
+def test_a_migrated_stream_continues_where_it_broke_never_repeating(cluster: Cluster) -> None:
+    cluster.tcp_worker()
+    cluster.tcp_worker()
+    router = cluster.router(expect=2, migration_limit=1)
+    stream = router.generate_sync({"kind": "stream", "n": 8, "hang_at": 2})
+    got = [next(stream), next(stream), next(stream)]
+    victim = _who_has(cluster, 1)
+    survivor = next(w for w in cluster.workers if w is not victim)
+    victim.kill()
+    got += list(stream)
+    assert got == list(range(8))  # every chunk once, in order
+    assert survivor.seen == [("stream", 1)]
+    assert survivor.received == [3]
+
+
+def test_a_handler_that_cannot_resume_is_not_migrated_past_its_first_chunk(
+    cluster: Cluster,
+) -> None:
+    cluster.tcp_worker(can_resume=False)
+    cluster.tcp_worker(can_resume=False)
+    router = cluster.router(expect=2, migration_limit=2)
+    stream = router.generate_sync({"kind": "stream", "n": 8, "hang_at": 1})
+    assert [next(stream), next(stream)] == [0, 1]
+    victim = _who_has(cluster, 1)
+    survivor = next(w for w in cluster.workers if w is not victim)
+    victim.kill()
+    with pytest.raises(StreamNotResumable) as info:
+        next(stream)
+    assert info.value.received == 2
+    assert "resumable" in str(info.value) and "resume hook" in str(info.value)
+    assert survivor.seen == []  # not re-sent: it would have repeated chunks 0 and 1
+
+
+def test_a_request_that_breaks_before_its_first_chunk_moves_without_resuming(
+    cluster: Cluster,
+) -> None:
+    cluster.tcp_worker(can_resume=False)
+    cluster.tcp_worker(can_resume=False)
+    router = cluster.router(expect=2, migration_limit=1)
+    stream = router.generate_sync({"kind": "stream", "n": 3, "hang_at": None})
+    box: list[list[Any]] = []
+    reader = threading.Thread(target=lambda: box.append(list(stream)))
+    reader.start()
+    victim = _who_has(cluster, 1)
+    survivor = next(w for w in cluster.workers if w is not victim)
+    victim.kill()
+    reader.join(10)
+    assert box == [[0, 1, 2]]
+    assert survivor.seen == [("stream", 1)]
+    assert survivor.received == [0]
+
+
+def test_a_resume_hook_rewrites_the_request_for_the_next_instance(cluster: Cluster) -> None:
+    cluster.tcp_worker(can_resume=False)
+    cluster.tcp_worker(can_resume=False)
+    calls: list[tuple[Any, list[Any]]] = []
+
+    def resume(request: Any, received: list[Any]) -> Any:
+        calls.append((request, received))
+        return {**request, "skip": len(received)}
+
+    router = cluster.router(expect=2, migration_limit=1, resume=resume)
+    request = {"kind": "stream", "n": 6, "hang_at": 1}
+    stream = router.generate_sync(request)
+    got = [next(stream), next(stream)]
+    victim = _who_has(cluster, 1)
+    survivor = next(w for w in cluster.workers if w is not victim)
+    victim.kill()
+    got += list(stream)
+    assert got == list(range(6))
+    assert calls == [(request, [0, 1])]
+    assert survivor.received == [0]  # the rewritten request starts afresh
+
+
+def test_an_overloaded_instance_is_skipped_for_the_next(cluster: Cluster) -> None:
+    busy = cluster.tcp_worker(max_inflight=1)
+    free = cluster.tcp_worker(max_inflight=1)
+    router = cluster.router(expect=2)
+    hold = router.generate_sync({"kind": "hang"}, instance_id=busy.id)
+    assert next(hold) == busy.id
+    # Round robin sends every other request to the busy one: each is refused there (Overloaded
+    # before any chunk) and served by the other instead of failing.
+    assert [call(router)[0] for _ in range(6)] == [free.id] * 6
+    held = router.generate_sync({"kind": "hang"}, instance_id=free.id)
+    assert next(held) == free.id
+    with pytest.raises(Overloaded):
+        call(router)  # both full: the typed error, not a hang
+    with pytest.raises(Overloaded):
+        call(router, instance_id=busy.id)  # direct requests are not moved
+    hold.close()
+    held.close()
 
 
 def test_migration_gives_up_when_no_other_instance_is_left(cluster: Cluster) -> None:

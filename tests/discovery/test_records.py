@@ -119,6 +119,7 @@ def test_records_are_readable_json_and_round_trip() -> None:
         "started_at": 1_700_000_000.5,
         "metadata": {"gpu": "a100", "slots": 4},
         "wire": 1,
+        "resumable": False,
     }
     assert decode_record(data, key=rec.key) == rec
     assert rec.key == f"/services/vllm-agg/backend/generate/{ID}"

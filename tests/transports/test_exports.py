@@ -36,7 +36,9 @@ def test_public_api() -> None:
             "decode",
             "encode",
             "encode_framed",
+            "is_resumable",
             "remote_error",
+            "resumable",
         ]
     )
     for name in troupe.transports.__all__:

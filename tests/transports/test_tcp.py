@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,11 +15,13 @@ import zmq
 
 from troupe.config import TcpConfig
 from troupe.errors import (
+    ConnectionRefused,
     ConnectTimeout,
     InvalidRequest,
     MessageTooLarge,
     ProtocolError,
     RequestTimeout,
+    StreamBroken,
     TransportClosed,
     TransportError,
 )
@@ -85,15 +88,63 @@ async def test_unstarted_server_has_no_address() -> None:
         _ = TcpServer(CONFIG).address
 
 
-async def test_connect_timeout_when_nobody_listens() -> None:
+async def test_connect_timeout_when_the_peer_never_answers_the_handshake() -> None:
     client = TcpClient(replace(CONFIG, connect_timeout=0.3))
+    mute = socket.create_server(("127.0.0.1", 0))  # the kernel accepts; nobody speaks ZMTP
     try:
         started = time.monotonic()
         with pytest.raises(ConnectTimeout) as info:
-            await client.request(f"tcp://127.0.0.1:{free_port()}", "echo", b"")
+            await client.request(f"tcp://127.0.0.1:{mute.getsockname()[1]}", "echo", b"")
         assert 0.25 < time.monotonic() - started < 2.0
         assert info.value.timeout == 0.3
         assert client._pools == {}  # the failed connection is not kept
+    finally:
+        mute.close()
+        await client.close()
+
+
+async def test_a_refused_connection_fails_at_once_not_at_the_connect_timeout() -> None:
+    # libzmq retries a refused connect in silence; the caller must hear of it at once (a dead
+    # worker's port) and go elsewhere, not wait out DYN_TCP_CONNECT_TIMEOUT.
+    client = TcpClient(replace(CONFIG, connect_timeout=10.0))
+    try:
+        address = f"tcp://127.0.0.1:{free_port()}"
+        for _ in range(3):  # and again: nothing of the failed connection is kept
+            started = time.monotonic()
+            with pytest.raises(ConnectionRefused) as info:
+                await client.request(address, "echo", b"")
+            assert time.monotonic() - started < 1.0
+            assert info.value.address == address
+            assert "refused" in str(info.value)
+            assert client._pools == {}
+    finally:
+        await client.close()
+
+
+async def test_streams_fail_at_once_when_the_worker_goes_away() -> None:
+    server = TcpServer(CONFIG)
+    release = asyncio.Event()
+
+    async def slow(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        await release.wait()
+        yield b"never"
+
+    server.add_endpoint("slow", slow)
+    await server.start()
+    client = TcpClient(replace(CONFIG, connect_timeout=10.0, request_timeout=30.0))
+    try:
+        streams = [await client.request(server.address, "slow", b"") for _ in range(5)]
+        for stream in streams:
+            assert await anext(stream) == b"first"
+        started = time.monotonic()
+        await server.close()
+        for stream in streams:
+            with pytest.raises(StreamBroken):
+                await anext(stream)
+        assert time.monotonic() - started < 2.0
+        with pytest.raises(ConnectionRefused):  # and the next request is refused at once
+            await client.request(server.address, "slow", b"")
     finally:
         await client.close()
 

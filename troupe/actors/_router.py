@@ -5,9 +5,13 @@ live instances of one endpoint, and after every change publishes an immutable
 :class:`RouterSnapshot` by assigning one attribute of a shared :class:`SnapshotHolder`. The
 :class:`Router` handle (what users call) reads that attribute without any mailbox hop (DESIGN
 §3), picks an instance with its policy (a table lookup), and streams the answer over the
-transport named by the instance's address. A connect failure or a broken stream sets the
-instance aside for a few seconds (told to the actor); with ``migration_limit`` the request is
-re-sent to another instance, the handler seeing ``ctx.attempt``.
+transport named by the instance's address. A refused or failed connection or a broken stream
+sets the instance aside for a few seconds (told to the actor); with ``migration_limit`` the
+request is re-sent to another instance, the handler seeing ``ctx.attempt``. A stream that already
+delivered chunks continues rather than repeats: it moves only to an instance whose handler is
+resumable (told ``ctx.received``), or through the router's ``resume`` hook. An instance that
+answers ``Overloaded`` before its first chunk (at its admission limit, or draining) is skipped for
+the next untried one.
 
 Transports' clients are used only on the runtime's I/O loop: a caller on another event loop (a
 web framework's) or on a plain thread is bridged, chunks flowing through a queue fed with
@@ -48,7 +52,9 @@ from troupe.errors import (
     IncompatibleInstances,
     InstanceNotFound,
     NoInstances,
+    Overloaded,
     StreamBroken,
+    StreamNotResumable,
     TroupeError,
 )
 from troupe.transports import WIRE_VERSION, NetworkManager
@@ -58,6 +64,7 @@ __all__ = [
     "MIGRATABLE",
     "POLICIES",
     "Policy",
+    "Resume",
     "RoutedInstance",
     "Router",
     "RouterActor",
@@ -78,6 +85,12 @@ ADDRESS_PREFERENCE: Final[tuple[str, ...]] = ("tcp", "http", "nats", "inproc")
 MIGRATABLE: Final[tuple[type[TroupeError], ...]] = (ConnectTimeout, ConnectionLost, StreamBroken)
 """Failures that set the instance aside and may be migrated to another instance. Errors raised
 by the handler (``RemoteError``, ``Overloaded``, ...) and timeouts are not: they propagate."""
+
+Resume = Callable[[Any, list[Any]], Any]
+"""A router's ``resume`` hook: ``resume(request, received) -> request``. Given the original
+request and the chunks its caller already received (decoded, in order, from every earlier
+attempt), it returns the request that makes another instance produce only the rest of the answer
+(e.g. the prompt extended with the tokens generated so far and a smaller ``max_tokens``)."""
 
 _WINDOW: Final = 64
 """Chunks a bridged request may run ahead of its reader before it waits for acknowledgement."""
@@ -475,6 +488,9 @@ class Router:
         policy: a key of :data:`POLICIES`.
         migration_limit: how many times a request whose instance fails (connect failure or a
             stream broken before its end) is re-sent to another instance.
+        resume: called when a stream that already delivered chunks is migrated; see
+            :data:`Resume`. Without it such a stream moves only to instances whose handler is
+            resumable, and fails with :class:`~troupe.errors.StreamNotResumable` when none is.
         rng: randomness of the ``random`` and ``least_loaded`` policies.
         owned: actors stopped by :meth:`close` (the RouterActor and its watcher, when the
             router was built by :func:`spawn_router`).
@@ -493,10 +509,13 @@ class Router:
         *,
         policy: str = "round_robin",
         migration_limit: int = 0,
+        resume: Resume | None = None,
         rng: random.Random | None = None,
         owned: tuple[ActorRef[Any], ...] = (),
     ) -> None:
         factory = _validate(policy, migration_limit)
+        if resume is not None and not callable(resume):
+            raise ConfigError("resume", resume, "a callable resume(request, received) -> request")
         self._actor = actor
         self._holder = holder
         self._network = network
@@ -504,6 +523,7 @@ class Router:
         self.endpoint = endpoint
         self.policy = policy
         self.migration_limit = migration_limit
+        self._resume = resume
         self._policy = factory(rng or random.Random())
         self._inflight: dict[str, int] = {}  # touched only on the I/O loop
         self._owned = owned
@@ -757,8 +777,14 @@ class Router:
                     flow.room.clear()
                     await flow.room.wait()
 
-    def _pick(self, instance_id: str | None, tried: set[str] | None) -> RoutedInstance:
+    def _pick(
+        self, instance_id: str | None, tried: set[str] | None, resuming: bool = False
+    ) -> RoutedInstance:
+        """The instance for the next attempt. ``resuming``: only resumable instances (a stream
+        that delivered chunks moves on without a resume hook)."""
         snapshot = self._holder.current
+        if resuming:
+            return self._pick_resumable(snapshot, tried or set())
         if instance_id is None and not tried:
             candidates = snapshot.available
             if candidates:
@@ -779,6 +805,56 @@ class Router:
                 raise self._no_instances(snapshot)
         return self._policy.choose(candidates, self._inflight)
 
+    def _pick_resumable(self, snapshot: RouterSnapshot, tried: set[str]) -> RoutedInstance:
+        candidates = tuple(
+            i for i in snapshot.available if i.instance_id not in tried and i.record.resumable
+        )
+        if not candidates:
+            candidates = tuple(
+                i for i in snapshot.instances if i.instance_id not in tried and i.record.resumable
+            )
+        if not candidates:
+            raise self._no_instances(snapshot)
+        return self._policy.choose(candidates, self._inflight)
+
+    def _can_move(self, tried: set[str], resuming: bool) -> bool:
+        """Whether an untried instance is left (a resumable one when ``resuming``)."""
+        return any(
+            i.instance_id not in tried and (not resuming or i.record.resumable)
+            for i in self._holder.current.instances
+        )
+
+    def _check_move(
+        self, exc: TroupeError, target: RoutedInstance, tried: set[str], received: int
+    ) -> None:
+        """Raise ``exc`` (or :class:`StreamNotResumable`) unless an instance is left to take
+        over the failed request; log the move."""
+        resuming = received > 0 and self._resume is None
+        if not self._can_move(tried, resuming):
+            if resuming and self._can_move(tried, False):
+                raise StreamNotResumable(
+                    self.endpoint, received, str(exc), address=target.address
+                ) from exc
+            raise exc
+        _log.info(
+            "migrating request",
+            endpoint=self.endpoint,
+            failed=target.instance_id,
+            received=received,
+            error=str(exc),
+        )
+
+    def _resent(
+        self, request: Any, payload: bytes, held: list[Any] | None, received: int
+    ) -> tuple[bytes, int]:
+        """The payload of the next attempt and the ``received`` count its handler is told:
+        the ``resume`` hook's request (the handler starts afresh), or the same request with
+        the count of chunks to skip."""
+        if received and self._resume is not None:
+            assert held is not None
+            return encode_payload(self._resume(request, list(held))), 0
+        return payload, received
+
     def _set_aside(self, instance_id: str) -> None:
         try:
             self._actor.tell(SetAside(instance_id))
@@ -792,17 +868,24 @@ class Router:
         deadline: float | None,
         headers: dict[str, str] | None,
     ) -> AsyncGenerator[Any, None]:
-        """On the I/O loop: choose, send, stream, and migrate on instance failures."""
+        """On the I/O loop: choose, send, stream; skip instances that answer ``Overloaded``
+        before any chunk; migrate on instance failures, continuing (never repeating) a stream
+        that already delivered chunks."""
         payload: bytes | None = None
         tried: set[str] | None = None
         attempt = 0
+        received = 0  # chunks yielded to the caller, over every attempt
+        hook = self._resume is not None
+        held: list[Any] | None = [] if hook and self.migration_limit else None
+        sent_received = 0  # what the current attempt's handler is told it may skip
         inflight = self._inflight
         while True:
-            target = self._pick(instance_id, tried)
+            target = self._pick(instance_id, tried, received > 0 and not hook)
             if payload is None:
                 payload = encode_payload(request)
             key = target.instance_id
             inflight[key] = inflight.get(key, 0) + 1
+            before = received
             try:
                 try:
                     address = target.address
@@ -813,37 +896,50 @@ class Router:
                         deadline=deadline,
                         headers=headers,
                         attempt=attempt,
+                        received=sent_received,
                     )
                     try:
                         async for chunk in stream:
-                            yield decode_payload(chunk)
+                            value = decode_payload(chunk)
+                            received += 1
+                            if held is not None:
+                                held.append(value)
+                            yield value
                     finally:
                         stream.close()
                     return
+                except Overloaded:
+                    # Refused at admission (full, or draining): nothing was generated there.
+                    tried = _with(tried, key)
+                    if (
+                        received != before
+                        or instance_id is not None
+                        or not self._can_move(tried, received > 0 and not hook)
+                    ):
+                        raise
+                    _log.debug("instance overloaded; trying another", endpoint=self.endpoint)
                 except MIGRATABLE as exc:
                     self._set_aside(key)
-                    if tried is None:
-                        tried = {key}
-                    else:
-                        tried.add(key)
+                    tried = _with(tried, key)
                     if instance_id is not None or attempt >= self.migration_limit:
                         raise
-                    if not any(i.instance_id not in tried for i in self._holder.current.instances):
-                        raise
+                    self._check_move(exc, target, tried, received)
                     attempt += 1
-                    _log.info(
-                        "migrating request",
-                        endpoint=self.endpoint,
-                        failed=key,
-                        attempt=attempt,
-                        error=str(exc),
-                    )
+                    payload, sent_received = self._resent(request, payload, held, received)
             finally:
                 left = inflight[key] - 1
                 if left:
                     inflight[key] = left
                 else:
                     del inflight[key]
+
+
+def _with(tried: set[str] | None, key: str) -> set[str]:
+    """``tried`` with ``key`` added (created on the first failure: most requests never fail)."""
+    if tried is None:
+        return {key}
+    tried.add(key)
+    return tried
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -880,6 +976,7 @@ def spawn_router(
     set_aside_for: float = 5.0,
     rng: random.Random | None = None,
     instance_filter: Callable[[InstanceRecord], bool] | None = None,
+    resume: Resume | None = None,
 ) -> Router:
     """Start a WatcherActor and a RouterActor for an endpoint; return a Router owning both.
 
@@ -893,6 +990,7 @@ def spawn_router(
         endpoint: ``"ns.component.endpoint"`` (or ``dyn://...``, or an Endpoint).
         policy: a key of :data:`POLICIES`.
         migration_limit: re-sends allowed after an instance failure.
+        resume: how to continue a stream that delivered chunks elsewhere (:data:`Resume`).
         set_aside_for: seconds a failed instance is excluded.
         rng: randomness for the ``random`` and ``least_loaded`` policies.
         instance_filter: route only to instances whose record it accepts (e.g. those whose
@@ -905,6 +1003,8 @@ def spawn_router(
     ep = parse_endpoint(endpoint)
     prefix, path = ep.prefix, ep.path
     _validate(policy, migration_limit)
+    if resume is not None and not callable(resume):
+        raise ConfigError("resume", resume, "a callable resume(request, received) -> request")
     if not set_aside_for > 0:
         raise ConfigError("set_aside_for", set_aside_for, "a number of seconds > 0")
     holder = SnapshotHolder()
@@ -927,6 +1027,7 @@ def spawn_router(
         path,
         policy=policy,
         migration_limit=migration_limit,
+        resume=resume,
         rng=rng,
         owned=(actor, watcher),
     )

@@ -9,7 +9,9 @@ waits ``time_to_first_token`` seconds, then streams a deterministic pseudo-text,
 per chunk, at ``tokens_per_second``, ``output_tokens`` of them (finish reason ``stop``) unless
 ``max_tokens`` cuts it short (``length``) or a word equals a ``stop`` string (``stop``, the word
 not sent). A ``resume`` field (sent by the frontend after a worker failure) skips the tokens the
-client already has. It stops within one pause when the caller goes away.
+client already has, and so does ``ctx.received`` (a router migrating the stream: the handler is
+:func:`~troupe.transports.resumable`, one chunk per token). It stops within one pause when the
+caller goes away.
 
 Per-request settings: ``request["ext"]["mocker"] = {"tokens_per_second": ..., "time_to_first_token":
 ..., "output_tokens": ...}``; defaults come from :func:`make_generate`.
@@ -25,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from troupe.errors import InvalidRequest
-from troupe.transports import RequestContext
+from troupe.transports import RequestContext, resumable
 
 __all__ = ["VOCABULARY", "MockerHandler", "generate", "make_generate"]
 
@@ -100,6 +102,7 @@ def make_generate(
         raise InvalidRequest("output_tokens must be >= 1", param="output_tokens")
     fingerprint = f"mocker-{os.getpid()}"
 
+    @resumable
     async def generate(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """Stream mock tokens for an engine-protocol request (see the module docstring)."""
         prompt_tokens = _prompt_words(request)
@@ -115,6 +118,7 @@ def make_generate(
         stops = set(request.get("stop") or ())
         resume = request.get("resume") or {}
         start = resume.get("tokens", 0) if isinstance(resume, dict) else 0
+        start = (start if isinstance(start, int) and start > 0 else 0) + ctx.received
         limit = wanted if max_tokens is None else min(wanted, max_tokens)
         finish = "length" if max_tokens is not None and max_tokens < wanted else "stop"
 

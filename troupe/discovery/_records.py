@@ -154,6 +154,9 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         wire: the request-plane wire version the instance speaks
             (:data:`~troupe.transports.WIRE_VERSION` when it registered); records written before
             the field existed decode as 0. Routers skip instances of another version.
+        resumable: the handler continues a stream another instance started (it honours
+            ``ctx.received``): a router migrates a stream that already delivered chunks only to
+            instances that say so (or through its own ``resume`` hook).
     """
 
     namespace: str
@@ -166,6 +169,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     wire: int = 0
+    resumable: bool = False
 
     def __post_init__(self) -> None:
         validate_name("namespace", self.namespace)
@@ -185,6 +189,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         metadata: dict[str, Any] | None = None,
         started_at: float | None = None,
         wire: int = WIRE_VERSION,
+        resumable: bool = False,
     ) -> InstanceRecord:
         """A record for this process: host name, pid, (unless given) the time now, wire version."""
         return cls(
@@ -198,6 +203,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
             started_at=time.time() if started_at is None else started_at,
             metadata=dict(metadata or {}),
             wire=wire,
+            resumable=resumable,
         )
 
     @property

@@ -28,7 +28,13 @@ from troupe.transports._codec import (
     encode,
     encode_framed,
 )
-from troupe.transports._context import Handler, RequestContext, StopReason
+from troupe.transports._context import (
+    Handler,
+    RequestContext,
+    StopReason,
+    is_resumable,
+    resumable,
+)
 from troupe.transports._dispatch import RequestRunner, SendReply
 from troupe.transports._manager import PLANES, NetworkManager
 from troupe.transports.inproc import InprocClient, InprocRegistry, InprocServer
@@ -62,5 +68,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_framed",
+    "is_resumable",
     "remote_error",
+    "resumable",
 ]

@@ -497,6 +497,7 @@ class Client(ABC):
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> ResponseStream:
         """Send a request; return the stream of its response chunks.
 
@@ -508,6 +509,8 @@ class Client(ABC):
                 the stream raises ``DeadlineExceeded`` when it passes.
             headers: string metadata passed to the handler's context.
             attempt: how many times this request was sent before.
+            received: how many chunks of the answer the caller already holds from earlier
+                attempts (the handler sees it as ``ctx.received`` and may skip them).
 
         Raises:
             MessageTooLarge: the request exceeds the transport's limit; nothing was sent.

@@ -71,6 +71,9 @@ class Request(msgspec.Struct, frozen=True, tag="req", array_like=True):
             wall-clock time, not a monotonic clock); ``None`` for no deadline.
         headers: free-form string metadata (tracing ids and the like).
         attempt: 0 for the first try, incremented by callers that re-send a request.
+        received: how many chunks of this request's answer the caller already holds from
+            earlier attempts: a handler that resumes skips them. Added after wire version 1
+            was fixed; workers that predate it ignore the trailing field.
     """
 
     id: RequestId
@@ -79,6 +82,7 @@ class Request(msgspec.Struct, frozen=True, tag="req", array_like=True):
     deadline: float | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     attempt: int = 0
+    received: int = 0
 
 
 class Chunk(msgspec.Struct, frozen=True, tag="chunk", array_like=True, omit_defaults=True):
@@ -268,6 +272,7 @@ def encode_request(
     deadline: float | None = None,
     headers: Mapping[str, str] | None = None,
     attempt: int = 0,
+    received: int = 0,
 ) -> bytes:
     """Encode a :class:`Request` from a caller's arguments, refusing what its worker could not
     decode (such a request would be dropped there and its caller left waiting).
@@ -275,7 +280,8 @@ def encode_request(
     Raises:
         InvalidRequest: ``endpoint`` is not a string, ``payload`` not bytes, ``headers`` not a
             mapping of strings to strings, ``deadline`` not a number or ``None``, ``attempt``
-            not an int, or a string is not encodable as UTF-8 (``param`` names the argument).
+            not an int, ``received`` not an int >= 0, or a string is not encodable as UTF-8
+            (``param`` names the argument).
     """
     if type(endpoint) is not str:
         raise InvalidRequest(
@@ -293,6 +299,8 @@ def encode_request(
         raise InvalidRequest(
             f"attempt must be an int, not {type(attempt).__name__}", param="attempt"
         )
+    if type(received) is not int or received < 0:
+        raise InvalidRequest(f"received must be an int >= 0, not {received!r}", param="received")
     fields: dict[str, str] = {}
     if headers:
         fields = dict(headers)
@@ -304,7 +312,9 @@ def encode_request(
                     param="headers",
                 )
     try:
-        return _encoder.encode(Request(request_id, endpoint, payload, deadline, fields, attempt))
+        return _encoder.encode(
+            Request(request_id, endpoint, payload, deadline, fields, attempt, received)
+        )
     except (msgspec.EncodeError, UnicodeEncodeError, OverflowError) as exc:
         raise InvalidRequest(f"the request cannot be encoded: {exc}") from exc
 

@@ -11,11 +11,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
-from typing import Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from troupe.transports._codec import Request, RequestId
 
-__all__ = ["Handler", "RequestContext", "StopReason"]
+__all__ = ["Handler", "RequestContext", "StopReason", "is_resumable", "resumable"]
 
 StopReason: TypeAlias = Literal["cancelled", "disconnected", "deadline", "shutdown", "handler"]
 """Why a request was stopped: the caller sent Cancel, the caller's connection went away, the
@@ -36,6 +36,9 @@ class RequestContext:
         deadline: UNIX epoch seconds after which the answer is useless, or ``None``.
         headers: the caller's string metadata (read-only).
         attempt: 0 for a first try; incremented when the caller re-sends the request.
+        received: how many chunks of this request's answer the caller already holds from
+            earlier attempts (a router migrating a stream sends it). A handler marked
+            :func:`resumable` skips that many of the chunks it would produce.
     """
 
     __slots__ = (
@@ -47,6 +50,7 @@ class RequestContext:
         "endpoint",
         "headers",
         "id",
+        "received",
     )
 
     def __init__(
@@ -57,12 +61,14 @@ class RequestContext:
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> None:
         self.id = id
         self.endpoint = endpoint
         self.deadline = deadline
         self.headers: Mapping[str, str] = MappingProxyType(dict(headers)) if headers else _EMPTY
         self.attempt = attempt
+        self.received = received
         self._reason: StopReason | None = None
         self._event: asyncio.Event | None = None
         try:
@@ -79,6 +85,7 @@ class RequestContext:
             deadline=request.deadline,
             headers=request.headers,
             attempt=request.attempt,
+            received=request.received,
         )
 
     def __repr__(self) -> str:
@@ -149,3 +156,33 @@ is sent as the only chunk. An exception raised by the handler is sent to the cal
 carrying the exception's class name and message; raise a troupe error (``Overloaded``,
 ``DeadlineExceeded``, ...) to have the caller re-raise that same type.
 """
+
+
+_RESUMABLE: Final = "__troupe_resumable__"
+
+_H = TypeVar("_H", bound=Callable[..., Any])
+
+
+def resumable(handler: _H) -> _H:
+    """Mark ``handler`` as able to continue a stream that another worker started.
+
+    A router migrating a request whose instance failed mid-stream re-sends it with
+    ``ctx.received`` = the number of chunks its caller already holds; a resumable handler then
+    produces only the rest of its answer (it skips, or does not compute, the first
+    ``ctx.received`` chunks). Workers advertise it in their instance record, and a router moves
+    a stream that has delivered chunks only to instances that advertise it (or through its own
+    ``resume`` hook). Returns ``handler`` itself, so it works as a decorator::
+
+        @resumable
+        async def count(request, ctx):
+            for n in range(ctx.received, request["to"]):
+                yield n
+    """
+    target = getattr(handler, "__func__", handler)  # a bound method: mark its function
+    setattr(target, _RESUMABLE, True)
+    return handler
+
+
+def is_resumable(handler: Callable[..., Any]) -> bool:
+    """Whether ``handler`` was marked with :func:`resumable`."""
+    return bool(getattr(handler, _RESUMABLE, False))

@@ -1314,6 +1314,7 @@ class Http2Client(Client):
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> ResponseStream:
         """Send a request to the worker at ``http://host:port/root``; see :meth:`Client.request`.
 
@@ -1334,7 +1335,13 @@ class Http2Client(Client):
         target = self._target(address)
         rid = f"{self._prefix}{next(self._ids)}"
         data = encode_request(
-            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
+            rid,
+            endpoint,
+            payload,
+            deadline=deadline,
+            headers=headers,
+            attempt=attempt,
+            received=received,
         )
         if len(data) > self._max:
             raise MessageTooLarge(len(data), self._max, address=address)

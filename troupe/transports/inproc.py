@@ -229,6 +229,7 @@ class InprocClient(Client):
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> ResponseStream:
         """Send a request to the in-process server at ``address``; see :meth:`Client.request`."""
         if self._closed:
@@ -240,7 +241,13 @@ class InprocClient(Client):
             raise ConnectionLost(f"no in-process server listening at {address}", address=address)
         rid = next(self._ids)
         data = encode_request(
-            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
+            rid,
+            endpoint,
+            payload,
+            deadline=deadline,
+            headers=headers,
+            attempt=attempt,
+            received=received,
         )
         if len(data) > self._max:
             raise MessageTooLarge(len(data), self._max, address=address)

@@ -459,6 +459,7 @@ class NatsRpcClient(Client):
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> ResponseStream:
         """Publish a request to the worker at ``nats:<subject>``; see :meth:`Client.request`.
 
@@ -482,7 +483,13 @@ class NatsRpcClient(Client):
             )
         rid = next(self._ids)
         data = encode_request(
-            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
+            rid,
+            endpoint,
+            payload,
+            deadline=deadline,
+            headers=headers,
+            attempt=attempt,
+            received=received,
         )
         limit = nc.max_payload
         if len(data) > limit:

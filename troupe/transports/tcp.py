@@ -43,6 +43,7 @@ from troupe.config import TcpConfig
 from troupe.errors import (
     ConfigError,
     ConnectionLost,
+    ConnectionRefused,
     ConnectTimeout,
     MessageTooLarge,
     ProtocolError,
@@ -102,7 +103,25 @@ _BACKOFF_MIN: Final = 0.001
 _BACKOFF_MAX: Final = 0.05
 # Cancels remembered per connection, so late chunks of a cancelled stream send no new Cancel.
 _CANCELLED_MEMORY: Final = 1024
-_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_MONITOR_EVENTS: Final = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+# While connecting, these mean the attempt failed: libzmq would retry in silence until the connect
+# timeout; a caller wants the refusal (a dead worker's port) at once, to go elsewhere.
+_CONNECT_FAILED: Final = frozenset(
+    int(e)
+    for e in (
+        zmq.EVENT_CONNECT_RETRIED,
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    )
+)
 # Callers remembered as disconnected, so replies still produced for them are dropped at once.
 _GONE_MEMORY: Final = 4096
 # How long a closing client's last Cancel frames may take to leave (seconds).
@@ -703,6 +722,18 @@ class _Connection:
                     self._timer = None
                 if not self.ready.done():
                     self.ready.set_result(None)
+        elif event in _CONNECT_FAILED and self.state == "connecting":
+            # Refused (nothing listens: the worker died) or a failed handshake (not a ZeroMQ
+            # peer). libzmq would keep retrying quietly; fail now so the caller goes elsewhere.
+            refused = event == zmq.EVENT_CONNECT_RETRIED
+            self.close(
+                ConnectionRefused(
+                    f"connection to {self.address} refused"
+                    if refused
+                    else f"handshake with {self.address} failed (not a troupe tcp worker?)",
+                    address=self.address,
+                )
+            )
         elif event == zmq.EVENT_DISCONNECTED and self.state == "ready":
             # Frames that arrived before the disconnect are still readable: deliver them first.
             self.pump.drain()
@@ -957,6 +988,7 @@ class TcpClient(Client):
         deadline: float | None = None,
         headers: Mapping[str, str] | None = None,
         attempt: int = 0,
+        received: int = 0,
     ) -> ResponseStream:
         """Send a request to the worker at ``tcp://host:port``; see :meth:`Client.request`.
 
@@ -976,7 +1008,13 @@ class TcpClient(Client):
         host = pool[0].host if pool else split_address(address, SCHEME)[0]
         rid = next(self._ids)
         data = encode_request(
-            rid, endpoint, payload, deadline=deadline, headers=headers, attempt=attempt
+            rid,
+            endpoint,
+            payload,
+            deadline=deadline,
+            headers=headers,
+            attempt=attempt,
+            received=received,
         )
         limit = self.config.max_message_size
         if len(data) > limit:
