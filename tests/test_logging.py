@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,9 +47,21 @@ def test_json_lines_carry_event_level_logger_and_values() -> None:
     assert record["timestamp"].endswith("Z")
 
 
-def test_stdlib_library_loggers_flow_through_the_same_output() -> None:
-    stream = configure("info")
+def test_other_libraries_are_left_alone_unless_named() -> None:
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), logging.getLogger("httpx").level)
+    stream = configure("debug")
+    logging.getLogger("httpx").info('HTTP Request: GET http://x "HTTP/1.1 200 OK"')
+    logging.getLogger("asyncio").warning("not ours")
+    assert json_lines(stream) == []
+    # An embedding application's logging is untouched: no root level, no root handler.
+    assert (root.level, list(root.handlers), logging.getLogger("httpx").level) == before
+
+
+def test_a_named_library_logger_flows_through_the_same_output() -> None:
+    stream = configure("info,asyncio=warning")
     logging.getLogger("asyncio").warning("slow callback %.1f s", 0.5)
+    logging.getLogger("asyncio").info("below its level")
     [record] = json_lines(stream)
     assert (record["event"], record["level"], record["logger"]) == (
         "slow callback 0.5 s",
@@ -103,7 +116,7 @@ def test_exceptions_are_rendered() -> None:
 
 
 def test_contextvars_are_merged() -> None:
-    stream = configure("info")
+    stream = configure("info,hypercorn=info")
     with structlog.contextvars.bound_contextvars(request_id="r-1"):
         get_logger("troupe.test").info("inside")
         logging.getLogger("hypercorn").info("foreign inside")
@@ -113,7 +126,7 @@ def test_contextvars_are_merged() -> None:
 
 
 def test_console_output_is_readable_plain_text() -> None:
-    stream = configure("info", as_json=False)
+    stream = configure("info,nats=info", as_json=False)
     get_logger("troupe.runtime").info("runtime started", plane="tcp")
     logging.getLogger("nats").warning("reconnecting")
     text = stream.getvalue()
@@ -137,8 +150,13 @@ def test_configuring_twice_does_not_duplicate_output() -> None:
     configure_logging(config, stream=stream)
     get_logger("troupe.test").info("once")
     assert [r["event"] for r in json_lines(stream)] == ["once"]
-    ours = [h for h in logging.getLogger().handlers if type(h).__module__ == "troupe._logging"]
+    ours = [
+        h for h in logging.getLogger("troupe").handlers if type(h).__module__ == "troupe._logging"
+    ]
     assert len(ours) == 1
+    assert logging.getLogger().handlers == [
+        h for h in logging.getLogger().handlers if type(h).__module__ != "troupe._logging"
+    ]
 
 
 def test_reconfiguring_replaces_stream_format_and_target_levels() -> None:
@@ -172,11 +190,28 @@ def test_default_stream_follows_sys_stderr(capsys: pytest.CaptureFixture[str]) -
     assert captured.out == ""
 
 
-def test_structlog_get_logger_uses_the_same_pipeline() -> None:
-    stream = configure("info")
-    structlog.get_logger("app.module").info("from the application", user="u1")
+def test_the_applications_structlog_setup_is_left_alone() -> None:
+    before = structlog.get_config()
+    configure("info")
+    assert structlog.get_config() == before
+
+
+def test_a_worker_label_and_pid_tell_processes_apart() -> None:
+    stream = io.StringIO()
+    configure_logging(LogConfig(level="info", json=False), stream=stream, label="worker-2")
+    get_logger("troupe.test").info("serving", endpoint="a.b.c")
+    try:
+        raise KeyError("k")
+    except KeyError as exc:
+        get_logger("troupe.test").error("failed", exc_info=exc)
+    lines = stream.getvalue().splitlines()
+    assert all(line.startswith(f"[worker-2 {os.getpid()}] ") for line in lines), lines
+    assert len(lines) > 2  # the traceback's lines carry the prefix too
+    stream = io.StringIO()
+    configure_logging(LogConfig(level="info", json=True), stream=stream, label="worker-0")
+    get_logger("troupe.test").info("serving")
     [record] = json_lines(stream)
-    assert (record["logger"], record["user"]) == ("app.module", "u1")
+    assert (record["worker"], record["pid"]) == ("worker-0", os.getpid())
 
 
 def test_log_config_from_the_environment_drives_logging() -> None:

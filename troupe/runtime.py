@@ -130,8 +130,7 @@ class Runtime:
                 with self._lock:
                     self._state = "closed"
                 raise
-            self.status = status
-            _log.info("status server listening", url=status.url)
+            self.status = status  # it logs "status server listening" itself, once
         if self._handle_signals and threading.current_thread() is threading.main_thread():
             for sig in _SHUTDOWN_SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
