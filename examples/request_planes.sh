@@ -26,15 +26,29 @@ export DYN_DISCOVERY_BACKEND=file DYN_FILE_KV="$kv_dir" DYN_LOG="${DYN_LOG:-warn
 export DYN_TCP_RPC_HOST=127.0.0.1 DYN_HTTP_RPC_HOST=127.0.0.1
 if [ "$plane" = http ]; then export DYN_HTTP_RPC_PORT=0; fi  # several workers on one host
 
-for _ in 1 2; do
-  "$python" -m troupe worker demo.backend.words troupe.demo:words 2>/dev/null &
+for n in 1 2; do
+  "$python" -m troupe worker demo.backend.words troupe.demo:words 2>"$kv_dir/worker-$n.log" &
   pids+=("$!")
 done
 
+# Wait for both registrations; a worker that exits (no NATS server, a port taken...) is reported
+# with its own error line at once.
 echo "workers on the $plane plane:"
-for _ in $(seq 1 100); do
-  [ "$("$python" -m troupe instances --json | wc -l)" -ge 2 ] && break
-  sleep 0.1
+deadline=$((SECONDS + 30))
+until [ "$("$python" -m troupe instances --json | wc -l)" -ge 2 ]; do
+  for n in 1 2; do
+    if ! kill -0 "${pids[$((n - 1))]}" 2>/dev/null; then
+      echo "worker $n failed to start:" >&2
+      grep -v '^\s*$' "$kv_dir/worker-$n.log" | tail -n 3 >&2
+      exit 1
+    fi
+  done
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "the workers did not register within 30 s; their logs:" >&2
+    tail -n 5 "$kv_dir"/worker-*.log >&2
+    exit 1
+  fi
+  sleep 0.2
 done
 "$python" -m troupe instances
 

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from troupe.demo.mocker import VOCABULARY
+from troupe.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,3 +118,25 @@ def test_request_planes_script(plane: str, request: pytest.FixtureRequest) -> No
     chunks = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [c["word"] for c in chunks] == ["hello", "from", "the", "request", "plane"] * 2
     assert len({c["pid"] for c in chunks}) == 2  # round robin reached both workers
+
+
+def test_request_planes_script_without_a_nats_server_says_so_within_seconds() -> None:
+    env = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
+    env["PYTHON"] = sys.executable
+    env["NATS_SERVER"] = f"nats://127.0.0.1:{free_port()}"  # nobody listens
+    started = time.monotonic()
+    result = subprocess.run(
+        ["bash", "examples/request_planes.sh", "nats"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 20
+    assert "failed to start" in result.stderr
+    assert "cannot connect to NATS" in result.stderr
+    assert "NATS_SERVER" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -380,7 +380,8 @@ def test_a_handler_that_cannot_resume_is_not_migrated_past_its_first_chunk(
     with pytest.raises(StreamNotResumable) as info:
         next(stream)
     assert info.value.received == 2
-    assert "resumable" in str(info.value) and "resume hook" in str(info.value)
+    assert "resumable" in str(info.value)
+    assert "resume hook" in str(info.value)
     assert survivor.seen == []  # not re-sent: it would have repeated chunks 0 and 1
 
 
@@ -619,7 +620,8 @@ def downgrade(cluster: Cluster, worker: Worker, wire: int = 0) -> None:
     current = decode_record(stored.value, key=key)
     assert current.wire == WIRE_VERSION  # what every registration writes
     old = msgspec.structs.replace(current, wire=wire)
-    cluster.rt.io.run(cluster.rt.store.put(key, encode_record(old)), timeout=5)
+    put = cluster.rt.store.put(key, encode_record(old), lease=stored.lease)  # still leased
+    cluster.rt.io.run(put, timeout=5)
 
 
 def test_only_instances_of_this_wire_version_get_requests(cluster: Cluster) -> None:
