@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from troupe._cli_discovery import resolve_prefix
+from troupe.config import FileKvConfig
+from troupe.discovery import FileStore, InstanceRecord, encode_record
 from troupe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +70,30 @@ def test_list_as_table_and_json(env: dict[str, str]) -> None:
         assert record["metadata"] == {"model": "m"}
         other = troupe(env, "instances", "otherns")
         assert len(other.stdout.splitlines()) == 1  # the header only
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_record_bound_to_no_lease_is_named_on_stderr_not_listed(env: dict[str, str]) -> None:
+    forged = InstanceRecord.create(
+        "ns", "comp", "ep", instance_id="00000000000000ff", transport={"tcp": "tcp://10.0.0.9:1"}
+    )
+
+    async def write_by_hand() -> None:  # as a file copied into the store would be
+        async with FileStore(FileKvConfig(path=env["DYN_FILE_KV"])) as store:
+            await store.put(forged.key, encode_record(forged))
+
+    asyncio.run(write_by_hand())
+    proc, instance_id = registrant(env)
+    try:
+        table = troupe(env, "instances")
+        assert table.returncode == 0, table.stderr
+        rows = table.stdout.splitlines()[1:]
+        assert [row.split()[0] for row in rows] == [instance_id]
+        assert f"troupe: ignoring {forged.key}: bound to no lease" in table.stderr
+        lines = troupe(env, "instances", "--json").stdout.splitlines()
+        assert [json.loads(line)["instance_id"] for line in lines] == [instance_id]
     finally:
         proc.terminate()
         proc.wait(10)

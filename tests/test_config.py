@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,7 @@ from troupe.config import (
     TcpConfig,
     WorkerConfig,
     format_table,
+    redact_urls,
 )
 from troupe.errors import ConfigError, TroupeError
 
@@ -484,6 +488,118 @@ def test_describe_masks_secrets_everywhere() -> None:
     for secret in ("etcd-pw-123", "nats-pw-456", "nats-tok-789", "url-pw-000"):
         assert secret not in shown
     assert config.to_env()["NATS_AUTH_TOKEN"] == "nats-tok-789"  # to_env is for child processes
+
+
+# --- secrets never shown -----------------------------------------------------------------------
+
+PASSWORD = "s3cr3t-Pw"  # appears nowhere in troupe's own texts
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"http://bob:{PASSWORD}@etcd:2379",
+        f"https://bob:{PASSWORD}@etcd:2379",
+        f"bob:{PASSWORD}@etcd:2379",
+        f"http://:{PASSWORD}@etcd:2379",
+        f"http://{PASSWORD}@etcd:2379",
+        f"http://etcd-0:2379, http://bob:{PASSWORD}@etcd-1:2379",
+        f"http://bob:{PASSWORD}@etcd:notaport",
+    ],
+)
+def test_credentials_in_etcd_endpoints_are_refused_without_echoing_them(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"ETCD_ENDPOINTS": text})
+    err = info.value
+    assert err.variable == "ETCD_ENDPOINTS"
+    assert PASSWORD not in str(err)
+    assert PASSWORD not in repr(err.value)
+    assert "****@etcd" in str(err)
+    if not text.endswith("notaport"):
+        assert "ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD" in str(err)
+    with pytest.raises(ConfigError) as in_code:
+        EtcdConfig(endpoints=tuple(text.split(",")))
+    assert PASSWORD not in str(in_code.value)
+    assert PASSWORD not in repr(in_code.value.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"nats://bob:{PASSWORD}@nats:99999",
+        f"nats://bob:{PASSWORD}@nats:port",
+        f"http://bob:{PASSWORD}@nats:4222",
+        f"bob:{PASSWORD}@nats:0",
+        f"nats://{PASSWORD}@nats:4222/path",
+        f"nats://ok:4222,nats://bob:{PASSWORD}@nats:4222/x",
+    ],
+)
+def test_a_refused_nats_server_url_does_not_echo_its_credentials(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"NATS_SERVER": text})
+    assert info.value.variable == "NATS_SERVER"
+    assert PASSWORD not in str(info.value)
+    assert PASSWORD not in repr(info.value.value)
+    assert "****@nats" in str(info.value)
+    with pytest.raises(ConfigError) as in_code:
+        NatsConfig(server=text)
+    assert PASSWORD not in str(in_code.value)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: EtcdConfig(password=PASSWORD.encode()),  # type: ignore[arg-type]
+        lambda: NatsConfig(password=[PASSWORD]),  # type: ignore[arg-type]
+        lambda: NatsConfig(token=(PASSWORD,)),  # type: ignore[arg-type]
+    ],
+)
+def test_a_refused_secret_is_shown_masked(build: Callable[[], object]) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.value == "****"
+    assert PASSWORD not in str(info.value)
+    assert info.value.variable in SECRETS
+
+
+def test_redact_urls_masks_user_information_only() -> None:
+    assert redact_urls("nats://bob:pw@n1:4222,tls://tok@n2:4443") == (
+        "nats://****@n1:4222,tls://****@n2:4443"
+    )
+    assert redact_urls("bob:pw@host:1") == "****@host:1"
+    assert redact_urls("nats://a@b:c@host") == "nats://****@host"  # up to the last @
+    assert redact_urls("nats://host:4222,http://etcd:2379") == "nats://host:4222,http://etcd:2379"
+
+
+def test_troupe_config_and_its_errors_show_no_secret(tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "ETCD_AUTH_USERNAME": "bob",
+        "ETCD_AUTH_PASSWORD": PASSWORD,
+        "NATS_SERVER": f"nats://bob:{PASSWORD}@nats:4222",
+        "NATS_AUTH_TOKEN": PASSWORD,
+    }
+
+    def troupe_config(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "troupe", "config"],
+            capture_output=True,
+            text=True,
+            env=env | extra,
+            cwd=tmp_path,
+            timeout=30,
+            check=False,
+        )
+
+    shown = troupe_config({})
+    assert shown.returncode == 0, shown.stderr
+    assert "nats://****@nats:4222" in shown.stdout
+    assert PASSWORD not in shown.stdout + shown.stderr
+    refused = troupe_config({"ETCD_ENDPOINTS": f"http://bob:{PASSWORD}@etcd:2379"})
+    assert refused.returncode != 0
+    assert "ETCD_ENDPOINTS" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert PASSWORD not in refused.stdout + refused.stderr
 
 
 def test_describe_shows_auto_and_unset() -> None:

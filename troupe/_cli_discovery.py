@@ -1,4 +1,9 @@
-"""``troupe instances``: list or watch registered instances through the configured backend."""
+"""``troupe instances``: list or watch registered instances through the configured backend.
+
+It shows what a router would route to: a record that does not decode, or that no lease binds (a
+key written by hand, which routers ignore), is left out of the listing and named on stderr
+(``--watch`` logs one warning per such key, as routers do).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,10 @@ from troupe.discovery import (
 from troupe.errors import ConfigError, DiscoveryError
 from troupe.runtime import Runtime
 
-__all__ = ["add_arguments", "cmd_instances"]
+__all__ = ["UNLEASED", "add_arguments", "cmd_instances"]
+
+UNLEASED = "bound to no lease (written by hand?), so routers ignore it; delete it"
+"""Why a listed key is left out: nothing would ever expire it."""
 
 _COLUMNS = (
     "INSTANCE",
@@ -157,6 +165,9 @@ def cmd_instances(args: argparse.Namespace, config: Config) -> int:
             items, _ = rt.io.run(store.list(prefix))
             records = []
             for kv in items:
+                if kv.lease is None:
+                    print(f"troupe: ignoring {kv.key}: {UNLEASED}", file=sys.stderr)
+                    continue
                 try:
                     records.append(decode_record(kv.value, key=kv.key))
                 except DiscoveryError as exc:

@@ -9,6 +9,11 @@ are all driven by that table. Defaults live on the dataclasses and follow the se
 Every dataclass validates itself in ``__post_init__``, so a config built in code is checked exactly
 like one read from the environment; a bad value raises :class:`~troupe.errors.ConfigError` naming
 the environment variable the field corresponds to, the value, and what would have been accepted.
+
+Secrets never leave this module in the clear except through :meth:`Config.to_env` (the
+environment of a child process): a secret setting shows as ``****`` in :meth:`Config.describe`,
+in reprs and in a ConfigError, and credentials inside a URL (``nats://user:pass@host``) are
+masked by :func:`redact_urls` wherever a URL is shown.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ __all__ = [
     "TcpConfig",
     "WorkerConfig",
     "format_table",
+    "redact_urls",
 ]
 
 PLANES = ("tcp", "http", "nats")
@@ -114,6 +120,14 @@ class _Kind:
     def redact(self, text: str) -> str:
         """Hide credentials embedded in a shown value (only URLs carry any)."""
         return text
+
+    def mask(self, value: object) -> object:
+        """A rejected value as an error may show it: ``redact`` applied to its text."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, tuple | list):
+            return type(value)(self.redact(v) if isinstance(v, str) else v for v in value)
+        return value
 
     def read(self, section: object, name: str) -> object:
         """Read the field's value from its section object."""
@@ -316,13 +330,44 @@ def _split_url(text: str, default_scheme: str) -> SplitResult:
     return parts
 
 
+_MASK = "****"
+
+
+def redact_urls(text: str) -> str:
+    """Mask the credentials of every URL in a comma-separated list (``nats://****@host:4222``).
+
+    What lies between a URL's ``scheme://`` (or its start) and its last ``@`` is user
+    information (``user:password``, or a token) and is replaced whole; the text need not be a
+    valid URL, so a value refused for being malformed is masked too.
+    """
+    return ",".join(_redact_url(item) for item in text.split(","))
+
+
+def _redact_url(item: str) -> str:
+    scheme, sep, rest = item.partition("://")
+    if not sep:
+        scheme, rest = "", item
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{_MASK}@{host}" if at else item
+
+
 def _host_port(host: str, port: int | None) -> str:
     shown = f"[{host}]" if ":" in host else host
     return shown if port is None else f"{shown}:{port}"
 
 
+_ETCD_NO_CREDENTIALS = (
+    "endpoints without credentials (http(s)://host:port); "
+    "give them in ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD"
+)
+
+
 class _EtcdEndpoints(_Kind):
-    """Comma-separated etcd endpoints ``http(s)://host:port`` or ``host:port``."""
+    """Comma-separated etcd endpoints ``http(s)://host:port`` or ``host:port``.
+
+    ``user:password@`` in an endpoint is refused (masked in the error): credentials belong in
+    ``ETCD_AUTH_USERNAME`` / ``ETCD_AUTH_PASSWORD``, which every endpoint shares.
+    """
 
     expected = "comma-separated http(s)://host:port or host:port endpoints"
 
@@ -345,9 +390,11 @@ class _EtcdEndpoints(_Kind):
 
     @staticmethod
     def _normalise(item: str) -> str:
+        if "@" in item:
+            raise _RejectedError(_ETCD_NO_CREDENTIALS)
         parts = _split_url(item, "http")
         scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or parts.port in (None, 0) or parts.username:
+        if scheme not in ("http", "https") or parts.port in (None, 0):
             raise _RejectedError
         assert parts.hostname is not None
         return f"{scheme}://{_host_port(parts.hostname, parts.port)}"
@@ -355,6 +402,9 @@ class _EtcdEndpoints(_Kind):
     def show(self, value: object) -> str:
         assert isinstance(value, tuple)
         return ",".join(value)
+
+    def redact(self, text: str) -> str:
+        return redact_urls(text)
 
 
 class _NatsServers(_Kind):
@@ -382,7 +432,7 @@ class _NatsServers(_Kind):
         return f"{scheme}://{userinfo}@{hostport}" if userinfo else f"{scheme}://{hostport}"
 
     def redact(self, text: str) -> str:
-        return re.sub(r"://[^@/,]*@", "://****@", text)
+        return redact_urls(text)
 
 
 _TARGET_RE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -520,12 +570,15 @@ class Setting:
         if value is None:
             return "(auto)" if self.auto else "(unset)"
         if self.secret:
-            return "****"
+            return _MASK
         return self.kind.redact(self.kind.show(value))
 
     def _error(self, value: object, exc: _RejectedError) -> ConfigError:
+        # The error is printed and logged: it carries a secret only as "****", and a URL's
+        # credentials masked (ConfigError.value too, not only its message).
+        shown = _MASK if self.secret else self.kind.mask(value)
         choices = self.kind.choices if exc.choices is None else exc.choices
-        return ConfigError(self.variable, value, exc.expected or self.kind.expected, choices)
+        return ConfigError(self.variable, shown, exc.expected or self.kind.expected, choices)
 
 
 @dataclass(frozen=True, slots=True)

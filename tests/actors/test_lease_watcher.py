@@ -56,6 +56,12 @@ def keys(rt: Runtime, store: MemoryStore) -> list[str]:
     return [kv.key for kv in items]
 
 
+def put(rt: Runtime, store: MemoryStore, key: str, value: bytes) -> None:
+    """Write ``key`` as a worker would: bound to a lease (watchers ignore keys bound to none)."""
+    lease = rt.io.run(store.grant_lease(60.0), timeout=5)
+    rt.io.run(store.put(key, value, lease=lease), timeout=5)
+
+
 def status(lease: ActorRef[Any]) -> LeaseInfo:
     info: LeaseInfo = lease.ask(Status())
     return info
@@ -133,14 +139,14 @@ def test_unregister_deletes_and_stops_re_registering(rt: Runtime, server: Memory
 
 def test_watcher_sends_current_set_first_then_deltas(rt: Runtime, server: MemoryKvServer) -> None:
     store = store_on(rt, server)
-    rt.io.run(store.put(f"{PREFIX}/aaaa", b"a"), timeout=5)
-    rt.io.run(store.put("/services/ns/comp/ep2/zzzz", b"z"), timeout=5)  # another endpoint
+    put(rt, store, f"{PREFIX}/aaaa", b"a")
+    put(rt, store, "/services/ns/comp/ep2/zzzz", b"z")  # another endpoint
     watcher = rt.spawn(lambda: WatcherActor(store, PREFIX, decode))
     eventually(lambda: watcher.ask(Instances()) == {f"{PREFIX}/aaaa": "a"})
     seen: list[Joined | Left] = []
     collector = rt.spawn(lambda: Collector(seen))
     assert watcher.ask(Subscribe(collector)) == 1
-    rt.io.run(store.put(f"{PREFIX}/bbbb", b"b"), timeout=5)
+    put(rt, store, f"{PREFIX}/bbbb", b"b")
     rt.io.run(store.delete(f"{PREFIX}/aaaa"), timeout=5)
     eventually(lambda: len(seen) == 3)
     assert seen == [
@@ -169,8 +175,8 @@ def test_bad_record_is_skipped_and_the_watch_keeps_going(
     watcher = rt.spawn(lambda: WatcherActor(store, PREFIX, decode))
     seen: list[Joined | Left] = []
     watcher.ask(Subscribe(rt.spawn(lambda: Collector(seen))))
-    rt.io.run(store.put(f"{PREFIX}/bad0", b"garbage"), timeout=5)
-    rt.io.run(store.put(f"{PREFIX}/good", b"g"), timeout=5)
+    put(rt, store, f"{PREFIX}/bad0", b"garbage")
+    put(rt, store, f"{PREFIX}/good", b"g")
     eventually(lambda: len(seen) == 1)
     assert seen == [Joined(f"{PREFIX}/good", "good", "g")]
     assert watcher.is_alive()
@@ -180,7 +186,7 @@ def test_reconnect_resyncs_and_sends_only_the_difference(
     rt: Runtime, server: MemoryKvServer
 ) -> None:
     store = store_on(rt, server)
-    rt.io.run(store.put(f"{PREFIX}/keep", b"k"), timeout=5)
+    put(rt, store, f"{PREFIX}/keep", b"k")
     short = rt.io.run(store.grant_lease(0.3), timeout=5)
     rt.io.run(store.put(f"{PREFIX}/gone", b"g", lease=short), timeout=5)
     watcher = rt.spawn(lambda: WatcherActor(store, PREFIX, decode, backoff=FAST))
@@ -195,7 +201,7 @@ def test_reconnect_resyncs_and_sends_only_the_difference(
     assert outage.wait(5)
     server.expire_due()
     server.set_available(True)
-    rt.io.run(store.put(f"{PREFIX}/new0", b"n"), timeout=5)
+    put(rt, store, f"{PREFIX}/new0", b"n")
     eventually(lambda: len(seen) == 2, timeout=5)
     assert sorted(seen, key=lambda m: m.key) == [
         Left(f"{PREFIX}/gone", "gone", "resync"),

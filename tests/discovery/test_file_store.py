@@ -116,3 +116,14 @@ async def test_a_key_too_long_for_a_file_name_is_refused(tmp_path: Path) -> None
             await store.put("/" + "k" * 300, b"v")
         assert not isinstance(info.value, DiscoveryUnavailable)
         assert "too long" in str(info.value)
+
+
+async def test_a_file_with_a_lease_but_no_ttl_is_bound_to_no_lease(tmp_path: Path) -> None:
+    # Written by hand to look like a worker's registration: nothing would ever expire it.
+    async with FileStore(config(tmp_path)) as store:
+        lease = await store.grant_lease(30.0)
+        await store.put("/k/real", b"v", lease=lease)
+        name = encode_file_name("/k/forged")
+        (tmp_path / "kv" / name).write_bytes(b'#troupe-kv {"rev":1,"lease":7}\nforged')
+        items, _ = await store.list("/k")
+        assert [(kv.key, kv.lease) for kv in items] == [("/k/forged", None), ("/k/real", lease)]

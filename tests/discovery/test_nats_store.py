@@ -16,7 +16,7 @@ from troupe.config import NatsConfig
 from troupe.discovery import Delete, NatsStore, Put, Snapshot, Watch
 from troupe.discovery._nats import decode_nats_key, encode_nats_key
 from troupe.errors import DiscoveryError, DiscoveryUnavailable, LeaseLost
-from troupe.testing import NatsServer
+from troupe.testing import NatsServer, free_port
 
 from ._helpers import WatchReader, is_put, wait_until
 
@@ -153,4 +153,52 @@ async def test_a_bucket_without_ttl_support_is_refused(nats_server: NatsServer) 
     with pytest.raises(DiscoveryError) as info:
         await store.connect()
     assert "per-key TTL" in str(info.value)
+    await store.close()
+
+
+async def test_a_message_written_by_hand_is_bound_to_no_lease(
+    nats_server: NatsServer, readers: Readers
+) -> None:
+    name = bucket()
+    async with NatsStore(NatsConfig(server=nats_server.url), bucket=name) as store:
+        watch = readers(store.watch("/k"))
+        await watch.snapshot()
+        nc = await nats.connect(nats_server.url)
+        try:
+            pre = f"$KV.{name}."
+            js = nc.jetstream()
+            # `nats kv put`, a lease header without a TTL (nothing expires it), and one that
+            # names no lease: none is bound to a lease, and none breaks the watch.
+            await js.publish(pre + encode_nats_key("/k/plain"), b"1")
+            await js.publish(
+                pre + encode_nats_key("/k/no-ttl"), b"2", headers={"Troupe-Lease": "42"}
+            )
+            await js.publish(
+                pre + encode_nats_key("/k/garbage"),
+                b"3",
+                headers={"Troupe-Lease": "not-a-lease", "Nats-TTL": "60s"},
+            )
+        finally:
+            await nc.close()
+        for key in ("/k/plain", "/k/no-ttl", "/k/garbage"):
+            event = await watch.until(is_put(key))
+            assert isinstance(event, Put)
+            assert event.kv.lease is None
+        items, _ = await store.list("/k")
+        assert [(kv.key, kv.lease) for kv in items] == [
+            ("/k/garbage", None),
+            ("/k/no-ttl", None),
+            ("/k/plain", None),
+        ]
+
+
+async def test_errors_name_the_servers_without_their_credentials() -> None:
+    port = free_port()
+    config = NatsConfig(server=f"nats://bob:nats-url-pw@127.0.0.1:{port}", connect_timeout=0.5)
+    store = NatsStore(config, bucket=bucket())
+    with pytest.raises(DiscoveryUnavailable) as info:
+        await store.connect()
+    assert f"nats://****@127.0.0.1:{port}" in str(info.value)
+    assert "nats-url-pw" not in str(info.value)
+    assert "nats-url-pw" not in repr(info.value.endpoints)
     await store.close()

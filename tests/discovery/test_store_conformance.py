@@ -131,8 +131,14 @@ async def test_prefixes_respect_path_boundaries(
     stores: StoreFactory, root: str, readers: Readers
 ) -> None:
     store = await stores()
-    inside = [f"{root}/ns/comp", f"{root}/ns/comp/a", f"{root}/ns/comp/x/y"]
-    outside = [f"{root}/ns/comp2/b", f"{root}/ns/comp-x", f"{root}/ns/co", f"{root}/ns/comp.z"]
+    inside = [f"{root}/ns/comp/a", f"{root}/ns/comp/x/y"]
+    outside = [
+        f"{root}/ns/comp",  # a prefix covers the keys below it, not itself
+        f"{root}/ns/comp2/b",
+        f"{root}/ns/comp-x",
+        f"{root}/ns/co",
+        f"{root}/ns/comp.z",
+    ]
     for key in inside + outside:
         await store.put(key, b"v")
 
@@ -146,10 +152,43 @@ async def test_prefixes_respect_path_boundaries(
 
     await store.put(f"{root}/ns/comp2/c", b"no")
     await store.put(f"{root}/ns/compx", b"no")
+    await store.put(f"{root}/ns/comp", b"no, again")
     await store.put(f"{root}/ns/comp/b", b"yes")
     event = await watch.next()
     assert isinstance(event, Put)
     assert event.key == f"{root}/ns/comp/b"
+
+
+async def test_every_read_tells_the_lease_a_key_is_bound_to(
+    stores: StoreFactory, root: str, readers: Readers
+) -> None:
+    """Routers ignore instance records bound to no lease: every backend must tell them apart."""
+    writer, reader = await stores(), await stores()
+    lease = await writer.grant_lease(30.0)
+    await writer.put(f"{root}/leased", b"1", lease=lease)
+    await writer.put(f"{root}/by-hand", b"2")
+    watch = readers(reader.watch(root))
+    snapshot = await watch.snapshot()
+    assert {kv.key: kv.lease for kv in snapshot.items} == {
+        f"{root}/leased": lease,
+        f"{root}/by-hand": None,
+    }
+    items, _ = await reader.list(root)
+    assert {kv.key: kv.lease for kv in items} == {f"{root}/leased": lease, f"{root}/by-hand": None}
+    by_hand, leased = await reader.get(f"{root}/by-hand"), await reader.get(f"{root}/leased")
+    assert by_hand is not None
+    assert by_hand.lease is None
+    assert leased is not None
+    assert leased.lease == lease
+
+    await writer.put(f"{root}/leased", b"rewritten without a lease")
+    event = await watch.next()
+    assert isinstance(event, Put)
+    assert (event.key, event.kv.lease) == (f"{root}/leased", None)
+    await writer.put(f"{root}/by-hand", b"now leased", lease=lease)
+    event = await watch.next()
+    assert isinstance(event, Put)
+    assert (event.key, event.kv.lease) == (f"{root}/by-hand", lease)
 
 
 async def test_watch_from_a_snapshot_misses_and_repeats_nothing(

@@ -7,6 +7,12 @@ no event can slip between the two. When the store connection is lost the watch i
 backoff; its fresh snapshot is diffed against the table, and only the difference is sent
 (``Left(reason="resync")`` for what vanished meanwhile, ``Joined`` for what is new or changed).
 A record that fails to decode is skipped with a warning; the watch keeps going.
+
+Only records bound to a lease count (``leased_only``, on by default): a key that nothing expires
+(``KeyValue.lease`` is None: written by hand, say, with ``etcdctl put``) would otherwise draw
+traffic forever after its writer is gone. Such a key is ignored, with one warning naming it
+(again only after it was deleted and written once more); a known instance whose key is rewritten
+without a lease leaves with ``Left(reason="unleased")``.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import msgspec
 from troupe._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef
 from troupe.actors._supervisor import Backoff
-from troupe.discovery import Delete, KeyValueStore, Put, Snapshot, WatchEvent
+from troupe.discovery import Delete, KeyValue, KeyValueStore, Put, Snapshot, WatchEvent
 from troupe.errors import ActorDead, DiscoveryError
 
 __all__ = [
+    "Ignored",
     "Instances",
     "Joined",
     "Left",
@@ -34,9 +41,10 @@ __all__ = [
     "WatcherActor",
 ]
 
-LeftReason = Literal["deleted", "expired", "resync"]
+LeftReason = Literal["deleted", "expired", "resync", "unleased"]
 """Why an instance left: its key was deleted; its lease expired (crash, lost connectivity, or a
-clean stop that revoked the lease); or it vanished while the watch was reconnecting."""
+clean stop that revoked the lease); it vanished while the watch was reconnecting; or its key was
+rewritten without a lease (ignored from then on)."""
 
 _log = get_logger("troupe.actors.watcher")
 
@@ -74,6 +82,10 @@ class Instances(msgspec.Struct, frozen=True, tag=True):
     """Ask: the current instances as a ``{key: instance}`` dict."""
 
 
+class Ignored(msgspec.Struct, frozen=True, tag=True):
+    """Ask: the sorted keys ignored because no lease binds them (see ``leased_only``)."""
+
+
 class _Event(msgspec.Struct, frozen=True, tag=True):
     generation: int
     event: WatchEvent
@@ -88,7 +100,7 @@ class _Rewatch(msgspec.Struct, frozen=True, tag=True):
     generation: int
 
 
-WatcherMessage = Subscribe | Unsubscribe | Instances | _Event | _WatchEnded | _Rewatch
+WatcherMessage = Subscribe | Unsubscribe | Instances | Ignored | _Event | _WatchEnded | _Rewatch
 
 Decoder = Callable[[str, bytes], tuple[str, Any]]
 """Turns a key and its value into ``(instance_id, instance)``; raises to skip the record."""
@@ -102,6 +114,8 @@ class WatcherActor(Actor[WatcherMessage]):
         prefix: the key prefix (path-boundary semantics: ``a/b`` never matches ``a/bc``).
         decode: ``(key, value) -> (instance_id, instance)``; raising skips the record.
         backoff: delays between re-watch attempts after the store connection is lost.
+        leased_only: ignore keys bound to no lease (``KeyValue.lease`` is None), warning once
+            per key. Routers, the frontend and ``troupe instances`` keep the default.
     """
 
     def __init__(
@@ -112,6 +126,7 @@ class WatcherActor(Actor[WatcherMessage]):
         *,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        leased_only: bool = True,
     ) -> None:
         super().__init__()
         self._store = store
@@ -119,6 +134,8 @@ class WatcherActor(Actor[WatcherMessage]):
         self._decode = decode
         self._backoff = backoff or Backoff(min=0.1, max=5.0, jitter=0.2)
         self._rng = rng or random.Random()
+        self._leased_only = leased_only
+        self._ignored: set[str] = set()  # lease-less keys present now, each warned about once
         self._table: dict[str, tuple[str, Any, bytes]] = {}  # key -> (instance_id, inst, raw)
         self._subscribers: dict[ActorRef[Any], MonitorRef] = {}
         self._generation = 0
@@ -151,6 +168,8 @@ class WatcherActor(Actor[WatcherMessage]):
                 return mon is not None
             case Instances():
                 return {key: instance for key, (_, instance, _) in self._table.items()}
+            case Ignored():
+                return sorted(self._ignored)
             case _Event(generation=generation, event=event):
                 if generation == self._generation:
                     self._apply(event)
@@ -204,17 +223,24 @@ class WatcherActor(Actor[WatcherMessage]):
         match event:
             case Snapshot(items=items):
                 self._failures = 0
-                fresh = {kv.key: kv.value for kv in items}
-                for key in [k for k in self._table if k not in fresh]:
+                present = {kv.key for kv in items}
+                for key in [k for k in self._table if k not in present]:
                     self._remove(key, "resync")
-                for key, value in fresh.items():
-                    self._upsert(key, value)
+                self._ignored &= present
+                for kv in items:
+                    self._upsert(kv)
             case Put(kv=kv):
-                self._upsert(kv.key, kv.value)
+                self._upsert(kv)
             case Delete(key=key, expired=expired):
+                self._ignored.discard(key)
                 self._remove(key, "expired" if expired else "deleted")
 
-    def _upsert(self, key: str, value: bytes) -> None:
+    def _upsert(self, kv: KeyValue) -> None:
+        key, value = kv.key, kv.value
+        if self._leased_only and kv.lease is None:
+            self._ignore(key)
+            return
+        self._ignored.discard(key)
         known = self._table.get(key)
         if known is not None and known[2] == value:
             return  # unchanged (a resync, or a lease refresh rewriting the same record)
@@ -225,6 +251,17 @@ class WatcherActor(Actor[WatcherMessage]):
             return
         self._table[key] = (instance_id, instance, value)
         self._broadcast(Joined(key, instance_id, instance))
+
+    def _ignore(self, key: str) -> None:
+        """A key no lease binds: drop it (if it was an instance) and warn, once per key."""
+        self._remove(key, "unleased")
+        if key not in self._ignored:
+            self._ignored.add(key)
+            _log.warning(
+                "ignoring a record bound to no lease (written by hand?); delete it",
+                key=key,
+                prefix=self._prefix,
+            )
 
     def _remove(self, key: str, reason: LeftReason) -> None:
         known = self._table.pop(key, None)

@@ -6,9 +6,11 @@ it, the store connects again (to whichever endpoint answers first) and retries t
 operation fails with ``DiscoveryUnavailable`` only when no endpoint answers within the connect
 timeout. A watch reads the prefix and then watches from the read's revision + 1 (no gap); when
 its stream breaks (etcd restarted, endpoint lost) it raises ``DiscoveryUnavailable`` and the caller
-watches again. Basic auth (``ETCD_AUTH_USERNAME``/``PASSWORD``) is sent as etcd's token metadata;
-TLS (``https://`` endpoints or ``ETCD_AUTH_CA``, with an optional client certificate and key) uses a
-secure gRPC channel. aetcd 1.0 only builds plaintext channels, hence :class:`_Client`.
+watches again. A list or watch of prefix ``P`` reads only the range ``[P/, P0)``, so a user granted
+``P/`` (``--prefix``) may do both. Basic auth (``ETCD_AUTH_USERNAME``/``PASSWORD``) is sent as
+etcd's token metadata; TLS (``https://`` endpoints or ``ETCD_AUTH_CA``, with an optional client
+certificate and key) uses a secure gRPC channel. aetcd 1.0 only builds plaintext channels, hence
+:class:`_Client`.
 """
 
 from __future__ import annotations
@@ -155,14 +157,15 @@ class _Client(aetcd.Client):  # type: ignore[misc]
 
 
 def _range(prefix: str) -> tuple[bytes, bytes]:
-    """The etcd key range covering ``prefix`` and ``prefix/...`` (and a few keys to filter out).
+    """The etcd key range of the keys below ``prefix``: ``[prefix + "/", prefix + "0")``.
 
-    ``prefix + "0"`` is the first string above every ``prefix + "/..."`` ("/" < "0"), which keeps
-    ``ns/comp2/...`` out of the range; the few keys in between (``ns/comp-x``) are filtered.
+    It is exactly the range of ``etcdctl ... --prefix prefix/`` ("0" follows "/"), so a user
+    whose role grants ``prefix/`` with ``--prefix`` may read and watch it: the range touches
+    neither ``prefix`` itself nor ``prefix-x`` or ``prefix2/...``.
     """
     if not prefix:
         return b"\0", b"\0"
-    return prefix.encode(), (prefix + "0").encode()
+    return (prefix + "/").encode(), (prefix + "0").encode()
 
 
 class EtcdStore(KeyValueStore):

@@ -14,6 +14,8 @@ Layout (one flat directory):
   processes; removed after a minute.
 
 Leases: a lease is the owning process's set of files plus the TTL written in each file's header.
+A file is bound to its lease only with both in its header: a file written by hand (no header, or
+no TTL) reports no lease, and routers ignore it.
 :meth:`FileStore.keep_alive` refreshes the files' mtime; every connected store runs a reaper that
 deletes files whose mtime is older than their TTL, so a crashed process's keys disappear within
 TTL plus one reap interval. Watches poll the directory (inotify is not in the standard library):
@@ -84,6 +86,11 @@ class _Header(msgspec.Struct, frozen=True, omit_defaults=True):
     rev: int
     lease: int | None = None
     ttl: float | None = None
+
+    @property
+    def bound_lease(self) -> int | None:
+        """The lease the file is bound to: only a file with a TTL expires (else None)."""
+        return self.lease if self.ttl is not None else None
 
 
 class _Tomb(msgspec.Struct, frozen=True):
@@ -291,7 +298,7 @@ class FileStore(KeyValueStore):
         entry = self._read(self._path(key))
         if entry is None or _stale(entry.stat.st_mtime_ns, entry.header.ttl, time.time()):
             return None
-        return KeyValue(key, entry.value, entry.header.rev, entry.header.lease)
+        return KeyValue(key, entry.value, entry.header.rev, entry.header.bound_lease)
 
     async def delete(self, key: str) -> bool:
         self._require_open()
@@ -356,7 +363,7 @@ class FileStore(KeyValueStore):
             header = entry.header
             known[key] = _Seen(entry.fingerprint, header.rev, header.ttl, entry.stat.st_mtime_ns)
             if seen is None or seen.rev != header.rev:
-                events.append(Put(KeyValue(key, entry.value, header.rev, header.lease)))
+                events.append(Put(KeyValue(key, entry.value, header.rev, header.bound_lease)))
         for key in [k for k in known if k not in present]:
             seen = known.pop(key)
             tomb = self._read_tomb(key)
@@ -529,7 +536,7 @@ class FileStore(KeyValueStore):
                 continue
             header = entry.header
             seen = _Seen(entry.fingerprint, header.rev, header.ttl, entry.stat.st_mtime_ns)
-            items.append((KeyValue(key, entry.value, header.rev, header.lease), seen))
+            items.append((KeyValue(key, entry.value, header.rev, header.bound_lease), seen))
         items.sort(key=lambda item: item[0].key)
         return items
 

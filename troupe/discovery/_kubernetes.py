@@ -402,8 +402,8 @@ class _View:
         """The pods ready in some EndpointSlice."""
         return {pod for pods in self.slices.values() for pod, ok in pods.items() if ok}
 
-    def visible(self, prefix: str) -> dict[str, tuple[_Entry, str]]:
-        """``{key: (entry, pod)}`` of every visible key under ``prefix``.
+    def visible(self, prefix: str, *, exact: bool = False) -> dict[str, tuple[_Entry, str]]:
+        """``{key: (entry, pod)}`` of every visible key under ``prefix`` (or equal to it: exact).
 
         On a clash (two pods holding one key) the pod whose name sorts first wins.
         """
@@ -413,7 +413,8 @@ class _View:
             if pod not in ready:
                 continue
             for key, entry in self.resources[pod].items():
-                if key_matches(key, prefix) and key not in found:
+                matches = key == prefix if exact else key_matches(key, prefix)
+                if matches and key not in found:
                     found[key] = (entry, pod)
         return found
 
@@ -826,7 +827,7 @@ class KubernetesStore(KeyValueStore):
     async def get(self, key: str) -> KeyValue | None:
         check_key(key)
         view, _ = await self._load_view()
-        found = view.visible(key).get(key)
+        found = view.visible(key, exact=True).get(key)
         if found is None:
             return None
         (value, revision, lease), _ = found

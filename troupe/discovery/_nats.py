@@ -4,12 +4,14 @@ The bucket keeps one message per key (history 1) and allows per-message TTLs; it
 markers (``limit_marker_ttl``, nats-server >= 2.11) turn an expired key into a delete event that
 watchers see. Leases are client-side: a lease is the set of keys this store wrote under it, each
 published with a ``Nats-TTL`` header of the lease's TTL (whole seconds) and a ``Troupe-Lease``
-header naming the lease; :meth:`NatsStore.keep_alive` re-publishes them (guarded by the expected
-last sequence, so a key that expired or was overwritten is noticed), :meth:`NatsStore.revoke_lease`
-deletes them. Delete markers carry a TTL too, so tombstones do not pile up.
+header naming the lease (a message is bound to a lease only with both headers: one written by
+hand is reported lease-less, and routers ignore it); :meth:`NatsStore.keep_alive` re-publishes
+them (guarded by the expected last sequence, so a key that expired or was overwritten is
+noticed), :meth:`NatsStore.revoke_lease` deletes them. Delete markers carry a TTL too, so
+tombstones do not pile up.
 
 Keys map to subjects reversibly: ``/`` separates tokens (``ns/comp/ep`` -> ``ns.comp.ep``), so a
-prefix watch is a server-side filter on ``P`` and ``P.>`` that respects path boundaries; within a
+prefix watch is a server-side filter on ``P.>`` that respects path boundaries; within a
 token every character outside ``[A-Za-z0-9_-]`` is written ``=XX`` (hex of its UTF-8 bytes) and an
 empty token (a leading ``/``) is ``=``.
 
@@ -38,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from troupe._logging import get_logger
-from troupe.config import NatsConfig
+from troupe.config import NatsConfig, redact_urls
 from troupe.discovery._store import (
     CLOSED,
     Delete,
@@ -144,8 +146,11 @@ class _Record:
 
 def _record(key: str, seq: int, data: bytes | None, headers: dict[str, str] | None) -> _Record:
     headers = headers or {}
-    lease_text = headers.get(_LEASE_HEADER)
-    lease = int(lease_text) if lease_text else None
+    # A lease without a TTL would never expire: only a message with both is bound to a lease
+    # (and a header that is not a lease id, written by hand, binds it to none).
+    lease_text = headers.get(_LEASE_HEADER, "")
+    bound = lease_text.isascii() and lease_text.isdigit() and bool(headers.get(_TTL_HEADER))
+    lease = int(lease_text) if bound else None
     if _MARKER_REASON in headers:  # placed by the server: TTL or age expiry, or a purge
         return _Record(key, seq, None, lease, headers[_MARKER_REASON] == "MaxAge")
     if headers.get(_KV_OP) in ("DEL", "PURGE"):
@@ -188,7 +193,8 @@ class NatsStore(KeyValueStore):
 
     @property
     def endpoints(self) -> tuple[str, ...]:
-        return self.config.servers
+        # For error messages: credentials in a NATS_SERVER URL are masked.
+        return tuple(redact_urls(server) for server in self.config.servers)
 
     # --- connection -------------------------------------------------------------------------------
 
@@ -287,12 +293,12 @@ class NatsStore(KeyValueStore):
     async def _on_disconnected(self) -> None:
         if self._nc is None:
             return  # we closed it
-        _log.warning("nats discovery connection lost", servers=self.config.server)
+        _log.warning("nats discovery connection lost", servers=",".join(self.endpoints))
         for feed in list(self._feeds):
             feed.fail(self._unavailable("connection lost"))
 
     async def _on_reconnected(self) -> None:
-        _log.info("nats discovery connection restored", servers=self.config.server)
+        _log.info("nats discovery connection restored", servers=",".join(self.endpoints))
 
     def _require(self) -> tuple[NatsClient, JetStreamContext]:
         nc, js = self._nc, self._js
@@ -469,8 +475,7 @@ class NatsStore(KeyValueStore):
     def _filters(self, prefix: str) -> builtins.list[str]:
         if not prefix:
             return [self._pre + ">"]
-        subject = self._subject(prefix)
-        return [subject, subject + ".>"]
+        return [self._subject(prefix) + ".>"]
 
     @contextlib.asynccontextmanager
     async def _consumer(self, prefix: str) -> AsyncGenerator[tuple[Snapshot, _Feed], None]:

@@ -9,8 +9,10 @@ drives ``grant_lease``/``keep_alive``/``revoke_lease``; the WatcherActor consume
 :class:`~troupe.errors.DiscoveryUnavailable` when the connection to the store is lost (the caller
 watches again and diffs the new snapshot against what it knew).
 
-Prefixes respect path boundaries: ``ns/comp`` matches ``ns/comp`` and ``ns/comp/...`` but never
-``ns/comp2/...``; a trailing ``/`` is ignored and the empty prefix matches every key.
+A prefix names a subtree: ``ns/comp`` (or ``ns/comp/``) matches the keys below it,
+``ns/comp/...``, never ``ns/comp`` itself nor ``ns/comp2/...``; the empty prefix matches every key.
+So a store reads no key outside ``ns/comp/``: an etcd user granted only that prefix (``etcdctl
+role grant-permission ROLE readwrite ns/comp/ --prefix``) may list and watch it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ __all__ = [
 
 
 class KeyValue(msgspec.Struct, frozen=True):
-    """One stored key: its value, the store revision that last wrote it, and its lease (if any)."""
+    """One stored key: its value, the store revision that last wrote it, and its lease.
+
+    ``lease`` is the id of the lease the key is bound to, and None for a key that nothing
+    expires (written without a lease, e.g. by hand): routers ignore such instance records.
+    """
 
     key: str
     value: bytes
@@ -113,10 +119,10 @@ def normalize_prefix(prefix: str) -> str:
 
 
 def key_matches(key: str, prefix: str) -> bool:
-    """Whether ``key`` lies under the (normalised) ``prefix``, respecting path boundaries."""
+    """Whether ``key`` lies below the (normalised) ``prefix``: ``prefix + "/..."``."""
     if not prefix:
         return True
-    return key == prefix or key.startswith(prefix + "/")
+    return key.startswith(prefix + "/")
 
 
 def check_key(key: str) -> str:

@@ -9,12 +9,14 @@ reconnect to the same URL and find their data again. Use them as context manager
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from troupe.errors import TroupeError
 
@@ -444,19 +446,79 @@ class EtcdServer(_ServerProcess):
             )
         return result.stdout.decode()
 
+    # The auth set-up speaks etcd's JSON gateway (``/v3/auth/...``) rather than etcdctl, which
+    # not every etcd package ships.
+
+    def _gateway(self, path: str, body: dict[str, object], *, as_root: bool = True) -> Any:
+        """POST ``body`` to the JSON gateway at ``path``; as root once auth is on."""
+        headers = {"Content-Type": "application/json"}
+        if as_root and self._root_password is not None:
+            reply = self._gateway(
+                "/v3/auth/authenticate",
+                {"name": "root", "password": self._root_password},
+                as_root=False,
+            )
+            headers["Authorization"] = str(reply["token"])
+        request = urllib.request.Request(  # noqa: S310 - a URL of our own server
+            self.url + path, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:  # noqa: S310
+                return json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise TroupeError(f"etcd refused {path}: {exc.code} {detail}") from exc
+        except (OSError, ValueError) as exc:
+            raise TroupeError(f"etcd gateway call {path} failed: {exc}") from exc
+
     def enable_auth(self, root_password: str) -> None:
-        """Create ``root`` with ``root_password`` and turn authentication on."""
-        self.etcdctl("user", "add", "root", f"--new-user-password={root_password}")
-        self.etcdctl("auth", "enable")
+        """Create ``root`` (with the ``root`` role) and turn authentication on.
+
+        Like ``etcdctl user add root && etcdctl auth enable``.
+        """
+        self._gateway("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self._gateway("/v3/auth/role/add", {"name": "root"})
+        self._gateway("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self._gateway("/v3/auth/enable", {})
         self._root_password = root_password
 
-    def add_user(self, name: str, password: str, *, prefix: str = "") -> None:
-        """Add a user with read-write access to keys under ``prefix`` (everything if empty)."""
-        role = f"{name}-rw"
-        self.etcdctl("role", "add", role)
-        if prefix:
-            self.etcdctl("role", "grant-permission", role, "readwrite", prefix, "--prefix=true")
-        else:
-            self.etcdctl("role", "grant-permission", role, "readwrite", "", "--from-key")
-        self.etcdctl("user", "add", name, f"--new-user-password={password}")
-        self.etcdctl("user", "grant-role", name, role)
+    def add_role(self, role: str, *prefixes: str, permission: str = "readwrite") -> None:
+        """Create ``role`` with ``permission`` (read, write, readwrite) on keys under ``prefixes``.
+
+        Like ``etcdctl role add ROLE`` and ``etcdctl role grant-permission ROLE readwrite P
+        --prefix`` for each prefix; the empty prefix grants every key (``--from-key ""``).
+        """
+        self._gateway("/v3/auth/role/add", {"name": role})
+        for prefix in prefixes:
+            key = prefix.encode() or b"\0"
+            end = _prefix_end(prefix.encode()) if prefix else b"\0"
+            perm = {
+                "permType": permission.upper(),
+                "key": base64.b64encode(key).decode(),
+                "range_end": base64.b64encode(end).decode(),
+            }
+            self._gateway("/v3/auth/role/grant", {"name": role, "perm": perm})
+
+    def add_user(
+        self, name: str, password: str, *, prefix: str = "", roles: Sequence[str] = ()
+    ) -> None:
+        """Add a user with ``roles``; without any, a role of its own with read-write access to
+        keys under ``prefix`` (every key if empty)."""
+        if not roles:
+            roles = (f"{name}-rw",)
+            self.add_role(roles[0], prefix)
+        self._gateway("/v3/auth/user/add", {"name": name, "password": password})
+        for role in roles:
+            self._gateway("/v3/auth/user/grant", {"user": name, "role": role})
+
+
+def _prefix_end(key: bytes) -> bytes:
+    """etcd's range end of a prefix: the key with its last byte below 0xff incremented."""
+    for i in range(len(key) - 1, -1, -1):
+        if key[i] < 0xFF:
+            return key[:i] + bytes([key[i] + 1])
+    return b"\0"
