@@ -145,6 +145,9 @@ async def _serve_http(port: int) -> None:
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.keep_alive_max_requests = sys.maxsize  # the default (1,000) ends h2 connections
+    # The default (5 s) closes a client's connection while the troupe repetition between two
+    # floor runs keeps it idle; the plain h2 client does not reconnect.
+    config.keep_alive_timeout = 3600
     config.accesslog = None
     config.errorlog = None
     config.include_date_header = False

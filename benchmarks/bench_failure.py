@@ -1,37 +1,47 @@
-"""Failure window: requests lost when a worker is SIGKILLed under load, without and with migration.
+"""Failure window: requests lost when a worker is SIGKILLed under load, troupe and NVIDIA Dynamo.
 
-Two ``troupe worker`` processes (tcp plane on 127.0.0.1, file discovery in the scratch
-directory, no supervisor: the killed one stays dead) serve ``troupe.demo:words``; each request
-streams 5 words over about 80 ms. A caller sends 10 requests a second, open loop (one every
-100 ms whatever the completions), for 20 s (quick: 8 s). At 5 s (quick: 2 s) the first chunk
-that arrives from the victim triggers its ``kill -9``, so the kill always lands on a request in
-flight: with requests of ~80 ms arriving every 100 ms, about one request is on the victim at that
-moment, by construction. Each scenario (``migration_limit=0``, then with migration) gives:
+Each scenario runs two workers of ``troupe.demo:words`` (5 words over about 80 ms) and a load
+(:mod:`benchmarks._failure_load`) during which the first chunk from one worker after ``kill_at``
+triggers its ``kill -9``. troupe's workers are ``troupe worker`` processes (tcp plane on
+127.0.0.1, file discovery in the scratch directory, no supervisor: the killed one stays dead);
+this process routes with ``migration_limit=0`` and then ``3``. Scenarios, in order:
 
-- the requests that failed, all of them (the in-flight one(s) above included);
-- the requests *started after the kill* that failed: those the router sends while the dead
-  worker is still registered, until its lease runs out and the watcher reports it ``Left`` (the
-  router must stop routing to it on its own) — and how many of them started before that Left;
-- the time from the kill until the watcher saw ``Left``.
+1. troupe at the default lease TTL (10 s): 10 requests a second (open loop), then 20 requests
+   in flight (closed loop), each without and with migration;
+2. NVIDIA Dynamo (``ai-dynamo-runtime``, when installed): two workers on its tcp plane with etcd
+   discovery at its default lease TTL (30 s), its own client process, the same two loads; its
+   runtime client has no migration;
+3. troupe at a short lease TTL (2 s), 10 requests a second, without and with migration.
 
-The reference system lost 32 of 100 requests in its version of this test, counting the requests
-routed to the dead worker until its lease expired: the "started after the kill" row is the one
-comparable with it.
+Each scenario's rows (:mod:`benchmarks._failure_rows`): requests failed; those started after the
+kill that failed (NVIDIA Dynamo's own version of this test lost 32 of 100 counting these, routed
+to the dead worker until its lease expired); kill → the dead instance gone; with migration, the
+latency of the moved requests and the chunks a completed stream held twice. troupe's rows give
+Dynamo's counts under the same load as their reference. The watcher's ``Left`` events are
+collected after the last scenario, so the default TTL's wait overlaps the later scenarios.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
+import contextlib
+import math
 import subprocess
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from benchmarks._harness import BenchContext, Row, median, percentile
-from benchmarks._procs import Probe, WorkerProcesses, scrubbed_env
+from benchmarks._dynamo_peer import (
+    DYNAMO,
+    DynamoProcesses,
+    LoopbackViolation,
+    unavailable,
+    version,
+)
+from benchmarks._failure_load import DELAY, TEXT, Load, Outcome, from_dynamo, run_load
+from benchmarks._failure_rows import rows as outcome_rows
+from benchmarks._harness import BenchContext, Row
+from benchmarks._procs import Event, Probe, WorkerProcesses, scrubbed_env
 from troupe.actors import Joined, Left, Router
 from troupe.config import (
     Config,
@@ -42,76 +52,70 @@ from troupe.config import (
     TcpConfig,
 )
 from troupe.discovery import InstanceRecord
-from troupe.errors import TroupeError
 from troupe.runtime import Runtime
 
 __all__ = ["SUITE", "run"]
 
 SUITE = "failure"
-GROUP = "failure window"
 
-_TEXT = "one two three four five"
-_WORDS = len(_TEXT.split())
-_DELAY = 0.02  # seconds between words: a request streams for about 80 ms
-_RATE = 10.0  # requests per second, open loop
-_LEASE_TTL = 2.0  # the workers' DYN_LEASE_TTL
-_MIGRATION_LIMIT = 3
-_REFERENCE = "reference system: 32 of 100 failed"
+DEFAULT_TTL = 10.0  # troupe's default DYN_LEASE_TTL
+SHORT_TTL = 2.0
+DYNAMO_TTL = 30.0  # NVIDIA Dynamo's default ETCD_LEASE_TTL
+MIGRATION_LIMIT = 3
+OPEN = Load(rate=10.0)
+CLOSED = Load(inflight=20)
+_PREFIX = "/services/bench/failure"
+
+
+@dataclass(frozen=True)
+class _Scenario:
+    lease_ttl: float
+    load: Load
+    limit: int
+
+    @property
+    def endpoint(self) -> str:
+        shape = f"r{self.load.rate:g}" if self.load.rate > 0 else f"f{self.load.inflight}"
+        return f"bench.failure.t{self.lease_ttl:g}-{shape}-m{self.limit}"
 
 
 @dataclass
-class _Outcome:
-    """What one scenario saw."""
+class _Killed:
+    """A troupe scenario whose victim's ``Left`` is looked for after the last scenario."""
 
-    sent: int = 0
-    ok: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-    migrated: int = 0
-    latencies: list[float] = field(default_factory=list)
-    killed_at: float | None = None  # seconds after the first request
-    left_after: float | None = None  # seconds from the kill to the watcher's Left
-    kill_clock: float | None = None  # time.monotonic() of the kill
-    # (time.monotonic() at the start, failure kind or None) of every request, once it ended.
-    requests: list[tuple[float, str | None]] = field(default_factory=list)
+    outcome: Outcome
+    started: float  # time.monotonic() at the start of its load
+    instance_id: str
 
-    @property
-    def failed(self) -> int:
-        return sum(self.failures.values())
+
+def _timing(quick: bool) -> tuple[float, float]:
+    """(duration, kill_at) of every scenario."""
+    return (4.0, 1.0) if quick else (20.0, 5.0)
 
 
 def run(ctx: BenchContext) -> list[Row]:
-    """Start four workers (two per scenario), run without migration, then with it."""
-    duration, kill_at = (8.0, 2.0) if ctx.quick else (20.0, 5.0)
+    """troupe at the default TTL, NVIDIA Dynamo, troupe at the short TTL; then the rows."""
+    duration, kill_at = _timing(ctx.quick)
     kv_dir = ctx.scratch / "kv"
     kv_dir.mkdir(parents=True, exist_ok=True)
-    env = scrubbed_env(
-        {
-            "DYN_DISCOVERY_BACKEND": "file",
-            "DYN_FILE_KV": str(kv_dir),
-            "DYN_LEASE_TTL": f"{_LEASE_TTL:g}",
-            "DYN_REQUEST_PLANE": "tcp",
-            "DYN_TCP_RPC_HOST": "127.0.0.1",
-            "DYN_LOG": "error",
-        }
-    )
+    killed: list[_Killed] = []
+    peer: dict[Load, Outcome] = {}
+    peer_rows: list[Row] = []
+    with Runtime(_config(str(kv_dir)), handle_signals=False) as rt, Probe(rt, _PREFIX) as probe:
+        seen = _Seen(probe)
+        plan = [(DEFAULT_TTL, load, limit) for load in (OPEN, CLOSED) for limit in (0, 3)]
+        killed += _troupe(ctx, rt, seen, kv_dir, plan, duration, kill_at)
+        peer_rows = _dynamo(ctx, peer, duration, kill_at)
+        plan = [(SHORT_TTL, OPEN, limit) for limit in (0, MIGRATION_LIMIT)]
+        killed += _troupe(ctx, rt, seen, kv_dir, plan, duration, kill_at)
+        for item in killed:
+            _find_left(seen, item)
     rows: list[Row] = []
-    limits = (0, _MIGRATION_LIMIT)
-    ctx.log("failure: starting four workers (two per scenario)")
-    with (
-        Runtime(_config(str(kv_dir)), handle_signals=False) as rt,
-        WorkerProcesses(ctx.scratch, env) as pool,
-        Probe(rt, "/services/bench/failure") as probe,
-    ):
-        pairs = {limit: [pool.start(_endpoint(limit)) for _ in range(2)] for limit in limits}
-        ids = _wait_registered(probe, [p for pair in pairs.values() for p in pair], pool)
-        for limit in limits:
-            outcome = _scenario(ctx, rt, probe, pairs[limit], ids, limit, duration, kill_at)
-            rows += _rows(outcome, limit, duration)
-    return rows
-
-
-def _endpoint(limit: int) -> str:
-    return f"bench.failure.m{limit}"
+    for item in killed:
+        rows += outcome_rows(item.outcome, peer.get(item.outcome.load))
+    for outcome in peer.values():
+        rows += outcome_rows(outcome, None)
+    return rows + peer_rows
 
 
 def _config(kv_dir: str) -> Config:
@@ -122,55 +126,116 @@ def _config(kv_dir: str) -> Config:
     )
 
 
-def _scenario(
+class _Seen:
+    """Every event the probe delivered, kept: a later search still finds an earlier Left."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.events: list[Event] = []
+
+    def find(self, match: Callable[[Joined | Left], bool], deadline: float) -> Event | None:
+        for kept in self.events:
+            if match(kept.message):
+                return kept
+        while (event := self.probe.next(deadline)) is not None:
+            self.events.append(event)
+            if match(event.message):
+                return event
+        return None
+
+
+# --- troupe ------------------------------------------------------------------------------------
+
+
+def _troupe(
     ctx: BenchContext,
     rt: Runtime,
-    probe: Probe,
-    procs: list[subprocess.Popen[bytes]],
-    ids: dict[int, str],
-    limit: int,
+    seen: _Seen,
+    kv_dir: Path,
+    plan: list[tuple[float, Load, int]],
     duration: float,
     kill_at: float,
-) -> _Outcome:
-    """One run of the load against ``procs`` (two workers); the first is killed."""
-    router = rt.router(_endpoint(limit), policy="round_robin", migration_limit=limit)
+) -> list[_Killed]:
+    """Start two workers per scenario (all at this TTL), run the scenarios one after another."""
+    ttl = plan[0][0]
+    env = scrubbed_env(
+        {
+            "DYN_DISCOVERY_BACKEND": "file",
+            "DYN_FILE_KV": str(kv_dir),
+            "DYN_LEASE_TTL": f"{ttl:g}",
+            "DYN_REQUEST_PLANE": "tcp",
+            "DYN_TCP_RPC_HOST": "127.0.0.1",
+            "DYN_LOG": "error",
+        }
+    )
+    scenarios = [_Scenario(*item) for item in plan]
+    log_dir = ctx.scratch / f"ttl{ttl:g}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    made: list[_Killed] = []
+    ctx.log(f"failure: lease TTL {ttl:g} s: starting {2 * len(scenarios)} troupe workers")
+    with WorkerProcesses(log_dir, env) as pool:
+        pairs = {s: [pool.start(s.endpoint) for _ in range(2)] for s in scenarios}
+        ids = _wait_registered(seen, [p for pair in pairs.values() for p in pair], pool)
+        for scenario in scenarios:
+            victim = pairs[scenario][0]
+            outcome = Outcome("troupe", ttl, scenario.load, scenario.limit, duration)
+            started = _one(ctx, rt, scenario, victim, outcome, kill_at)
+            made.append(_Killed(outcome, started, ids[victim.pid]))
+    return made
+
+
+def _one(
+    ctx: BenchContext,
+    rt: Runtime,
+    scenario: _Scenario,
+    victim: subprocess.Popen[bytes],
+    outcome: Outcome,
+    kill_at: float,
+) -> float:
+    router = rt.router(scenario.endpoint, policy="round_robin", migration_limit=scenario.limit)
     try:
         _wait_routable(router, 2)
-        victim = procs[0]
-        outcome = _Outcome()
-        ctx.log(f"failure: migration_limit={limit}: {duration:g} s at {_RATE:g} requests/s")
-        kill_clock = rt.io.run(
-            _load(router, victim, outcome, duration, kill_at), timeout=duration + 60
+        ctx.log(
+            f"failure: troupe {scenario.endpoint}: {outcome.duration:g} s, {outcome.load.label}"
+        )
+        started = rt.io.run(
+            run_load(router, victim.pid, outcome, kill_at), timeout=outcome.duration + 60
         )
     finally:
         router.close()
     WorkerProcesses.kill(victim)  # reaped (it is dead already)
-    outcome.kill_clock = kill_clock
-    if kill_clock is not None:
-        event = probe.wait_for(
-            lambda m: isinstance(m, Left) and m.instance_id == ids[victim.pid],
-            timeout=max(0.0, kill_clock + _LEASE_TTL * 3 + 5.0 - time.monotonic()),
-        )
-        if event is not None:
-            outcome.left_after = event.at - kill_clock
+    migrated = sum(1 for r in outcome.requests if r.migrated)
     ctx.log(
-        f"failure: migration_limit={limit}: {outcome.failed} of {outcome.sent} failed "
-        f"({dict(outcome.failures)}), {outcome.migrated} migrated"
+        f"failure: troupe {scenario.endpoint}: {outcome.failed} of {outcome.sent} failed "
+        f"({dict(outcome.failures)}), {migrated} migrated"
     )
-    return outcome
+    return started
+
+
+def _find_left(seen: _Seen, item: _Killed) -> None:
+    outcome = item.outcome
+    if outcome.killed_at is None:
+        return
+    deadline = item.started + outcome.killed_at + outcome.lease_ttl * 1.5 + 5.0
+    event = seen.find(lambda m: isinstance(m, Left) and m.instance_id == item.instance_id, deadline)
+    if event is not None:
+        outcome.left_at = event.at - item.started
 
 
 def _wait_registered(
-    probe: Probe, procs: list[subprocess.Popen[bytes]], pool: WorkerProcesses
+    seen: _Seen, procs: list[subprocess.Popen[bytes]], pool: WorkerProcesses
 ) -> dict[int, str]:
     """pid → instance id of every worker, once each has registered."""
     ids: dict[int, str] = {}
     pids = {proc.pid for proc in procs}
-    deadline = time.monotonic() + 30.0
-    while len(ids) < len(procs) and (event := probe.next(deadline)):
-        record = event.message.instance if isinstance(event.message, Joined) else None
+
+    def joined(message: Joined | Left) -> bool:
+        record = message.instance if isinstance(message, Joined) else None
         if isinstance(record, InstanceRecord) and record.pid in pids:
-            ids[record.pid] = record.instance_id
+            ids.setdefault(record.pid, record.instance_id)
+        return len(ids) == len(pids)
+
+    seen.find(joined, time.monotonic() + 30.0)
     for proc in procs:
         if proc.pid not in ids:
             raise RuntimeError(f"worker {proc.pid} did not register: {pool.log_tail(proc)}")
@@ -185,149 +250,53 @@ def _wait_routable(router: Router, count: int) -> None:
         time.sleep(0.01)  # the RouterActor publishes as its watcher's events arrive
 
 
-async def _load(
-    router: Router,
-    victim: subprocess.Popen[bytes],
-    outcome: _Outcome,
-    duration: float,
-    kill_at: float,
-) -> float | None:
-    """Send the open-loop requests on the runtime's I/O loop; the kill's monotonic time."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    kill_clock: float | None = None
-
-    def maybe_kill(chunk: Any) -> None:
-        nonlocal kill_clock
-        if (
-            kill_clock is None
-            and loop.time() - start >= kill_at
-            and isinstance(chunk, dict)
-            and chunk.get("pid") == victim.pid
-        ):
-            os.kill(victim.pid, signal.SIGKILL)  # mid-stream; reaped after the run
-            kill_clock = time.monotonic()
-            outcome.killed_at = loop.time() - start
-
-    async def one() -> None:
-        started = time.monotonic()  # the kill's clock; uvloop's loop.time() has another base
-        failure: str | None = "hung"  # if cancelled below
-        try:
-            failure = await attempt()
-        finally:
-            outcome.requests.append((started, failure))
-
-    async def attempt() -> str | None:
-        t0 = loop.time()
-        seen: set[int] = set()
-        attempts: set[int] = set()
-        try:
-            async for chunk in router.generate({"text": _TEXT, "delay": _DELAY}):
-                maybe_kill(chunk)
-                seen.add(chunk["index"])
-                attempts.add(chunk["attempt"])
-        except TroupeError as exc:
-            outcome.failures[type(exc).__name__] += 1
-            return type(exc).__name__
-        if len(seen) != _WORDS:
-            outcome.failures["incomplete"] += 1
-            return "incomplete"
-        outcome.ok += 1
-        outcome.latencies.append(loop.time() - t0)
-        if max(attempts) > 0:
-            outcome.migrated += 1
-        return None
-
-    total = int(duration * _RATE)
-    tasks: list[asyncio.Task[None]] = []
-    for n in range(total):
-        await asyncio.sleep(max(0.0, start + n / _RATE - loop.time()))
-        tasks.append(asyncio.create_task(one(), name=f"bench-failure-request-{n}"))
-        outcome.sent += 1
-    done, pending = await asyncio.wait(tasks, timeout=30.0)
-    for task in pending:
-        task.cancel()
-        outcome.failures["hung"] += 1
-    await asyncio.gather(*pending, return_exceptions=True)
-    del done
-    return kill_clock
+# --- NVIDIA Dynamo -----------------------------------------------------------------------------
 
 
-def _rows(outcome: _Outcome, limit: int, duration: float) -> list[Row]:
-    label = "without migration" if limit == 0 else "with migration"
-    kill = f"{outcome.killed_at:.2f} s" if outcome.killed_at is not None else "never (!)"
-    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(outcome.failures.items())) or "none"
-    ms = [s * 1000.0 for s in outcome.latencies]
-    note = (
-        f"of {outcome.sent} requests ({_RATE:g}/s open loop for {duration:g} s, 2 workers, "
-        f"kill -9 of one at {kill}, triggered by the victim's first chunk after that time: with "
-        f"~80 ms requests every 100 ms, about one request is in flight on it by construction); "
-        f"failures: {kinds}"
-    )
-    if limit:
-        note += f"; migration_limit={limit}, {outcome.migrated} requests migrated"
-    if ms:
-        note += f"; completed requests p50 {median(ms):.0f} ms, p99 {percentile(ms, 99):.0f} ms"
-    rows = [
-        Row(
-            group=GROUP,
-            name=f"failed {label}",
-            value=float(outcome.failed),
-            unit="failed",
-            reference=_REFERENCE,
-            higher_is_better=False,
-            note=note,
-            samples=[float(outcome.failed)],
-        )
-    ]
-    rows.append(_after_kill_row(outcome, label))
-    left = outcome.left_after
-    rows.append(
-        Row(
-            group=GROUP,
-            name=f"kill -9 → Left ({label})",
-            value=left * 1000.0 if left is not None else float("nan"),
-            unit="ms",
-            note=f"workers' DYN_LEASE_TTL={_LEASE_TTL:g} s, file discovery: the lease running "
-            "out dominates" + ("" if left is not None else "; Left NOT seen in time"),
-        )
-    )
-    return rows
+def _dynamo(
+    ctx: BenchContext, into: dict[Load, Outcome], duration: float, kill_at: float
+) -> list[Row]:
+    """Both loads on Dynamo (tcp plane, etcd discovery); rows only when it could not run."""
+    from troupe.testing.servers import EtcdServer  # noqa: PLC0415
 
-
-def _after_kill_row(outcome: _Outcome, label: str) -> Row:
-    """Failures among the requests started after the kill (the reference's measure)."""
-    name = f"failed, started after the kill ({label})"
-    kill = outcome.kill_clock
-    if kill is None:
-        return Row(group=GROUP, name=name, value=float("nan"), unit="failed", note="no kill")
-    after = [(t, failure) for t, failure in outcome.requests if t >= kill]
-    failed = [failure for _, failure in after if failure is not None]
-    note = f"{len(failed)} of the {len(after)} requests started after the kill -9 failed"
-    left = outcome.left_after
-    if left is not None:
-        window = [failure for t, failure in after if t < kill + left]
-        lost = sum(1 for failure in window if failure is not None)
-        note += (
-            f"; {len(window)} of them started before the watcher's Left ({left * 1000:.0f} ms "
-            f"after the kill), {lost} of those failed"
-        )
-    else:
-        note += "; Left NOT seen in time"
-    kinds = Counter(failed)
-    if kinds:
-        note += "; " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
-    note += (
-        "; the reference's 32 of 100 counted requests routed to the dead worker until its "
-        "lease expired: this row is the comparable one"
-    )
-    return Row(
-        group=GROUP,
-        name=name,
-        value=float(len(failed)),
-        unit="failed",
-        reference=_REFERENCE,
-        higher_is_better=False,
-        note=note,
-        samples=[float(len(failed))],
-    )
+    group = f"failure window: {DYNAMO}"
+    reason = unavailable()
+    if reason is not None:
+        return [Row(group=group, name="skipped", value=math.nan, unit="", note=reason)]
+    try:
+        with EtcdServer() as etcd, DynamoProcesses(ctx, "tcp", etcd.url, None) as dynamo:
+            for load in (OPEN, CLOSED):
+                path = f"bench.failure.{'open' if load.rate > 0 else 'closed'}"
+                victim = dynamo.worker(path, "words")
+                dynamo.worker(path, "words")
+                client = dynamo.client(path, instances=2)
+                dynamo.check_loopback()
+                ctx.log(f"failure: {DYNAMO} {path}: {duration:g} s, {load.label}")
+                answer = client.ask(
+                    {
+                        "op": "failure",
+                        "rate": load.rate,
+                        "inflight": load.inflight,
+                        "duration": duration,
+                        "kill_at": kill_at,
+                        "victim": victim.pid,
+                        "text": TEXT,
+                        "delay": DELAY,
+                    },
+                    timeout=duration + 60,
+                )
+                outcome = from_dynamo(answer, Outcome(DYNAMO, DYNAMO_TTL, load, 0, duration))
+                into[load] = outcome
+                ctx.log(
+                    f"failure: {DYNAMO} {path}: {outcome.failed} of {outcome.sent} failed "
+                    f"({dict(outcome.failures)})"
+                )
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    victim.proc.wait(10)  # reap the killed worker now
+    except LoopbackViolation:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the peer failing must not hide troupe's rows
+        ctx.log(f"failure: {DYNAMO} did not run: {exc!r}")
+        note = f"{DYNAMO} {version()}: {type(exc).__name__}: {exc}"
+        return [Row(group=group, name="did not run", value=math.nan, unit="", note=note)]
+    return []

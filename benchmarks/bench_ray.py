@@ -21,12 +21,10 @@ connected to, anything but loopback; a violation stops the suite at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,18 +39,7 @@ from benchmarks._harness import (
     self_cpu_seconds,
 )
 from benchmarks._procs import descendants, foreign_peers, listeners, non_loopback
-from benchmarks.bench_planes import (
-    _Child,
-    _child_env,
-    _Cpu,
-    _PlaneResult,
-    _sizes,
-    _troupe_env,
-    _troupe_rtt,
-    _troupe_stream,
-    _troupe_tp,
-    series_rows,
-)
+from benchmarks._troupe_side import TroupeSide
 
 __all__ = ["RAY_TARGETS", "SUITE", "TCP_ROWS", "TROUPE_PREFIX", "run", "versus"]
 
@@ -144,7 +131,7 @@ class _Bench:
             actor = self._actor()
             ray.get(actor.echo.remote(b""), timeout=60)
             ctx.log(f"ray: up in {time.monotonic() - started:.1f} s")
-            with _TroupeTcp(ctx) as troupe:
+            with TroupeSide(ctx, "tcp", label="ray") as troupe:
                 self.exclude = troupe.pids
                 checked = self._check_loopback()
                 rows = [
@@ -155,7 +142,8 @@ class _Bench:
                 checked += self._check_loopback()
                 for row in rows:
                     row.note = (row.note + "; " if row.note else "") + checked_note(checked)
-                return rows + troupe.rows()
+                note = "each repetition right after Ray's, in this suite; the planes suite's code"
+                return rows + troupe.rows(GROUP, TROUPE_PREFIX, note)
         finally:
             ray.shutdown()
             ctx.log(f"ray: shut down after {time.monotonic() - started:.1f} s")
@@ -309,115 +297,6 @@ class _Bench:
             note='generator method, num_returns="streaming", 100 x 64 B, streams one at a time',
             samples=rates,
         )
-
-
-class _TroupeTcp:
-    """troupe's tcp plane beside Ray: one worker, this process's router, the planes suite's loops.
-
-    Each method runs one repetition of one figure (warm-up, then timed), so that the Ray suite
-    can follow each of its repetitions with troupe's. CPU per operation adds the worker and this
-    process (where Ray's driver threads idle meanwhile).
-    """
-
-    ENDPOINT = "bench.ray.tcp"
-
-    def __init__(self, ctx: BenchContext) -> None:
-        self.ctx = ctx
-        self.sizes = _sizes("tcp", ctx.quick)
-        self.result = _PlaneResult()
-        self._stack = contextlib.ExitStack()
-        self.pids: set[int] = set()
-        self._rt: Any = None
-        self._router: Any = None
-        self._timeout = self.sizes.cap * 3 + 30
-
-    def __enter__(self) -> _TroupeTcp:
-        from troupe.runtime import Runtime  # noqa: PLC0415
-
-        ctx = self.ctx
-        environ = _troupe_env(ctx, "tcp", None)
-        try:
-            worker = _Child(
-                [
-                    sys.executable,
-                    "-m",
-                    "troupe",
-                    "worker",
-                    self.ENDPOINT,
-                    "benchmarks.bench_planes:handler",
-                ],
-                env=_child_env(environ),
-                log=ctx.scratch / "troupe-tcp-worker.log",
-            )
-            self._stack.callback(worker.stop)
-            self.pids = {worker.pid}
-            self._rt = self._stack.enter_context(Runtime.from_env(environ, handle_signals=False))
-            self._router = self._rt.router(self.ENDPOINT)
-            self._stack.callback(self._router.close)
-            try:
-                self._router.wait_for_instances_sync(timeout=60)
-            except BaseException:
-                ctx.log(f"ray: troupe tcp worker did not register: {worker.tail()}")
-                raise
-        except BaseException:
-            self._stack.close()
-            raise
-        ctx.log("ray: troupe tcp worker up, measured after each Ray repetition")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
-    def _worker_pids(self) -> list[int]:
-        return sorted(self.pids)
-
-    def rtt(self) -> None:
-        """One round-trip repetition (1 in flight)."""
-        sizes, router = self.sizes, self._router
-
-        async def measure() -> tuple[list[float], float]:
-            await _troupe_rtt(router, sizes.warm_rtt, sizes.cap)
-            cpu = _Cpu(self._worker_pids())
-            lat = await _troupe_rtt(router, sizes.rtt, sizes.cap)
-            return lat, cpu.done()[1]
-
-        lat, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
-        self.result.troupe["rtt"].add_latencies(lat, cpu_s, len(lat))
-        self.ctx.log(f"ray: troupe tcp round trip: p50 {median(lat):.0f} µs over {len(lat)}")
-
-    def tp(self) -> None:
-        """One throughput repetition (64 in flight)."""
-        sizes, router = self.sizes, self._router
-
-        async def measure() -> tuple[int, float, float]:
-            await _troupe_tp(router, sizes.warm_tp, sizes.cap)
-            cpu = _Cpu(self._worker_pids())
-            ops = await _troupe_tp(router, sizes.tp, sizes.cap)
-            return (ops, *cpu.done())
-
-        ops, seconds, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
-        self.result.troupe["tp"].add_rate(ops, seconds, cpu_s)
-        self.ctx.log(f"ray: troupe tcp throughput: {self.result.troupe['tp'].rate[-1]:,.0f} req/s")
-
-    def stream(self) -> None:
-        """One streaming repetition (streams of 100 chunks, one at a time)."""
-        sizes, router = self.sizes, self._router
-
-        async def measure() -> tuple[int, float, float]:
-            await _troupe_stream(router, max(1, sizes.warm_rtt // 100), sizes.cap)
-            cpu = _Cpu(self._worker_pids())
-            chunks = await _troupe_stream(router, sizes.streams, sizes.cap)
-            return (chunks, *cpu.done())
-
-        chunks, seconds, cpu_s = self._rt.io.run(measure(), timeout=self._timeout)
-        self.result.troupe["stream"].add_rate(chunks, seconds, cpu_s)
-        rate = self.result.troupe["stream"].rate[-1]
-        self.ctx.log(f"ray: troupe tcp stream: {rate:,.0f} chunks/s")
-
-    def rows(self) -> list[Row]:
-        """``troupe tcp: <figure>`` rows (no reference: :func:`versus` pairs them with Ray's)."""
-        note = "each repetition right after Ray's, in this suite; the planes suite's code"
-        return series_rows(GROUP, TROUPE_PREFIX, self.result.troupe, rtt_note=note)
 
 
 def checked_note(checks: int) -> str:
