@@ -728,3 +728,18 @@ def test_the_router_actor_checks_the_wire_version_when_records_arrive(
         assert [i.instance_id for i in snap.instances] == [b]
     finally:
         system.shutdown(timeout=5)
+
+
+def test_a_failed_instance_is_excluded_at_once_before_the_actor_catches_up(
+    cluster: Cluster,
+) -> None:
+    a, b = cluster.inproc_worker(), cluster.inproc_worker()
+    router = cluster.router(expect=2, policy="round_robin", set_aside_for=30.0)
+    router._actor.stop()  # its snapshot will never say "set aside": only the handle knows
+
+    async def picks() -> list[str]:
+        router._set_aside(a.id)  # what a failed request does, on the I/O loop
+        return [router._pick(None, None).instance_id for _ in range(6)]
+
+    assert cluster.rt.io.run(picks(), timeout=5) == [b.id] * 6
+    assert a.id not in router.snapshot.set_aside

@@ -28,6 +28,7 @@ import itertools
 import queue
 import random
 import threading
+import time
 import types
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -492,6 +493,8 @@ class Router:
             :data:`Resume`. Without it such a stream moves only to instances whose handler is
             resumable, and fails with :class:`~troupe.errors.StreamNotResumable` when none is.
         rng: randomness of the ``random`` and ``least_loaded`` policies.
+        set_aside_for: the actor's set-aside window; a failed instance is excluded by this
+            handle at once, for at most that long, until the actor's snapshot excludes it.
         owned: actors stopped by :meth:`close` (the RouterActor and its watcher, when the
             router was built by :func:`spawn_router`).
 
@@ -512,6 +515,7 @@ class Router:
         resume: Resume | None = None,
         rng: random.Random | None = None,
         owned: tuple[ActorRef[Any], ...] = (),
+        set_aside_for: float = 5.0,
     ) -> None:
         factory = _validate(policy, migration_limit)
         if resume is not None and not callable(resume):
@@ -526,6 +530,9 @@ class Router:
         self._resume = resume
         self._policy = factory(rng or random.Random())
         self._inflight: dict[str, int] = {}  # touched only on the I/O loop
+        # Instances seen failing, until the actor's snapshot sets them aside (I/O loop only).
+        self._down: dict[str, float] = {}
+        self._set_aside_for = set_aside_for
         self._owned = owned
         self._bridged: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
@@ -785,7 +792,8 @@ class Router:
         snapshot = self._holder.current
         if resuming:
             return self._pick_resumable(snapshot, tried or set())
-        if instance_id is None and not tried:
+        down = self._down
+        if instance_id is None and not tried and not down:
             candidates = snapshot.available
             if candidates:
                 return self._policy.choose(candidates, self._inflight)
@@ -796,6 +804,8 @@ class Router:
             return target
         excluded = tried or set()
         candidates = snapshot.available
+        if down:
+            candidates = self._without_down(snapshot, candidates)
         if excluded:
             candidates = tuple(i for i in candidates if i.instance_id not in excluded)
         if not candidates:
@@ -804,6 +814,21 @@ class Router:
             if not candidates:
                 raise self._no_instances(snapshot)
         return self._policy.choose(candidates, self._inflight)
+
+    def _without_down(
+        self, snapshot: RouterSnapshot, candidates: tuple[RoutedInstance, ...]
+    ) -> tuple[RoutedInstance, ...]:
+        """``candidates`` less the instances this handle saw fail and the actor has not set
+        aside yet (its snapshot follows a mailbox hop later; under load, requests picked in
+        between would go to the dead instance too). Forgets those the snapshot now covers."""
+        down = self._down
+        now = time.monotonic()
+        for key, until in list(down.items()):
+            if until <= now or key in snapshot.set_aside or key not in snapshot.by_id:
+                del down[key]
+        if not down:
+            return candidates
+        return tuple(i for i in candidates if i.instance_id not in down)
 
     def _pick_resumable(self, snapshot: RouterSnapshot, tried: set[str]) -> RoutedInstance:
         candidates = tuple(
@@ -856,6 +881,7 @@ class Router:
         return payload, received
 
     def _set_aside(self, instance_id: str) -> None:
+        self._down[instance_id] = time.monotonic() + self._set_aside_for
         try:
             self._actor.tell(SetAside(instance_id))
         except ActorDead:
@@ -1030,4 +1056,5 @@ def spawn_router(
         resume=resume,
         rng=rng,
         owned=(actor, watcher),
+        set_aside_for=set_aside_for,
     )
