@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,fast]'
 	touch $(STAMP)
 
-# The benchmarks also need the bench extras (Ray, pyinstrument): their own stamp.
+# The benchmarks also need the bench extras (Ray, NVIDIA Dynamo's runtime, pyinstrument): their
+# own stamp.
 BENCH_STAMP := $(VENV)/.troupe-bench-installed
 $(BENCH_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,fast,bench]'
