@@ -112,9 +112,21 @@ def test_bad_handler_is_one_line(env: dict[str, str]) -> None:
     assert "nope" in result.stderr
 
 
+def wait_for_line(proc: subprocess.Popen[str], text: str) -> str:
+    """The first line of the process's stderr that contains ``text`` (pytest-timeout bounds it)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if text in line:
+            return line
+    raise AssertionError(f"stderr ended without {text!r}")
+
+
 def test_workers_are_supervised_processes(env: dict[str, str], rt: Runtime) -> None:
     proc = start_worker(env, "--workers", "2")
     try:
+        # Once all serve (a worker killed before its first report would fail the start-up).
+        banner = wait_for_line(proc, "worker processes serving")
+        assert "2 worker processes serving demo.backend.words at tcp://127.0.0.1:" in banner
         first = eventually(lambda: (r := records(rt)) and len(r) == 2 and r, timeout=20)
         pids = {r.pid for r in first}
         assert proc.pid not in pids  # the parent only supervises

@@ -95,7 +95,8 @@ SEED_DEFAULTS: dict[str, object] = {
     "DYN_HTTP_HOST": "0.0.0.0",
     "DYN_HTTP_PORT": 8000,
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": 5.0,
-    "DYN_WORKER_MAX_INFLIGHT": 0,
+    "DYN_WORKER_MAX_INFLIGHT": 1024,
+    "DYN_WORKER_MAX_INFLIGHT_PER_CALLER": 512,
 }
 
 # One override per variable: the environment text and the value it must produce.
@@ -151,6 +152,7 @@ OVERRIDES: dict[str, tuple[str, object]] = {
     "DYN_HTTP_PORT": ("8080", 8080),
     "DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS": ("30", 30.0),
     "DYN_WORKER_MAX_INFLIGHT": ("64", 64),
+    "DYN_WORKER_MAX_INFLIGHT_PER_CALLER": ("0", 0),
 }
 
 SECRETS = ("ETCD_AUTH_PASSWORD", "NATS_AUTH_PASSWORD", "NATS_AUTH_TOKEN")
@@ -365,6 +367,7 @@ BAD_VALUES = [
     ("DYN_TCP_POOL_SIZE", "0"),
     ("DYN_HTTP2_MAX_CONCURRENT_STREAMS", "many"),
     ("DYN_WORKER_MAX_INFLIGHT", "-1"),
+    ("DYN_WORKER_MAX_INFLIGHT_PER_CALLER", "-1"),
     ("DYN_HTTP2_ADAPTIVE_WINDOW", "maybe"),
     ("DYN_LOGGING_JSONL", "2"),
     ("ETCD_ENDPOINTS", "ftp://etcd:2379"),
@@ -437,6 +440,7 @@ CODE_ERRORS: list[tuple[str, Callable[[], object]]] = [
     ("DYN_LOG", lambda: LogConfig(targets=(("troupe", "chatty"),))),
     ("DYN_SYSTEM_PORT", lambda: SystemConfig(port=-7)),
     ("DYN_WORKER_MAX_INFLIGHT", lambda: WorkerConfig(max_inflight=-1)),
+    ("DYN_WORKER_MAX_INFLIGHT_PER_CALLER", lambda: WorkerConfig(max_inflight_per_caller=-1)),
 ]
 
 

@@ -155,6 +155,20 @@ def test_health_report_is_read_only() -> None:
         report.endpoints["a"] = "x"  # type: ignore[index]
 
 
+def test_health_body_lists_worker_processes_only_when_there_are_some() -> None:
+    assert "workers" not in HealthReport.from_states({"ns.c.e": "serving"}).to_json(1.0)
+    rows = {
+        "worker-0": {"status": "ready", "state": "serving", "pid": 11},
+        "worker-1": {"status": "notready", "state": "starting", "pid": 12},
+    }
+    report = HealthReport.from_states({"ns.c.e": "starting"}, workers={"ns.c.e": rows})
+    body = report.to_json(1.0)
+    assert body["status"] == "notready"
+    assert body["workers"] == {"ns.c.e": rows}
+    with pytest.raises(TypeError):
+        report.workers["other"] = {}  # type: ignore[index]
+
+
 # --- live, metrics, other routes ---------------------------------------------------------------
 
 

@@ -1,17 +1,40 @@
-"""``troupe worker`` (serve a handler, in this process or N supervised ones) and ``troupe call``."""
+"""``troupe worker`` (serve a handler, in this process or N supervised ones) and ``troupe call``.
+
+``troupe worker --workers N`` supervises N worker processes (:meth:`Runtime.spawn_workers`). Each
+of them is ``troupe worker`` again, given the readiness channel with ``--ready-fd`` (not shown in
+``--help``): it reports ``serving``, or its start-up error, to the parent instead of printing it,
+so that a fleet that cannot start says so once, in one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any
 
+from troupe._endpoint import Endpoint
 from troupe._handlers import load_handler
+from troupe._logging import get_logger
+from troupe._readiness import READY_FD_FLAG, Draining, Failed, ParentLink, Serving, one_line
+from troupe.actors import ActorRef, WhichChildren
+from troupe.actors._process import ProcessStatus, Status
 from troupe.config import Config
-from troupe.errors import ConfigError
+from troupe.errors import ConfigError, SupervisorEscalation, TroupeError
 from troupe.runtime import Runtime
 
 __all__ = ["add_call_arguments", "add_worker_arguments", "cmd_call", "cmd_worker"]
+
+_log = get_logger("troupe.cli")
+
+# The statuses of troupe.cli (not imported: it imports this module).
+_EXIT_ERROR = 1
+_EXIT_CONFIG = 2
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,42 +50,156 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-inflight", type=int, default=None, metavar="M", help="admission limit per worker"
     )
     parser.add_argument("--model", default=None, help="model name put in the instance metadata")
+    parser.add_argument(READY_FD_FLAG, type=int, default=None, help=argparse.SUPPRESS)
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    """Serve until SIGINT/SIGTERM; then unregister, drain and exit 0."""
+    """Serve until SIGINT/SIGTERM; then unregister, drain and exit 0.
+
+    With ``--workers N``: exit 1 with one line if a worker fails to start, or if the workers
+    keep crashing until their supervisor gives up.
+    """
     if args.workers < 1:
         raise ConfigError("--workers", args.workers, "an integer >= 1")
     if args.max_inflight is not None and args.max_inflight < 0:
         raise ConfigError("--max-inflight", args.max_inflight, "an integer >= 0")
+    if args.ready_fd is not None:
+        return _serve_supervised(args, config)
     handler = load_handler(args.handler)
     with Runtime(config) as rt:
         endpoint = rt.endpoint(args.endpoint)
-        if args.workers == 1:
-            metadata = {"model": args.model} if args.model else None
-            rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
-            print(
-                f"troupe: serving {endpoint.path} at {rt.server().address} "
-                f"as instance {rt.instance_id} (Ctrl-C to stop)",
-                file=sys.stderr,
-                flush=True,
-            )
-        else:
-            rt.spawn_workers(
-                endpoint,
-                args.handler,
-                args.workers,
-                max_inflight=args.max_inflight,
-                model=args.model,
-            )
-            print(
-                f"troupe: {args.workers} supervised worker processes serving {endpoint.path} "
-                "(Ctrl-C to stop)",
-                file=sys.stderr,
-                flush=True,
-            )
+        if args.workers > 1:
+            return _serve_fleet(rt, endpoint, args)
+        metadata = {"model": args.model} if args.model else None
+        rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
+        print(
+            f"troupe: serving {endpoint.path} at {rt.server().address} "
+            f"as instance {rt.instance_id} (Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         rt.wait_for_shutdown()
     return 0
+
+
+def _serve_fleet(rt: Runtime, endpoint: Endpoint, args: argparse.Namespace) -> int:
+    """Supervise ``--workers`` processes until a signal, or until their supervisor gives up."""
+    supervisor = rt.spawn_workers(
+        endpoint,
+        args.handler,
+        args.workers,
+        max_inflight=args.max_inflight,
+        model=args.model,
+        ready_timeout=None,  # loading a model may take long; /health says notready meanwhile
+    )
+    addresses = [s.serving.address for s in _statuses(supervisor) if s.serving is not None]
+    print(
+        f"troupe: {args.workers} worker processes serving {endpoint.path} at "
+        f"{', '.join(addresses)} (Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        rt.wait_for_shutdown()
+    except SupervisorEscalation as exc:
+        last = f"; last: {exc.__cause__}" if exc.__cause__ is not None else ""
+        print(
+            f"troupe: error: the worker processes of {endpoint.path} kept exiting (more than "
+            f"{exc.restarts} restarts within {exc.window:g} s){last}; stopped them all",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _EXIT_ERROR
+    return 0
+
+
+def _statuses(supervisor: ActorRef[Any]) -> list[ProcessStatus]:
+    """Each worker process's status, in worker order."""
+    statuses = []
+    for child in supervisor.ask(WhichChildren()):
+        if child.ref is not None:
+            try:
+                statuses.append(child.ref.ask(Status()))
+            except TroupeError:
+                pass  # it crashed meanwhile; its replacement reports when it serves
+    return statuses
+
+
+def _serve_supervised(args: argparse.Namespace, config: Config) -> int:
+    """A worker of ``--workers N``: report to the parent on the readiness channel and serve."""
+    link = ParentLink(args.ready_fd)
+    signals = _SignalPolicy()
+    signals.install()
+    serving = False
+    try:
+        handler = load_handler(args.handler)
+        with Runtime(config, handle_signals=False) as rt:
+            endpoint = rt.endpoint(args.endpoint)
+            metadata = {"model": args.model} if args.model else None
+            rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
+            address = rt.server().address
+            status_url = rt.status.url if rt.status is not None else None
+            serving = True
+            signals.serving(rt.request_shutdown)
+            if not link.report(Serving(os.getpid(), rt.instance_id, address, status_url)):
+                rt.request_shutdown()  # the parent is gone already
+            link.watch_parent(rt.request_shutdown)
+            status = f", status at {status_url}" if status_url is not None else ""
+            print(
+                f"troupe: serving {endpoint.path} at {address} as instance {rt.instance_id}"
+                f"{status}",
+                file=sys.stderr,
+                flush=True,
+            )
+            rt.wait_for_shutdown()
+            link.report(Draining())
+    except TroupeError as exc:
+        if serving:
+            raise
+        # The parent prints it, once for the whole fleet: nothing here.
+        config_error = isinstance(exc, ConfigError)
+        link.report(Failed(one_line(str(exc)), config=config_error))
+        return _EXIT_CONFIG if config_error else _EXIT_ERROR
+    finally:
+        signals.restore()
+        link.close()
+    return 0
+
+
+class _SignalPolicy:
+    """SIGINT/SIGTERM in a supervised worker.
+
+    Before it serves, the first signal exits at once and quietly (the parent is stopping the
+    fleet and has its own line to print); once it serves, a signal asks ``stop`` (the runtime's
+    ``request_shutdown``) and the worker unregisters and drains. A later signal never unwinds a
+    stop in progress.
+    """
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._stop: Callable[[], None] | None = None
+        self._exiting = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def serving(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        if self._stop is not None:
+            _log.info("signal received, draining", signal=signal.Signals(signum).name)
+            self._stop()
+        elif not self._exiting:
+            self._exiting = True
+            raise SystemExit(128 + signum)
 
 
 def add_call_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,12 @@ Series (prefix ``troupe_``, labels ``namespace``, ``component``, ``endpoint``):
 ``requests_total``, ``inflight_requests``, ``request_duration_seconds`` (histogram),
 ``errors_total`` (extra label ``kind``), ``request_bytes_total``, ``response_bytes_total``,
 ``cancellations_total``; and the unlabelled ``uptime_seconds``, computed at scrape time.
+
+Server series (labels ``plane``, ``reason``): ``worker_requests_refused_total`` (requests the
+request-plane server answered with an error before any handler ran: admission limits, unknown
+endpoints, ...) and ``worker_replies_dropped_total`` (replies it dropped, or requests it stopped,
+rather than hold them for a caller that does not read), from a :class:`ServerMetrics` that the
+server owns and :meth:`RuntimeMetrics.add_server` exports.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ __all__ = [
     "EndpointMetrics",
     "RequestScope",
     "RuntimeMetrics",
+    "ServerMetrics",
     "error_kind",
 ]
 
@@ -263,6 +270,41 @@ class RequestScope:
         self.finish(None if exc is None else error_kind(exc))
 
 
+class ServerMetrics:
+    """What one request-plane server refused or dropped, by reason (a short, fixed word).
+
+    Plain numbers under one lock, like :class:`EndpointMetrics`; counted only off the common path
+    (a refusal, a drop). Thread-safe.
+    """
+
+    __slots__ = ("_dropped", "_lock", "_refused")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refused: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+
+    def add_refused(self, reason: str) -> None:
+        """Count a request answered with an error before any handler ran."""
+        with self._lock:
+            self._refused[reason] = self._refused.get(reason, 0) + 1
+
+    def add_dropped(self, reason: str) -> None:
+        """Count a reply dropped (or a request stopped) for a caller that does not read."""
+        with self._lock:
+            self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    def refused(self) -> dict[str, int]:
+        """Refused requests so far, by reason."""
+        with self._lock:
+            return dict(self._refused)
+
+    def dropped(self) -> dict[str, int]:
+        """Dropped replies so far, by reason."""
+        with self._lock:
+            return dict(self._dropped)
+
+
 class RuntimeMetrics:
     """Every metric of one runtime, in its own registry.
 
@@ -281,6 +323,7 @@ class RuntimeMetrics:
         self._now = now
         self._started_at = now()
         self._endpoints: dict[tuple[str, str, str], EndpointMetrics] = {}
+        self._servers: dict[str, ServerMetrics] = {}
         self._lock = threading.Lock()
         self.registry.register(_Collector(self))
 
@@ -305,6 +348,16 @@ class RuntimeMetrics:
         with self._lock:
             return list(self._endpoints.values())
 
+    def add_server(self, plane: str, metrics: ServerMetrics) -> None:
+        """Export a request-plane server's counters with the label ``plane``."""
+        with self._lock:
+            self._servers[plane] = metrics
+
+    def servers(self) -> list[tuple[str, ServerMetrics]]:
+        """Every server's counters exported so far, with its plane."""
+        with self._lock:
+            return list(self._servers.items())
+
     def render(self) -> bytes:
         """Every series in the Prometheus text format (see :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
@@ -319,6 +372,8 @@ class _Families(NamedTuple):
     response_bytes: CounterMetricFamily
     cancellations: CounterMetricFamily
     uptime: GaugeMetricFamily
+    refused: CounterMetricFamily
+    dropped: CounterMetricFamily
 
 
 class _Collector(Collector):
@@ -357,6 +412,18 @@ class _Collector(Collector):
         uptime = GaugeMetricFamily(
             "troupe_uptime_seconds", "Seconds since the runtime started.", labels=()
         )
+        refused = CounterMetricFamily(
+            "troupe_worker_requests_refused",
+            "Requests a worker's request-plane server answered with an error before any handler "
+            "ran, by reason.",
+            labels=("plane", "reason"),
+        )
+        dropped = CounterMetricFamily(
+            "troupe_worker_replies_dropped",
+            "Replies a worker dropped, or requests it stopped, rather than hold them for a "
+            "caller that does not read, by reason.",
+            labels=("plane", "reason"),
+        )
         return _Families(
             requests,
             inflight,
@@ -366,6 +433,8 @@ class _Collector(Collector):
             response_bytes,
             cancellations,
             uptime,
+            refused,
+            dropped,
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -382,6 +451,8 @@ class _Collector(Collector):
             response_bytes,
             cancellations,
             uptime,
+            refused,
+            dropped,
         ) = families = self._families()
         for ep in self._metrics.endpoints():
             labels = list(ep.labels)
@@ -400,4 +471,9 @@ class _Collector(Collector):
             for kind, count in v.errors:
                 errors.add_metric([*labels, kind], count)
         uptime.add_metric([], self._metrics.uptime_seconds())
+        for plane, server in self._metrics.servers():
+            for reason, count in sorted(server.refused().items()):
+                refused.add_metric([plane, reason], count)
+            for reason, count in sorted(server.dropped().items()):
+                dropped.add_metric([plane, reason], count)
         yield from families

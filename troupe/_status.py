@@ -11,7 +11,9 @@ Routes (paths from :class:`~troupe.config.SystemConfig`):
 
 - ``health_path`` (``DYN_SYSTEM_HEALTH_PATH``, default ``/health``): readiness. 200 with
   ``{"status": "ready", "endpoints": {name: "ready"}, "uptime": seconds}`` when the
-  :class:`HealthReport` is ready, else 503 with ``"status": "notready"``.
+  :class:`HealthReport` is ready, else 503 with ``"status": "notready"``. A process that
+  supervises worker processes adds ``"workers": {name: {"worker-0": {...}}}``: each one's
+  state, pid, address and own status URL.
 - ``live_path`` (``DYN_SYSTEM_LIVE_PATH``, default ``/live``): liveness. 200 ``{"status": "live"}``
   whenever the I/O loop answers.
 - ``/metrics``: :meth:`RuntimeMetrics.render` in the Prometheus text format.
@@ -69,17 +71,28 @@ class HealthReport:
         ready: whether the process should receive traffic (200 vs 503).
         endpoints: endpoint name (``ns.component.endpoint``) to worker state (``starting``,
             ``serving``, ``draining``, ``stopped``); shown as ``ready`` (``serving``) or
-            ``notready`` (any other state). Read-only.
+            ``notready`` (any other state). Read-only. An endpoint served by worker
+            processes (``spawn_workers``) is ``serving`` only while every one of them serves.
+        workers: endpoint name to worker process id (``worker-0``) to a JSON-ready row
+            describing it, for endpoints served by worker processes; shown as is. Read-only.
     """
 
     ready: bool
     endpoints: Mapping[str, str] = field(default_factory=dict)
+    workers: Mapping[str, Mapping[str, Mapping[str, object]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "endpoints", types.MappingProxyType(dict(self.endpoints)))
+        object.__setattr__(self, "workers", types.MappingProxyType(dict(self.workers)))
 
     @classmethod
-    def from_states(cls, states: Mapping[str, str], *, running: bool = True) -> HealthReport:
+    def from_states(
+        cls,
+        states: Mapping[str, str],
+        *,
+        running: bool = True,
+        workers: Mapping[str, Mapping[str, Mapping[str, object]]] | None = None,
+    ) -> HealthReport:
         """The readiness rule: ready when the runtime is running and every endpoint serves.
 
         A runtime with no endpoints at all is ready as soon as it runs (a client-only process
@@ -87,11 +100,11 @@ class HealthReport:
         SIGTERM, makes the whole process not ready, so load balancers stop sending to it.
         """
         ready = running and all(state == SERVING for state in states.values())
-        return cls(ready=ready, endpoints=states)
+        return cls(ready=ready, endpoints=states, workers=workers or {})
 
     def to_json(self, uptime: float) -> dict[str, object]:
         """The health body."""
-        return {
+        body: dict[str, object] = {
             "status": "ready" if self.ready else "notready",
             "endpoints": {
                 name: "ready" if state == SERVING else "notready"
@@ -99,6 +112,9 @@ class HealthReport:
             },
             "uptime": uptime,
         }
+        if self.workers:
+            body["workers"] = {name: dict(rows) for name, rows in sorted(self.workers.items())}
+        return body
 
 
 HealthSource = Callable[[], HealthReport | Awaitable[HealthReport]]

@@ -921,7 +921,16 @@ SETTINGS: tuple[Setting, ...] = (
         "worker",
         "max_inflight",
         _Int(0, None, "an integer >= 0 (0 = unlimited)"),
-        "requests a worker runs at once before answering overloaded; 0 = unlimited",
+        "requests a worker process holds at once, over all its endpoints, before answering "
+        "overloaded (also each endpoint's default limit); 0 = unlimited",
+    ),
+    Setting(
+        "DYN_WORKER_MAX_INFLIGHT_PER_CALLER",
+        "worker",
+        "max_inflight_per_caller",
+        _Int(0, None, "an integer >= 0 (0 = no per-caller limit)"),
+        "requests one caller (connection, or NATS inbox) may have in a worker process at "
+        "once before answering overloaded; 0 = no per-caller limit",
     ),
 )
 """Every environment variable troupe reads, in display order."""
@@ -1162,7 +1171,11 @@ class WorkerConfig:
     """Worker lifecycle and admission."""
 
     graceful_shutdown_timeout: float = 5.0
-    max_inflight: int = 0
+    # Admission (see docs/configuration.md): 1024 is far above what one process serves usefully at
+    # once, and bounds what a flood of requests can make it hold; a caller gets half of it at most,
+    # which is also what a troupe tcp caller carries on one connection before it opens another.
+    max_inflight: int = 1024
+    max_inflight_per_caller: int = 512
 
     def __post_init__(self) -> None:
         _validate(self, "worker")

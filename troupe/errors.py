@@ -35,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RequestTimeout",
+    "StartFailed",
     "StreamBroken",
     "StreamNotResumable",
     "SupervisorEscalation",
@@ -142,6 +143,27 @@ class SupervisorEscalation(ActorError):
         super().__init__(
             f"supervisor {supervisor} exceeded {restarts} restarts in {window:g} s; escalating"
         )
+
+
+class StartFailed(ActorError):
+    """An actor (a worker process) failed before it finished starting.
+
+    The cause is usually in the configuration or the environment (a port in use, the discovery
+    store unreachable, a handler that cannot be imported), so starting it again would fail the
+    same way: a supervisor does not restart a child whose first start fails; it stops its other
+    children and stops with this error.
+
+    Attributes:
+        actor: the actor's name.
+        detail: what went wrong, in one line (a worker process's own error message).
+        code: the process's exit status, when it exited (negative: killed by that signal).
+    """
+
+    def __init__(self, actor: str, detail: str, *, code: int | None = None) -> None:
+        self.actor = actor
+        self.detail = detail
+        self.code = code
+        super().__init__(f"{actor} failed to start: {detail}")
 
 
 # --- discovery ---------------------------------------------------------------------------------

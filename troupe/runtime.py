@@ -10,26 +10,23 @@ every thread joined.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import sys
 import threading
 import types
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from troupe._clock import Clock, SystemClock
 from troupe._endpoint import Endpoint, Namespace, parse_endpoint
+from troupe._fleet import WorkerFleet
 from troupe._handlers import handler_spec
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
 from troupe._metrics import RuntimeMetrics
 from troupe._status import HealthReport, StatusServer
-from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, ChildSpec, Intensity, Supervisor
+from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, Intensity
 from troupe.actors._lease import LeaseActor, Register, Unregister
-from troupe.actors._process import ProcessActor
 from troupe.actors._router import Resume, Router, spawn_router
 from troupe.actors._worker import Health, WorkerActor
 from troupe.config import Config
@@ -41,7 +38,7 @@ from troupe.discovery import (
     new_instance_id,
     open_store,
 )
-from troupe.errors import ConfigError, TroupeError
+from troupe.errors import TroupeError
 from troupe.transports import NetworkManager, Server, is_resumable
 
 __all__ = ["Runtime"]
@@ -82,6 +79,8 @@ class Runtime:
         self._server: Server | None = None
         self._routers: list[Router] = []
         self._workers: dict[str, ActorRef[Health]] = {}
+        self._fleets: list[WorkerFleet] = []
+        self._failure: BaseException | None = None  # a fleet that gave up (spawn_workers)
         self.status: StatusServer | None = None
         """The system status server, when ``DYN_SYSTEM_PORT`` >= 0."""
         self._owns_clock = clock is None
@@ -199,15 +198,25 @@ class Runtime:
         """Block until SIGINT/SIGTERM, :meth:`request_shutdown` or :meth:`close`.
 
         Returns ``True`` if shutdown was requested, ``False`` on timeout.
+
+        Raises:
+            SupervisorEscalation: the supervisor of :meth:`spawn_workers` gave up.
         """
         self._waiting = True
         try:
-            return self._shutdown.wait(timeout)
+            requested = self._shutdown.wait(timeout)
         finally:
             self._waiting = False
+        if self._failure is not None:
+            raise self._failure
+        return requested
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        _log.info("signal received, shutting down", signal=signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self._shutdown.is_set():  # unwinding again would cut close() short, threads left
+            _log.info("signal received, already shutting down", signal=name)
+            return
+        _log.info("signal received, shutting down", signal=name)
         self._shutdown.set()
         if not self._waiting:
             # Nobody waits on the event: unwind the main thread so the ``with`` block exits.
@@ -291,6 +300,9 @@ class Runtime:
         self._require_running()
         if self._server is None:
             server = self.network.create_server()
+            worker = self.config.worker
+            server.limit(worker.max_inflight, worker.max_inflight_per_caller)
+            self.metrics.add_server(self.network.plane, server.metrics)
 
             async def start() -> None:
                 await server.start()
@@ -370,7 +382,12 @@ class Runtime:
                 states[path] = (await ref.ask_async(Health(), timeout=1.0))[0]
             except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
                 states[path] = "stopped"
-        return HealthReport.from_states(states, running=self._state == "running")
+        workers: dict[str, dict[str, dict[str, object]]] = {}
+        for fleet in list(self._fleets):  # worker processes: serving while all of them serve
+            if states.get(path := fleet.endpoint.path, "serving") == "serving":
+                states[path] = fleet.state()
+            workers.setdefault(path, {}).update(fleet.describe())
+        return HealthReport.from_states(states, running=self._state == "running", workers=workers)
 
     def router(
         self,
@@ -421,45 +438,55 @@ class Runtime:
         intensity: Intensity | None = None,
         backoff: Backoff | None = None,
         log_dir: str | os.PathLike[str] | None = None,
+        ready_timeout: float | None = 60.0,
     ) -> ActorRef[Any]:
-        """Start ``processes`` worker processes serving ``handler``, under a supervisor.
+        """Start ``processes`` worker processes serving ``handler`` under a supervisor; return
+        its ref (ask it ``WhichChildren()``) once every one of them serves.
 
-        Each process runs ``troupe worker`` with this runtime's configuration and its own
-        runtime. A process that crashes is restarted (``one_for_one``, with ``intensity`` and
-        ``backoff``); all of them stop (SIGTERM: unregister, drain) with this runtime. The
-        handler must be importable by a fresh interpreter: a module-level function, or a
-        ``"module:function"`` / ``"path/to/file.py:function"`` string.
+        Each process runs ``troupe worker`` with this runtime's configuration; the handler must be
+        importable by a fresh interpreter (a module-level function, or a ``"module:function"`` /
+        ``"path/to/file.py:function"`` string). With a fixed ``DYN_TCP_RPC_PORT`` or
+        ``DYN_HTTP_RPC_PORT`` (8888 by default), worker ``i`` serves on port + ``i``; with
+        ``DYN_SYSTEM_PORT``, this process's ``/health`` is ready only while every worker serves.
+        A worker that crashes after it served is restarted (``one_for_one``, ``intensity``,
+        ``backoff``); if the supervisor gives up, every worker is stopped and
+        :meth:`wait_for_shutdown` raises :class:`~troupe.errors.SupervisorEscalation`. All stop
+        with this runtime (SIGTERM: unregister, drain). With ``log_dir``, worker ``n`` writes to
+        ``log_dir/worker-n.log`` (appended). See docs/actors.md, "Worker processes".
 
-        With ``log_dir``, worker ``n`` writes its stdout and stderr to ``log_dir/worker-n.log``
-        (appended across restarts) instead of this process's streams.
-
-        Returns the supervisor's ref (ask it ``WhichChildren()`` for the processes).
+        Raises:
+            ConfigError: ``processes`` < 1, or the ports would pass 65535 (nothing started).
+            StartFailed: a worker failed before it served (a port in use, the store unreachable;
+                ``detail`` is its own error), or not all served within ``ready_timeout`` seconds
+                (None: no limit). It is not restarted, and no worker is left running.
         """
         self._require_running()
         ep = parse_endpoint(endpoint)
-        if processes < 1:
-            raise ConfigError("processes", processes, "an integer >= 1")
-        argv = [sys.executable, "-m", "troupe", "worker", ep.path, handler_spec(handler)]
+        command = ["worker", ep.path, handler_spec(handler)]
         if max_inflight is not None:
-            argv += ["--max-inflight", str(max_inflight)]
+            command += ["--max-inflight", str(max_inflight)]
         if model is not None:
-            argv += ["--model", model]
-        env = self.config.child_environment()
-        logs = [
-            None if log_dir is None else Path(log_dir, f"worker-{n}.log") for n in range(processes)
-        ]
-        children = [
-            ChildSpec(f"worker-{n}", functools.partial(ProcessActor, argv, env, log=logs[n]))
-            for n in range(processes)
-        ]
-        return self.system.spawn(
-            lambda: Supervisor(
-                children,
-                intensity=intensity or Intensity(max_restarts=5, within=30.0),
-                backoff=backoff or Backoff(min=0.2, max=5.0, jitter=0.2),
-            ),
-            name=f"workers-{ep.path}",
-        )
+            command += ["--model", model]
+        fleet = WorkerFleet(self.config, ep, command, processes, log_dir=log_dir)
+        supervisor = fleet.start(self.system, intensity=intensity, backoff=backoff)
+        self._fleets.append(fleet)
+        try:
+            fleet.wait_ready(ready_timeout)
+        except BaseException:  # a start failure, a timeout, or a signal unwinding the caller
+            fleet.stop()
+            self._fleets.remove(fleet)
+            raise
+        fleet.on_failure(self._fleet_failed)
+        return supervisor
+
+    def _fleet_failed(self, error: BaseException) -> None:
+        """A fleet's supervisor gave up: wake :meth:`wait_for_shutdown`, which raises it."""
+        with self._lock:
+            if self._state != "running" or self._failure is not None:
+                return
+            self._failure = error
+        _log.debug("worker processes gave up", error=str(error))  # the supervisor logged it
+        self._shutdown.set()
 
     # --- actors --------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from troupe.actors import (
     TerminateChild,
     WhichChildren,
 )
-from troupe.errors import ActorDead, ConfigError, SupervisorEscalation
+from troupe.errors import ActorDead, ConfigError, StartFailed, SupervisorEscalation
 from troupe.testing._wait import eventually
 
 
@@ -69,6 +69,19 @@ class Child(Actor[ChildMsg]):
             case Quit():
                 self.stop_self()
         return None
+
+
+class Flaky(Child):
+    """A child whose n-th start fails with StartFailed when ``plan[n]`` is True."""
+
+    def __init__(self, log: list[tuple[str, str]], label: str, plan: list[bool]) -> None:
+        super().__init__(log, label)
+        self.plan = plan
+
+    def started(self) -> None:
+        super().started()
+        if self.plan and self.plan.pop(0):
+            raise StartFailed(self.label, "port 1 in use")
 
 
 def spec(log: list[tuple[str, str]], label: str, restart: Any = "permanent") -> ChildSpec:
@@ -202,6 +215,7 @@ def test_intensity_exceeded_stops_children_in_reverse_and_escalates(
     assert died.wait(5)
     assert downs[0].reason == "error"
     assert isinstance(downs[0].error, SupervisorEscalation)
+    assert str(downs[0].error.__cause__) == "b crashed"  # the crash that was one too many
     assert [label for kind, label in log if kind == "stop"] == ["b", "c", "a"]
     assert all(not r.is_alive() for r in current.values())
     with pytest.raises(ActorDead):
@@ -282,6 +296,74 @@ def test_dynamic_children(system: ActorSystem) -> None:
     with pytest.raises(ConfigError):  # a duplicate id is refused; the supervisor carries on
         sup.ask(StartChild(spec(log, "b")))
     assert [c.id for c in children(sup)] == ["b"]
+
+
+def test_a_child_whose_first_start_fails_is_not_restarted_the_supervisor_gives_up(
+    system: ActorSystem,
+) -> None:
+    log: list[tuple[str, str]] = []
+    downs: list[Down] = []
+    died = threading.Event()
+    flaky = ChildSpec("b", functools.partial(Flaky, log, "b", [True]))
+    sup = start(
+        system,
+        [spec(log, "a"), flaky, spec(log, "c")],
+        intensity=Intensity(max_restarts=10, within=10.0),
+    )
+    system.watch(sup, lambda d: (downs.append(d), died.set()))
+    assert died.wait(5)
+    assert isinstance(downs[0].error, StartFailed)  # the child's own error, not an escalation
+    assert downs[0].error.detail == "port 1 in use"
+    assert log.count(("start", "b")) == 1  # never restarted
+    assert {label for kind, label in log if kind == "stop"} >= {"a", "c"}
+
+
+def test_a_restart_that_fails_to_start_counts_as_a_restart(system: ActorSystem) -> None:
+    log: list[tuple[str, str]] = []
+    flaky = ChildSpec("b", functools.partial(Flaky, log, "b", [False, True, False]))
+    sup = start(system, [spec(log, "a"), flaky], intensity=Intensity(5, 10.0))
+    first = eventually(lambda: all_running(sup))
+    first["b"].tell(Crash())  # restart 1 fails to start; restart 2 serves
+    eventually(lambda: (r := all_running(sup)) and children(sup)[1].restarts == 2 and r)
+    assert sup.is_alive()
+    assert log.count(("start", "b")) == 3
+
+
+def test_a_dynamic_child_that_fails_to_start_is_forgotten(system: ActorSystem) -> None:
+    log: list[tuple[str, str]] = []
+    sup = start(system, [spec(log, "a")])
+    before = eventually(lambda: all_running(sup))
+    sup.ask(StartChild(ChildSpec("d", functools.partial(Flaky, log, "d", [True]))))
+    eventually(lambda: [c.id for c in children(sup)] == ["a"])
+    assert sup.is_alive()
+    assert all_running(sup) == before
+    assert log.count(("start", "d")) == 1
+
+
+class Meets(Actor[Ping]):
+    """Its stop waits for every sibling's stop to begin: only stops made together finish."""
+
+    def __init__(self, barrier: threading.Barrier, met: list[bool]) -> None:
+        super().__init__()
+        self.barrier = barrier
+        self.met = met
+
+    def stopped(self, reason: Any, error: BaseException | None) -> None:
+        try:
+            self.barrier.wait(timeout=5)
+            self.met.append(True)
+        except threading.BrokenBarrierError:
+            self.met.append(False)
+
+
+def test_stop_together_stops_children_at_once(system: ActorSystem) -> None:
+    barrier = threading.Barrier(3)
+    met: list[bool] = []
+    specs = [ChildSpec(f"m{n}", functools.partial(Meets, barrier, met)) for n in range(3)]
+    sup = start(system, specs, stop_together=True)
+    eventually(lambda: all_running(sup))
+    assert sup.stop(timeout=10)
+    assert met == [True, True, True]
 
 
 def test_invalid_settings_are_config_errors() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from troupe import Config, Runtime
 from troupe._payload import decode_payload, encode_payload
 from troupe.actors._worker import Health
-from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig
+from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig, WorkerConfig
 from troupe.discovery import MemoryKvServer, decode_record
 from troupe.errors import ConfigError, Overloaded
 from troupe.testing._wait import eventually
@@ -136,6 +137,44 @@ def test_admission_limit_refuses_at_once(rt: Runtime) -> None:
     rest, refused = rt.io.run(scenario(), timeout=10)
     assert rest == ["done"]
     assert refused is Overloaded
+
+
+def test_the_process_wide_limit_covers_every_endpoint_and_is_counted() -> None:
+    config = dataclasses.replace(
+        CONFIG, worker=WorkerConfig(max_inflight=1, max_inflight_per_caller=0)
+    )
+    release = asyncio.Event()
+
+    async def hold(request: Any, ctx: RequestContext) -> AsyncIterator[str]:
+        yield "started"
+        await release.wait()
+        yield "done"
+
+    with Runtime(config, handle_signals=False, memory_server=MemoryKvServer()) as rt:
+        rt.serve("demo.backend.first", hold)
+        rt.serve("demo.backend.second", hold)
+        address = rt.server().address
+
+        async def scenario() -> list[Any]:
+            client = rt.network.client_for(address)
+            first = await client.request(address, "demo.backend.first", encode_payload(None))
+            assert decode_payload(await anext(first)) == "started"
+            # The second endpoint runs nothing, but the process holds its one request.
+            second = await client.request(address, "demo.backend.second", encode_payload(None))
+            with pytest.raises(Overloaded):
+                await second.collect()
+            release.set()
+            return [decode_payload(c) async for c in first]
+
+        assert rt.io.run(scenario(), timeout=10) == ["done"]
+        assert (
+            'troupe_worker_requests_refused_total{plane="tcp",reason="max_inflight"} 1.0'
+            in rt.metrics.render().decode()
+        )
+
+
+def test_a_worker_bounds_what_it_holds_by_default() -> None:
+    assert (WorkerConfig().max_inflight, WorkerConfig().max_inflight_per_caller) == (1024, 512)
 
 
 def test_stop_unregisters_first_then_drains_in_flight(rt: Runtime) -> None:

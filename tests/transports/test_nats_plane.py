@@ -531,3 +531,57 @@ async def test_garbage_on_a_client_inbox_is_ignored(
         await raw.close()
     gate.release.set()
     assert [chunk async for chunk in stream] == [b"second"]
+
+
+# --- callers that read no replies ----------------------------------------------------------------
+
+
+async def test_a_caller_that_reads_no_replies_holds_a_bounded_share(
+    config: NatsConfig, server: NatsRpcServer, client: NatsRpcClient
+) -> None:
+    release = asyncio.Event()
+
+    async def hold(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        await release.wait()
+        yield payload
+
+    server.add_endpoint("hold", hold)
+    runner = server._runner
+    flood = 20_000
+    raw = await nats.connect(config.server)
+    answered: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def publish(rid: int | str, reply: str) -> None:
+        await raw.publish(server.subject, encode(Request(rid, "hold", b"x")), reply=reply)
+
+    async def sentinel(inbox: str) -> Error:
+        # The worker handles its subscription in order: once the sentinel is answered (refused:
+        # its inbox is at its limit), every request published before it has been dealt with.
+        await raw.subscribe(f"{inbox}.sentinel", cb=answered.put)
+        await publish("sentinel", f"{inbox}.sentinel")
+        frame = decode((await asyncio.wait_for(answered.get(), 30)).data)
+        assert isinstance(frame, Error)
+        return frame
+
+    try:
+        # One caller (one inbox, which nobody reads) floods a slow endpoint: it gets its share.
+        for i in range(flood):
+            await publish(i, f"_INBOX.silent.{i}")
+        refusal = await sentinel("_INBOX.silent")
+        assert refusal.kind == "Overloaded"
+        assert server.inflight == runner.max_inflight_per_caller == 512
+        refused = server.metrics.refused()
+        assert refused == {"max_inflight_per_caller": flood - 512 + 1}
+        # Others are served meanwhile.
+        assert await (await client.request(server.address, "echo", b"hi")).collect() == [b"hi"]
+        # A caller changing its inbox for every request meets the worker's total limit.
+        for i in range(2_000):
+            await publish(i, f"_INBOX.rotating{i}.{i}")
+        await sentinel("_INBOX.silent")  # refused too: the worker is full
+        assert server.inflight == runner.max_inflight == 1024
+        assert server.metrics.refused()["max_inflight"] == 2_000 - 512 + 1
+    finally:
+        release.set()
+        await raw.close()
+    await eventually_async(lambda: server.inflight == 0, what="held requests finished")
+    assert runner.callers == 0

@@ -7,12 +7,19 @@ its children in reverse start order and crashes with
 :class:`~troupe.errors.SupervisorEscalation`, so that *its* supervisor can act. Supervisors nest
 into trees by being each other's children.
 
+A child whose *first* start fails with :class:`~troupe.errors.StartFailed` is not restarted: the
+cause is in the configuration or the environment, and would fail every restart the same way. For
+a child given at construction the supervisor stops its other children and crashes with that
+error (as OTP's ``start_link`` fails when a child's ``init`` does); a child added later with
+:class:`StartChild` is only forgotten. A restart that fails to start counts as one more restart.
+
 Time (the intensity window, backoff delays) comes from the actor system's injected clock.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +29,7 @@ import msgspec
 from troupe._clock import TimerHandle
 from troupe._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef
-from troupe.errors import ConfigError, SupervisorEscalation
+from troupe.errors import ActorError, ConfigError, StartFailed, SupervisorEscalation
 
 __all__ = [
     "Backoff",
@@ -148,6 +155,7 @@ class _Child:
     monitor: MonitorRef | None = None
     restarts: int = 0
     recent: list[float] = field(default_factory=list)
+    added: bool = False  # by StartChild, after the supervisor started
 
 
 class Supervisor(Actor[SupervisorMessage]):
@@ -159,6 +167,9 @@ class Supervisor(Actor[SupervisorMessage]):
         intensity: restart limit; when exceeded the supervisor escalates.
         backoff: delay before restarts.
         rng: random source for jitter (inject a seeded one for deterministic tests).
+        stop_together: stop children all at once instead of one after the other in reverse
+            start order, for independent children whose stops take time (worker processes
+            draining); each still gets its ``shutdown_timeout``.
     """
 
     def __init__(
@@ -169,6 +180,7 @@ class Supervisor(Actor[SupervisorMessage]):
         intensity: Intensity | None = None,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        stop_together: bool = False,
     ) -> None:
         super().__init__()
         if strategy not in _STRATEGIES:
@@ -180,6 +192,7 @@ class Supervisor(Actor[SupervisorMessage]):
         self._intensity = intensity or Intensity()
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
+        self._stop_together = stop_together
         self._children = [_Child(spec) for spec in children]
         self._restart_log: list[float] = []
         self._generation = 0
@@ -210,7 +223,7 @@ class Supervisor(Actor[SupervisorMessage]):
                     # A bad request is the asker's problem, not a reason for us to crash.
                     self.defer().fail(ConfigError("child id", spec.id, "an id not already in use"))
                     return None
-                child = _Child(spec)
+                child = _Child(spec, added=True)
                 self._children.append(child)
                 self._start(child)
                 return child.ref
@@ -238,6 +251,18 @@ class Supervisor(Actor[SupervisorMessage]):
     # --- the decision --------------------------------------------------------------------------
 
     def _child_exited(self, child: _Child, reason: ExitReason, error: BaseException | None) -> None:
+        if isinstance(error, StartFailed) and child.restarts == 0:
+            if child.added:
+                _log.warning(
+                    "child failed to start, forgotten",
+                    supervisor=self.name,
+                    child=child.spec.id,
+                    error=str(error),
+                )
+                self._children.remove(child)
+            else:
+                self._give_up(child, error)
+            return
         restart = child.spec.restart
         if restart == "temporary" or (restart == "transient" and reason == "normal"):
             _log.info(
@@ -261,7 +286,8 @@ class Supervisor(Actor[SupervisorMessage]):
         self._restart_log = [t for t in self._restart_log if now - t < self._intensity.within]
         self._restart_log.append(now)
         if len(self._restart_log) > self._intensity.max_restarts:
-            self._escalate()
+            self._escalate(error)
+            return
         child.recent = [t for t in child.recent if now - t < self._intensity.within]
         child.recent.append(now)
 
@@ -286,15 +312,36 @@ class Supervisor(Actor[SupervisorMessage]):
         else:
             self._restart_waiting()
 
-    def _escalate(self) -> None:
+    def _escalate(self, last: BaseException | None) -> None:
         _log.error(
             "restart intensity exceeded, escalating",
             supervisor=self.name,
             max_restarts=self._intensity.max_restarts,
             within=self._intensity.within,
+            last=str(last) if last is not None else None,
         )
         self._stop_children(self._children)
-        raise SupervisorEscalation(self.name, self._intensity.max_restarts, self._intensity.within)
+        escalation = SupervisorEscalation(
+            self.name, self._intensity.max_restarts, self._intensity.within
+        )
+        escalation.__cause__ = last  # the child's error that was one restart too many
+        self._crash_quietly(escalation)
+
+    def _give_up(self, child: _Child, error: StartFailed) -> None:
+        """A child's first start failed: stop the others and stop with its error."""
+        _log.debug("child failed to start, stopping", supervisor=self.name, child=child.spec.id)
+        self._stop_children(self._children)
+        self._crash_quietly(error)
+
+    def _crash_quietly(self, error: ActorError) -> None:
+        """Crash with ``error`` as the exit reason, without the generic crash log's traceback:
+        the failure is expected, described by ``error`` and logged above."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting = []
+        self._exit = ("error", error)
+        self._stop()
 
     def _restart_waiting(self) -> None:
         self._timer = None
@@ -314,17 +361,32 @@ class Supervisor(Actor[SupervisorMessage]):
         child.monitor = self.monitor(ref)
 
     def _stop_children(self, children: Sequence[_Child]) -> None:
-        """Stop the given children in reverse start order, without triggering restarts."""
+        """Stop the given children in reverse start order (or all at once, with
+        ``stop_together``), without triggering restarts."""
+        stopping: list[tuple[_Child, ActorRef[Any]]] = []
         for child in reversed(children):
             ref, mon = child.ref, child.monitor
             child.ref = None
             child.monitor = None
             if mon is not None:
                 self.demonitor(mon)
-            if ref is not None and not ref.stop(timeout=child.spec.shutdown_timeout):
-                _log.error(
-                    "child did not stop in time",
-                    supervisor=self.name,
-                    child=child.spec.id,
-                    timeout=child.spec.shutdown_timeout,
-                )
+            if ref is None:
+                continue
+            if self._stop_together:
+                ref.stop(timeout=0)  # asks it to stop; joined below
+                stopping.append((child, ref))
+            elif not ref.stop(timeout=child.spec.shutdown_timeout):
+                self._late(child)
+        started = time.monotonic()  # real time: these are thread joins, not restart policy
+        for child, ref in stopping:
+            left = child.spec.shutdown_timeout - (time.monotonic() - started)
+            if not ref.join(max(0.0, left)):
+                self._late(child)
+
+    def _late(self, child: _Child) -> None:
+        _log.error(
+            "child did not stop in time",
+            supervisor=self.name,
+            child=child.spec.id,
+            timeout=child.spec.shutdown_timeout,
+        )

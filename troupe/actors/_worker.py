@@ -10,6 +10,10 @@ the next. The lifecycle is a small state machine::
 Registration happens only once the server listens (the advertised address is the real one). On
 stop the instance is unregistered from discovery *first*, so routers stop sending to it; requests
 in flight get up to ``grace`` seconds to finish; new ones are refused with ``Overloaded``.
+
+Admission has two levels: the request-plane server bounds what the whole process holds, in all
+and per caller, before any handler runs (see :mod:`troupe.transports._dispatch`); the actor bounds
+its own endpoint (``max_inflight``) and counts the requests it refuses in the endpoint's metrics.
 """
 
 from __future__ import annotations
@@ -60,7 +64,10 @@ class WorkerActor(Actor[Health]):
         io: the runtime's I/O loop (where requests run).
         register: publishes the instance (called once the endpoint is installed).
         unregister: withdraws it (called first when stopping).
-        max_inflight: admission limit; beyond it callers get ``Overloaded`` at once (0 = none).
+        max_inflight: this endpoint's admission limit; beyond it callers get ``Overloaded`` at
+            once (0 = none). The server's own limits, over all endpoints and per caller
+            (``DYN_WORKER_MAX_INFLIGHT``, ``DYN_WORKER_MAX_INFLIGHT_PER_CALLER``), refuse a
+            request before it gets here.
         grace: seconds in-flight requests get to finish when stopping.
         threads: size of the pool that runs sync handlers.
         metrics: the endpoint's Prometheus series (requests, in-flight, durations, errors, bytes).

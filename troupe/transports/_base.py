@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
+from troupe._metrics import ServerMetrics
 from troupe.config import NatsConfig, RequestPlaneConfig
 from troupe.errors import (
     Cancelled,
@@ -447,6 +448,20 @@ class Server(ABC):
     def inflight(self) -> int:
         """Requests being served right now."""
         return self._runner.inflight
+
+    def limit(self, max_inflight: int, max_inflight_per_caller: int) -> None:
+        """Hold at most ``max_inflight`` requests at once, and ``max_inflight_per_caller`` for one
+        caller (0 = no limit); beyond them new requests get ``Overloaded`` at once.
+
+        Raises:
+            ConfigError: a limit is not an integer >= 0.
+        """
+        self._runner.limit(max_inflight, max_inflight_per_caller)
+
+    @property
+    def metrics(self) -> ServerMetrics:
+        """What this server refused or dropped, by reason (``Runtime`` exports it)."""
+        return self._runner.metrics
 
     @abstractmethod
     async def start(self) -> None:

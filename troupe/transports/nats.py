@@ -333,7 +333,17 @@ class NatsRpcServer(Server):
         kind = type(frame)
         if kind is Request:
             assert isinstance(frame, Request)
-            self._runner.dispatch((reply, frame.id), frame, self._sender(reply, frame.id))
+            rid = frame.id
+            send = self._sender(reply, rid)
+            # The caller is the reply subject's inbox (``<inbox>.<request id>``): one client.
+            dot = reply.rfind(".")
+            refusal = self._runner.start(
+                (reply, rid), frame, send, reply[:dot] if dot > 0 else reply
+            )
+            if refusal is not None:
+                # Published at once: the broker, not this worker, holds it for the caller (and
+                # drops it for one that does not read).
+                await send(refusal)
         elif kind is Cancel:
             self._runner.cancel((reply, frame.id))
         else:

@@ -20,7 +20,10 @@ sending it. A stream its caller drops without closing it is forgotten when it is
 the worker is told to stop (``Cancel``).
 A socket monitor reports handshakes (connect timeout) and disconnects (a dead worker fails its
 open streams with ``StreamBroken`` at once); ZMTP heartbeats catch silent peers. Only the event
-loop thread touches the sockets.
+loop thread touches the sockets. A worker holds a bounded amount for a caller that reads none of
+its replies: its requests wait for room within the admission limits, error replies beyond twice
+``DYN_TCP_CHANNEL_BUFFER`` are dropped, and a request waiting for room is stopped after
+``DYN_TCP_REQUEST_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -197,7 +200,9 @@ class _Pump:
     ``_codec.encode_batch``, within ``batch_bytes``), so a burst of replies or requests costs one
     ZeroMQ send, one receive and one decode call instead of one each. A queue that
     reaches ``_EAGER_FRAMES`` frames is handed over at once, so the peer works on one batch while
-    the next is produced (otherwise the two sides take turns).
+    the next is produced (otherwise the two sides take turns). A destination whose ZeroMQ queue
+    is full (it reads slower than we write, or not at all) is retried on a timer with backoff;
+    the others are written as usual meanwhile, so one stalled peer delays no one else.
 
     The socket is driven through pyzmq's Cython methods with plain int flags: the Python layer
     on top (``send_multipart``, ``recv_multipart``, enum flags) cost more than ZeroMQ itself.
@@ -206,6 +211,7 @@ class _Pump:
     __slots__ = (
         "_backoff",
         "_batch_bytes",
+        "_blocked",
         "_flush_scheduled",
         "_get",
         "_loop",
@@ -264,6 +270,8 @@ class _Pump:
         self._single = single_part
         self._queues: dict[bytes, list[bytes]] = {}
         self._room: dict[bytes, list[asyncio.Future[bool]]] = {}
+        # Destinations whose ZeroMQ queue was full at the last try: the retry timer writes them.
+        self._blocked: set[bytes] = set()
         self._flush_scheduled = False
         self._retry: asyncio.TimerHandle | None = None
         self._backoff = _BACKOFF_MIN
@@ -327,7 +335,8 @@ class _Pump:
         if queue is None:
             queue = self._queues[dest] = []
         queue.append(frame)
-        if self._retry is not None:
+        blocked = self._blocked
+        if blocked and dest in blocked:
             return  # the peer's queue is full; the retry timer flushes
         if now or len(queue) >= _EAGER_FRAMES:
             # Hand a full batch over now, so the peer starts on it while this side produces
@@ -372,22 +381,49 @@ class _Pump:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self._retry = None
         self._write()
 
-    def _write(self) -> None:
-        """Hand every queued frame to ZeroMQ (what it accepts; a full peer queue retries)."""
+    def _retry_blocked(self) -> None:
+        self._retry = None
+        self._write(retry=True)
+
+    def _schedule_retry(self) -> None:
+        if self._retry is None:
+            self._retry = self._loop.call_later(self._backoff, self._retry_blocked)
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+
+    def _recheck(self) -> None:
+        """Look at ``EVENTS`` after a send, which may have consumed the FD's edge (cheaper than
+        a loop iteration spent on a scheduled check that, at one request in flight, finds
+        nothing)."""
+        try:
+            readable = self._get(_EVENTS) & _POLLIN
+        except zmq.ZMQError:
+            readable = True  # let drain() sort it out
+        if readable:
+            self.schedule_check()
+
+    def _write(self, *, retry: bool = False) -> None:
+        """Hand queued frames to ZeroMQ (what it accepts; a full peer queue is retried later).
+
+        Destinations found full at an earlier try are left to the retry timer (``retry``).
+        """
         if self.closed:
             return
         sock = self.sock
         send = self._send
         routed = self._routed
         batch_bytes = self._batch_bytes
-        blocked = False
+        blocked = self._blocked
         unroutable: list[bytes] = []
         queues = self._queues
+        if retry:
+            blocked.intersection_update(queues)  # a dropped queue is blocked no more
         for dest in list(queues):
+            if blocked and not retry and dest in blocked:
+                continue
             frames = queues[dest]
+            full = False
             while frames:
                 data, count = _next_message(frames, batch_bytes)
                 try:
@@ -397,7 +433,7 @@ class _Pump:
                         send(dest, _SEND_MORE)
                     send(data, _NOBLOCK, len(data) < _COPY_THRESHOLD)
                 except zmq.Again:  # the peer's queue is full (SNDHWM): retry later
-                    blocked = True
+                    full = True
                     break
                 except zmq.ZMQError as exc:
                     if sock.closed or exc.errno in (zmq.ENOTSOCK, zmq.ETERM):
@@ -408,24 +444,20 @@ class _Pump:
                     unroutable.append(dest)
                     break
                 del frames[:count]
+            if full:
+                blocked.add(dest)
+            elif blocked:
+                blocked.discard(dest)
             if not frames:
                 del queues[dest]
             if dest in self._room and (not frames or len(frames) < self.limit):
                 self._wake(dest, dest not in unroutable)
         if blocked:
-            self._retry = self._loop.call_later(self._backoff, self._flush)
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+            self._schedule_retry()
         else:
             self._backoff = _BACKOFF_MIN
-        # A send may have consumed the FD's edge: look at EVENTS now (cheaper than a loop
-        # iteration spent on a scheduled check that, at one request in flight, finds nothing).
         if not self.check_scheduled:
-            try:
-                readable = self._get(_EVENTS) & _POLLIN
-            except zmq.ZMQError:
-                readable = True  # let drain() sort it out
-            if readable:
-                self.schedule_check()
+            self._recheck()
         if unroutable and self._on_unroutable is not None:
             for dest in unroutable:
                 self._on_unroutable(dest)
@@ -438,7 +470,7 @@ class _Pump:
         """Hand every queued frame to ZeroMQ now (what it accepts)."""
         if self._retry is not None:
             self._retry.cancel()
-        self._flush()
+        self._retry_blocked()
 
     def close(self, linger: float = 0.0) -> None:
         """Stop watching the socket and close it; queued frames are dropped."""
@@ -449,6 +481,7 @@ class _Pump:
             self._retry.cancel()
             self._retry = None
         self._queues.clear()
+        self._blocked.clear()
         for dest in list(self._room):
             self._wake(dest, False)
         with contextlib.suppress(ValueError, OSError):  # the FD may already be gone
@@ -461,6 +494,10 @@ class _Pump:
 
 class TcpServer(Server):
     """Serves endpoints on a ZeroMQ ROUTER socket.
+
+    A caller is one connection (its ZeroMQ identity): the admission limits count its requests,
+    and its reply queue is bounded (``DYN_TCP_CHANNEL_BUFFER``; see :meth:`_post` and the
+    sender), so a caller that reads nothing costs a bounded amount, and nothing once it is gone.
 
     Args:
         config: host, port, message size limit and queue bound (``DYN_TCP_*``).
@@ -559,7 +596,12 @@ class TcpServer(Server):
                 kind = type(frame)
                 if kind is Request:
                     assert isinstance(frame, Request)
-                    runner.dispatch((identity, frame.id), frame, self._sender(identity, frame.id))
+                    rid = frame.id
+                    refusal = runner.start(
+                        (identity, rid), frame, self._sender(identity, rid), identity
+                    )
+                    if refusal is not None:
+                        self._post(identity, refusal)
                 elif kind is Cancel:
                     assert isinstance(frame, Cancel)
                     runner.cancel((identity, frame.id))
@@ -572,14 +614,28 @@ class TcpServer(Server):
     def _refuse(self, identity: bytes, frame: Undecodable) -> None:
         """Answer an undecodable request with a ``ProtocolError`` when its id can be read (its
         caller fails at once instead of timing out); drop anything else."""
-        pump = self._pump
         if frame.tag != "req" or frame.id is None:
             _log.debug("dropping an undecodable frame from a caller: %s", frame.error)
             return
+        _log.debug("refusing an undecodable request %r: %s", frame.id, frame.error)
+        self._runner.metrics.add_refused("undecodable")
+        self._post(identity, Error(frame.id, "ProtocolError", str(frame.error)))
+
+    def _post(self, identity: bytes, frame: Error) -> None:
+        """Queue a one-off error reply (a refusal) without waiting for room.
+
+        Dropped, and counted, when the caller already has twice ``DYN_TCP_CHANNEL_BUFFER``
+        frames waiting in its queue: it reads nothing (or far too slowly), and refusals must not
+        pile up for it. The frames of requests it has running are bounded by the admission
+        limits: a handler waits for room once the queue holds ``DYN_TCP_CHANNEL_BUFFER``.
+        """
+        pump = self._pump
         if pump is None or pump.closed or identity in self._gone:
             return
-        _log.debug("refusing an undecodable request %r: %s", frame.id, frame.error)
-        pump.put(identity, encode(Error(frame.id, "ProtocolError", str(frame.error))))
+        if pump.backlog(identity) >= 2 * pump.limit:
+            self._runner.metrics.add_dropped("backlog")
+            return
+        pump.put(identity, encode(frame))
 
     def _on_unroutable(self, identity: bytes) -> None:
         """A caller's connection is gone: stop everything it asked for."""
@@ -594,6 +650,8 @@ class TcpServer(Server):
     def _sender(self, identity: bytes, request_id: int | str) -> SendReply:
         limit = self._config.max_message_size
         runner = self._runner
+        # A caller that has read nothing for its request timeout has given up on the request.
+        stall = self._config.request_timeout or None
 
         async def send(frame: Reply) -> bool:
             pump = self._pump
@@ -609,9 +667,16 @@ class TcpServer(Server):
             # concurrent requests are batched until the end of the loop iteration.
             final = type(frame) is not Chunk or frame.end
             pump.put(identity, data, now=final and runner.inflight <= 1)
+            # The caller reads slower than the handler produces: wait for it, the request keeping
+            # its place in the admission limits (what is queued for a caller stays bounded by
+            # them). Not for ever (DYN_TCP_REQUEST_TIMEOUT): a caller that reads nothing must not
+            # hold its requests as long as it stays connected.
             if pump.backlog(identity) >= pump.limit:
-                # The caller reads slower than the handler produces: wait for it.
-                ok = await pump.room(identity, None) and ok
+                try:
+                    ok = await pump.room(identity, stall) and ok
+                except TimeoutError:
+                    runner.metrics.add_dropped("stalled")
+                    return False
             return ok
 
         return send
@@ -680,6 +745,7 @@ class _Connection:
         self.streams: dict[int, _StreamRef] = {}
         self.on_collected = self._on_collected
         self.state = "connecting"
+        self.waiting = 0  # requests waiting for the handshake: they count as this one's load
         self._cancelled: dict[int, None] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.ready.add_done_callback(_consume_exception)
@@ -959,11 +1025,13 @@ class TcpClient(Client):
         if pool is None:
             pool = self._pools[address] = []
         best: _Connection | None = None
+        load = 0
         for conn in pool:
-            if best is None or len(conn.streams) < len(best.streams):
-                best = conn
+            conn_load = len(conn.streams) + conn.waiting
+            if best is None or conn_load < load:
+                best, load = conn, conn_load
         if best is not None and (
-            len(best.streams) < _STREAMS_PER_CONNECTION or len(pool) >= self.config.pool_size
+            load < _STREAMS_PER_CONNECTION or len(pool) >= self.config.pool_size
         ):
             return best
         if self._ctx is None:
@@ -1023,7 +1091,13 @@ class TcpClient(Client):
             )
         conn = self._connection(address, host)
         if conn.state == "connecting":
-            await asyncio.shield(conn.ready)
+            # A burst from a fresh client spreads over the pool as it would once connected
+            # (a worker admits a bounded number of requests per connection).
+            conn.waiting += 1
+            try:
+                await asyncio.shield(conn.ready)
+            finally:
+                conn.waiting -= 1
         sweep = self._sweep
         if sweep is None:
             sweep = self._sweep = TimeoutSweep(asyncio.get_running_loop())
