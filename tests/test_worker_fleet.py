@@ -245,8 +245,10 @@ def test_unreachable_etcd_fails_in_one_line_within_seconds(env: dict[str, str]) 
         check=False,
     )
     elapsed = time.monotonic() - started
-    assert result.returncode == 1
-    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    [line] = lines
     assert line.startswith("troupe: error: "), line
     assert "failed to start" in line
     assert "etcd discovery store unreachable at http://127.0.0.1:1" in line

@@ -198,8 +198,11 @@ class _SignalPolicy:
             _log.info("signal received, draining", signal=signal.Signals(signum).name)
             self._stop()
         elif not self._exiting:
+            # Still starting: it holds nothing worth a clean-up (no request, nothing reported;
+            # a lease it may hold expires), and unwinding could wait on a connect in progress
+            # (an unreachable store) past the parent's patience. Leave now.
             self._exiting = True
-            raise SystemExit(128 + signum)
+            os._exit(128 + signum)
 
 
 def add_call_arguments(parser: argparse.ArgumentParser) -> None:

@@ -77,6 +77,10 @@ def describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
+_STARTING_STOP_TIMEOUT = 2.0
+"""Seconds between SIGTERM and SIGKILL for a worker that has not reported serving yet."""
+
+
 class ProcessExited(ActorError):
     """A supervised process exited on its own with a non-zero status (after it served)."""
 
@@ -203,10 +207,19 @@ class ProcessActor(Actor[ProcessMessage]):
         proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
+            # A worker that never served has nothing to drain: it gets a moment, not the grace.
+            starting = self._readiness and self._state == "starting"
             try:
-                proc.wait(self._stop_timeout)
+                proc.wait(
+                    min(_STARTING_STOP_TIMEOUT, self._stop_timeout)
+                    if starting
+                    else self._stop_timeout
+                )
             except subprocess.TimeoutExpired:
-                _log.warning("process ignored SIGTERM; killing it", pid=proc.pid)
+                if starting:
+                    _log.debug("starting process still running; killing it", pid=proc.pid)
+                else:
+                    _log.warning("process ignored SIGTERM; killing it", pid=proc.pid)
                 self._kill(proc)
                 proc.wait()
         if self._watcher is not None:
