@@ -3,8 +3,9 @@
 Requests are decoded with msgspec straight into typed structs; a type error becomes an
 :class:`~troupe.errors.InvalidRequest` whose ``param`` names the offending field the way OpenAI
 does (``messages[0].content``). Unknown fields are ignored, as the OpenAI API does for fields it
-does not use. Responses are plain dicts encoded with msgspec (no intermediate objects on the
-streaming hot path).
+does not use. JSON nested too deeply to decode is an ``InvalidRequest`` too, and ``ext`` (the one
+free-form field) may nest at most :data:`MAX_EXT_DEPTH` deep. Responses are plain dicts encoded
+with msgspec (no intermediate objects on the streaming hot path).
 
 The engine protocol (frontend → worker) is built here too: :func:`engine_request`. See
 ``docs/frontend.md``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -22,6 +24,7 @@ import msgspec
 from troupe.errors import InvalidRequest
 
 __all__ = [
+    "MAX_EXT_DEPTH",
     "MAX_TOKENS_LIMIT",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -51,6 +54,8 @@ _DEFAULT_COMPLETION_MAX_TOKENS: Final = 16  # OpenAI's default for /v1/completio
 MAX_TOKENS_LIMIT: Final = 2**31 - 1
 """The largest ``max_tokens`` accepted (every integer sent to the engine must fit msgpack)."""
 _SEED_RANGE: Final = range(-(2**63), 2**63)
+MAX_EXT_DEPTH: Final = 32
+"""How deeply ``ext`` may nest objects and arrays (``{"a": {"b": 1}}`` is 2 deep)."""
 # msgspec: "Expected `str`, got `int` - at `$.messages[0].content`"
 _AT_PATH: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 # msgspec: "Object missing required field `messages`" (possibly followed by " - at `$...`")
@@ -132,6 +137,29 @@ def _decode(body: bytes, kind: type[msgspec.Struct]) -> Any:
         raise InvalidRequest(_AT_PATH.sub("", text), param=param) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        # msgspec decodes (and skips unknown fields) recursively and stops at the
+        # interpreter's recursion limit: hostile `[[[[...]]]]`, not a malfunction.
+        raise InvalidRequest(
+            "the request body nests JSON arrays or objects too deeply to decode"
+        ) from exc
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` (decoded JSON) nests objects and arrays more than ``limit`` deep."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Iterable[Any] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _check_common(req: _Common, max_tokens: int | None, max_tokens_field: str) -> None:
@@ -153,6 +181,12 @@ def _check_common(req: _Common, max_tokens: int | None, max_tokens_field: str) -
         raise InvalidRequest("temperature must be between 0 and 2", param="temperature")
     if req.top_p is not None and not 0.0 <= req.top_p <= 1.0:
         raise InvalidRequest("top_p must be between 0 and 1", param="top_p")
+    if req.ext is not None and _nests_deeper(req.ext, MAX_EXT_DEPTH):
+        # The one free-form field: bounded so that every hop after this one (msgpack to the
+        # worker, the engine's own decoding) stays far from any recursion limit.
+        raise InvalidRequest(
+            f"ext nests objects or arrays more than {MAX_EXT_DEPTH} levels deep", param="ext"
+        )
 
 
 def decode_chat(body: bytes) -> ChatCompletionRequest:

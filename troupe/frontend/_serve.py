@@ -25,7 +25,7 @@ from typing import Final
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 
-from troupe._hypercorn import StartFailed, launch
+from troupe._hypercorn import Served, StartFailed, launch
 from troupe._logging import get_logger
 from troupe.errors import ConfigError, TroupeError
 from troupe.frontend._app import FrontendSettings, FrontendState, build_app
@@ -66,6 +66,7 @@ class Frontend:
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._shutdown: asyncio.Event | None = None
+        self._served: Served | None = None  # hypercorn's handle (its open connections)
         self._port = 0
         self._closed = False
 
@@ -108,7 +109,7 @@ class Frontend:
         served = launch(
             self.app, self._hypercorn_config(), sock, name=f"frontend-http-{self._port}"
         )
-        self._task, self._shutdown = served.task, served.shutdown
+        self._task, self._shutdown, self._served = served.task, served.shutdown, served
         try:
             await served.wait_started(started)  # stops hypercorn itself if this fails
         except BaseException as exc:

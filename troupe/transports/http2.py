@@ -29,7 +29,10 @@ sent frame by frame from a ``memoryview``. It also honours the ``DYN_HTTP2_*`` s
 httpx cannot: frame size, streams per connection, windows and keep-alive pings.
 
 On the worker, hypercorn's default of closing an HTTP/2 connection after 1,000 requests is raised
-out of reach, and request bodies are collected as a list joined once.
+out of reach, and request bodies are collected as a list joined once. Each connection is one
+caller for the admission limits, and what the worker holds for its callers beyond running
+handlers (bodies being read, replies hypercorn has not sent) is bounded by ``max_buffered``
+(see ``docs/request-planes.md``, "What a caller can make the worker hold").
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ _BACKLOG: Final = 1024
 _EARLY_CANCEL_MEMORY: Final = 4096
 # Error replies that have no request id yet (the body was not a request).
 _NO_ID: Final = 0
+# Bytes the worker may hold for callers outside running handlers, by default, in largest
+# messages (see Http2Server's max_buffered).
+_BUFFERED_MESSAGES: Final = 8
 # Bytes of a non-frame error body kept for the error message.
 _ERROR_BODY_PREVIEW: Final = 512
 # Flow-control windows the caller grants: RFC 9113's default, and the large one used when
@@ -160,6 +166,43 @@ _Send: TypeAlias = Callable[[dict[str, Any]], Awaitable[None]]
 # --- worker side -------------------------------------------------------------------------------
 
 
+class _Budget:
+    """The bytes the worker holds for its callers beyond what running handlers hold themselves.
+
+    :attr:`bodies`: request bodies while they are read; a piece that would take them over
+    :attr:`limit` is refused (the request is then answered ``Overloaded``). :attr:`replies`:
+    reply frames handed to hypercorn that it has not taken yet (a caller that grants no
+    flow-control window leaves them there; after a cancel or a stop they stay until the stream
+    or the connection ends); never refused, their writers wait (bounded by the admission
+    limits). New requests are refused while the two together reach the limit, but a body
+    (a ``Cancel`` among them, which lets replies go) is still read while bodies alone fit.
+    """
+
+    __slots__ = ("bodies", "limit", "replies")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bodies = 0
+        self.replies = 0
+
+    def take_body(self, size: int) -> bool:
+        """Count ``size`` more bytes of bodies if they fit under the limit; whether they did."""
+        if self.bodies + size > self.limit:
+            return False
+        self.bodies += size
+        return True
+
+    @property
+    def held(self) -> int:
+        """Bytes counted now."""
+        return self.bodies + self.replies
+
+    @property
+    def exceeded(self) -> bool:
+        """Whether the bytes held have reached the limit."""
+        return self.bodies + self.replies >= self.limit
+
+
 class _Exchange:
     """The response side of one request being served: writes reply frames into its HTTP body.
 
@@ -167,15 +210,23 @@ class _Exchange:
     with ``end``) ends the body.
     A cancel or disconnect closes the exchange without a final frame; the ASGI call that owns it
     then ends the body itself. Either way :attr:`done` resolves exactly once.
+
+    Each frame counts in the server's :class:`_Budget` while hypercorn has not taken it; a write
+    that did not return (cancelled, failed) leaves its frame counted in :attr:`stranded` until
+    the ASGI call ends.
     """
 
-    __slots__ = ("_limit", "_send", "clean", "closed", "done")
+    __slots__ = ("_budget", "_limit", "_send", "clean", "closed", "done", "stranded")
 
-    def __init__(self, send: _Send, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, send: _Send, limit: int, budget: _Budget, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self._send = send
         self._limit = limit
+        self._budget = budget
         self.closed = False  # no more frames may be written
         self.clean = False  # the body was ended by a final frame that was fully handed over
+        self.stranded = 0  # bytes of writes that never returned: hypercorn may still hold them
         self.done: asyncio.Future[None] = loop.create_future()
 
     async def send(self, frame: Reply) -> bool:
@@ -193,14 +244,27 @@ class _Exchange:
             data = encode_framed(Error(frame.id, "MessageTooLarge", str(too_large)))
             ok = False
         elif type(frame) is Chunk and not frame.end:
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            budget = self._budget
+            budget.replies += len(data)
+            try:
+                await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            except BaseException:
+                self.stranded += len(data)
+                raise
+            budget.replies -= len(data)
             return not self.closed
         self.closed = True
         clean = False
+        budget = self._budget
+        budget.replies += len(data)
         try:
             await self._send({"type": "http.response.body", "body": data, "more_body": False})
             clean = True
         finally:
+            if clean:
+                budget.replies -= len(data)
+            else:
+                self.stranded += len(data)
             self._finish(clean)
         return ok
 
@@ -224,6 +288,9 @@ class Http2Server(Server):
         http2: protocol settings (``DYN_HTTP2_*``); see ``docs/request-planes.md`` for which of
             them hypercorn can honour.
         max_message_size: the largest request body accepted and reply frame sent, in bytes.
+        max_buffered: the most bytes held for callers outside running handlers (request bodies
+            being read, replies a caller has not taken): beyond it requests are refused with
+            ``Overloaded``. Default: 8 times ``max_message_size`` (256 MiB).
     """
 
     def __init__(
@@ -232,10 +299,16 @@ class Http2Server(Server):
         http2: Http2Config | None = None,
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        max_buffered: int | None = None,
     ) -> None:
         super().__init__("http2")
         if max_message_size <= 0:
             raise ConfigError("max_message_size", max_message_size, "a positive number of bytes")
+        if max_buffered is None:
+            max_buffered = _BUFFERED_MESSAGES * max_message_size
+        if max_buffered <= 0:
+            raise ConfigError("max_buffered", max_buffered, "a positive number of bytes")
+        self._budget = _Budget(max_buffered)
         self._http = http if http is not None else HttpConfig()
         self._http2 = http2 if http2 is not None else Http2Config()
         self._max = max_message_size
@@ -246,6 +319,7 @@ class Http2Server(Server):
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._shutdown: asyncio.Event | None = None
+        self._served: Served | None = None  # hypercorn's handle (its open connections)
         self._started: asyncio.Future[None] | None = None
         self._closed = False
         self._exchanges: dict[RequestId, _Exchange] = {}
@@ -306,7 +380,11 @@ class Http2Server(Server):
         config.keep_alive_max_requests = _UNLIMITED_REQUESTS
         # hypercorn's priority tree refuses a 1,001st stream by failing the whole connection,
         # and a stream leaves the tree a little after h2 counts it closed: keep a margin.
-        config.h2_max_concurrent_streams = min(http2.max_concurrent_streams, _SERVER_MAX_STREAMS)
+        streams = min(http2.max_concurrent_streams, _SERVER_MAX_STREAMS)
+        # A connection is one caller for the admission limits: a caller that reaches its limit
+        # opens another connection rather than being refused.
+        per_caller = self._runner.max_inflight_per_caller
+        config.h2_max_concurrent_streams = min(streams, per_caller) if per_caller else streams
         # Best effort: hypercorn 0.18 does not advertise this in its SETTINGS (see the docs).
         config.h2_max_inbound_frame_size = http2.max_frame_size
         # Outlive the caller's idle pool: the caller always retires an idle connection first, so
@@ -341,7 +419,7 @@ class Http2Server(Server):
         self._hypercorn = self._hypercorn_config()
         # Owned before anything is awaited: a close() during the start-up stops it.
         served = launch(self._asgi, self._hypercorn, sock, name=f"http2-server-{port}")
-        self._task, self._shutdown = served.task, served.shutdown
+        self._task, self._shutdown, self._served = served.task, served.shutdown, served
         try:
             await served.wait_started(started)  # stops hypercorn itself if this fails
         except StartFailed as exc:
@@ -449,14 +527,18 @@ class Http2Server(Server):
             exc: TroupeError = MessageTooLarge(size, self._max)
             await _respond_frame(send, 413, Error(_NO_ID, "MessageTooLarge", str(exc)))
             return
+        if data is None:  # not kept: the worker holds too much for its callers already
+            await _respond_frame(send, 503, self._refuse_buffered(_NO_ID))
+            return
         try:
             frame = decode(data)
         except ProtocolError as exc:
             await _respond_frame(send, 400, Error(_NO_ID, "ProtocolError", str(exc)))
             return
+        del data  # the request holds the payload from here
         kind = type(frame)
         if kind is Request:
-            await self._serve(cast(Request, frame), receive, send)
+            await self._serve(cast(Request, frame), scope.get("client"), receive, send)
         elif kind is Cancel:
             self._cancel(cast(Cancel, frame).id)
             await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -465,26 +547,54 @@ class Http2Server(Server):
             message = f"expected a Request or Cancel frame, got {kind.__name__}"
             await _respond_frame(send, 400, Error(_NO_ID, "ProtocolError", message))
 
-    async def _read_body(self, receive: _Receive) -> tuple[bytes, int] | None:
-        """The request body and its size; past the limit, the rest is read and dropped."""
+    async def _read_body(self, receive: _Receive) -> tuple[bytes | None, int] | None:
+        """The request body (``None``: not kept) and its size; ``None`` if the caller left.
+
+        Past the size limit, or once the bodies being read would exceed ``max_buffered``, the
+        rest is read and dropped (hypercorn fails the connection if a stream's DATA outlives
+        its answer); the body is counted in the budget while it is read.
+        """
         chunks: list[bytes] = []
         size = 0
         limit = self._max
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            piece = message.get("body", b"")
-            size += len(piece)
-            if size <= limit:
-                chunks.append(piece)
-            elif chunks:
-                chunks.clear()
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks), size
+        budget = self._budget
+        counted = 0
+        kept = True
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None
+                piece = message.get("body", b"")
+                size += len(piece)
+                if kept and size <= limit:
+                    if budget.take_body(len(piece)):
+                        counted += len(piece)
+                        chunks.append(piece)
+                    else:
+                        kept = False
+                        chunks.clear()
+                elif chunks:
+                    chunks.clear()
+                if not message.get("more_body", False):
+                    break
+            return (b"".join(chunks) if kept else None), size
+        finally:
+            budget.bodies -= counted
 
-    async def _serve(self, request: Request, receive: _Receive, send: _Send) -> None:
+    def _refuse_buffered(self, rid: RequestId) -> Error:
+        """Count and build the refusal of a request while the budget is exceeded."""
+        self.metrics.add_refused("buffered")
+        budget = self._budget
+        message = (
+            f"worker holds {budget.held} bytes for its callers (limit {budget.limit}); retry later"
+        )
+        return Error(rid, "Overloaded", message)
+
+    async def _serve(
+        self, request: Request, caller: object, receive: _Receive, send: _Send
+    ) -> None:
+        """Run ``request`` for ``caller`` (its connection: one caller for admission limits)."""
         rid = request.id
         if rid in self._exchanges:
             message = f"duplicate request id {rid!r}"
@@ -494,9 +604,19 @@ class Http2Server(Server):
             del self._early_cancels[rid]
             await _respond_frame(send, 200, Error(rid, "Cancelled", "cancelled before it started"))
             return
+        if self._budget.exceeded:
+            await _respond_frame(send, 200, self._refuse_buffered(rid))
+            return
         await send({"type": "http.response.start", "status": 200, "headers": _FRAME_HEADERS})
         loop = asyncio.get_running_loop()
-        exchange = _Exchange(send, self._max, loop)
+        exchange = _Exchange(send, self._max, self._budget, loop)
+        refusal = self._runner.start(rid, request, exchange.send, caller)
+        if refusal is not None:
+            try:
+                await exchange.send(refusal)
+            finally:
+                self._budget.replies -= exchange.stranded
+            return
         self._exchanges[rid] = exchange
         watcher = loop.create_task(
             self._watch(receive, rid, exchange), name=f"http2-disconnect-{rid}"
@@ -504,7 +624,6 @@ class Http2Server(Server):
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         try:
-            self._runner.dispatch(rid, request, exchange.send)
             await exchange.done
             if not exchange.clean:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -515,6 +634,7 @@ class Http2Server(Server):
             if self._exchanges.get(rid) is exchange:
                 del self._exchanges[rid]
             watcher.cancel()
+            self._budget.replies -= exchange.stranded  # hypercorn has let go of the stream
 
     async def _watch(self, receive: _Receive, rid: RequestId, exchange: _Exchange) -> None:
         """After the body, only ``http.disconnect`` can arrive: the stream is gone."""
@@ -531,7 +651,9 @@ class Http2Server(Server):
         if exchange is not None:
             if not exchange.closed:
                 exchange.abort()
-                self._runner.cancel(rid, "cancelled")
+            # Even while its last frame is written: it may wait for a window the caller never
+            # opens, and the request's place in the admission limits with it.
+            self._runner.cancel(rid, "cancelled")
             return
         # The cancel overtook its request (or the request already finished): remember it.
         early = self._early_cancels
