@@ -37,7 +37,8 @@ from troupe.transports._codec import (
     encode_batch,
 )
 from troupe.transports._net import advertised_host, format_hostport, split_address
-from troupe.transports.tcp import TcpClient, TcpServer, _batch_bytes, _next_message
+from troupe.transports.tcp import TcpClient, TcpServer
+from troupe.transports.tcp._pump import _batch_bytes, _next_message
 
 LIMIT = 64 * 1024
 CONFIG = TcpConfig(host="127.0.0.1", max_message_size=LIMIT, request_timeout=10.0)

@@ -1,0 +1,312 @@
+"""The caller side of the HTTP/2 plane: :class:`Http2Client`, its connections pooled per worker.
+
+The caller does not use httpx/httpcore, whose HTTP/2 client has defects that break a streaming
+request plane (details in ``docs/request-planes.md``):
+
+* with two or more idle response streams open on a connection, httpcore parks the frames of the
+  others until more traffic arrives, so a new request's headers can wait forever;
+* a response abandoned early sends no ``RST_STREAM``; its unread DATA eats the connection's
+  flow-control window until the whole connection stalls;
+* one large ``bytes`` body uploads in quadratic time.
+
+Instead :class:`Http2Client` drives ``h2`` (the sans-IO HTTP/2 state machine httpx uses as well)
+from one :class:`asyncio.Protocol` per connection: every frame is handled as it arrives, DATA is
+acknowledged at once, an abandoned response is cancelled and drained (or reset), and bodies are
+sent frame by frame from a ``memoryview``. It also honours the ``DYN_HTTP2_*`` settings that
+httpx cannot: frame size, streams per connection, windows and keep-alive pings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import secrets
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import quote, urlsplit
+
+from troupe.config import Http2Config, HttpConfig
+from troupe.errors import (
+    ConfigError,
+    ConnectionLost,
+    ConnectTimeout,
+    DeadlineExceeded,
+    MessageTooLarge,
+    RequestTimeout,
+    TransportClosed,
+    TransportError,
+)
+from troupe.transports._base import Client, ResponseStream, TransportSettings
+from troupe.transports._codec import encode_request
+from troupe.transports._net import format_hostport, split_address
+from troupe.transports.http2._call import _Call
+from troupe.transports.http2._connection import _CONNECTING, _Connection
+from troupe.transports.http2._wire import (
+    CANCEL_PATH,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    SCHEME,
+)
+
+# Seconds Http2Client.close waits for its sockets to close.
+_CLOSE_WAIT: Final = 2.0
+
+
+class _Pool:
+    """The connections of one client to one ``host:port``."""
+
+    __slots__ = ("authority", "conns", "host", "live", "port", "settings")
+
+    def __init__(self, host: str, port: int, settings: Http2Config) -> None:
+        self.host = host
+        self.port = port
+        self.authority = format_hostport(host, port)
+        self.settings = settings
+        self.conns: list[_Connection] = []  # those taking new requests
+        self.live: set[_Connection] = set()  # every connection not yet closed
+
+    def forget(self, conn: _Connection) -> None:
+        """``conn`` takes no new requests any more."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+
+    def buried(self, conn: _Connection, gone: asyncio.Future[None]) -> None:
+        """``conn`` is closed for good."""
+        self.live.discard(conn)
+
+    def idle_count(self) -> int:
+        """Open connections carrying no request."""
+        return sum(1 for conn in self.conns if conn.idle)
+
+
+class _Target:
+    """A worker address, parsed once: its pool and the paths posted to."""
+
+    __slots__ = ("cancel_path", "pool", "prefix")
+
+    def __init__(self, pool: _Pool, prefix: bytes) -> None:
+        self.pool = pool
+        self.prefix = prefix  # b"/v1/rpc/"
+        self.cancel_path = prefix + CANCEL_PATH.encode()
+
+
+class Http2Client(Client):
+    """Calls workers over HTTP/2 (h2c, prior knowledge), pooling connections per ``host:port``.
+
+    Many requests share one connection, up to ``DYN_HTTP2_MAX_CONCURRENT_STREAMS`` (or the
+    worker's own limit, if lower); beyond that another connection is opened.
+
+    Args:
+        http: ``request_timeout`` (``DYN_HTTP_REQUEST_TIMEOUT``): the longest wait for the
+            response headers, then for each next frame.
+        http2: frame size, streams per connection, windows, pool and keep-alive settings
+            (``DYN_HTTP2_*``).
+        max_message_size: the largest request sent and reply frame accepted, in bytes.
+        connect_timeout: seconds to wait for a connection.
+    """
+
+    def __init__(
+        self,
+        http: HttpConfig | None = None,
+        http2: Http2Config | None = None,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        if max_message_size <= 0:
+            raise ConfigError("max_message_size", max_message_size, "a positive number of bytes")
+        if connect_timeout <= 0:
+            raise ConfigError("connect_timeout", connect_timeout, "a positive number of seconds")
+        self._config = http if http is not None else HttpConfig()
+        self._http2 = http2 if http2 is not None else Http2Config()
+        self._max = max_message_size
+        self._connect_timeout = connect_timeout
+        self._prefix = secrets.token_hex(6) + "-"  # request ids unique across callers
+        self._ids = itertools.count(1)
+        self._targets: dict[str, _Target] = {}
+        self._pools: dict[tuple[str, int], _Pool] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def _target(self, address: str) -> _Target:
+        target = self._targets.get(address)
+        if target is None:
+            host, port = split_address(address, SCHEME)
+            parts = urlsplit(address)
+            if parts.query or parts.fragment:
+                raise TransportError(f"malformed http address {address!r}", address=address)
+            pool = self._pools.get((host, port))
+            if pool is None:
+                pool = self._pools[host, port] = _Pool(host, port, self._http2)
+            prefix = quote(parts.path.rstrip("/"), safe="/") + "/"
+            target = self._targets[address] = _Target(pool, prefix.encode())
+        return target
+
+    async def _connection(self, pool: _Pool, address: str) -> _Connection:
+        """A connection of ``pool`` with room for one more request (opened if need be)."""
+        while True:
+            for conn in pool.conns:
+                if conn.has_room():
+                    break
+            else:
+                conn = self._open(pool)
+            if conn.state != _CONNECTING:
+                return conn
+            conn.reserved += 1
+            try:
+                await asyncio.shield(conn.ready)
+            except ConnectTimeout:
+                raise ConnectTimeout(address, self._connect_timeout) from None
+            except TransportError as exc:
+                raise type(exc)(f"{exc} ({address})", address=address) from None
+            finally:
+                conn.reserved -= 1
+            if conn.has_room():
+                return conn
+            # The worker allows fewer streams than requests were waiting: look again.
+
+    def _open(self, pool: _Pool) -> _Connection:
+        conn = _Connection(pool)
+        pool.conns.append(conn)
+        pool.live.add(conn)
+        conn.gone.add_done_callback(functools.partial(pool.buried, conn))
+        task = asyncio.get_running_loop().create_task(
+            self._connect(conn), name=f"http2-connect-{pool.authority}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return conn
+
+    async def _connect(self, conn: _Connection) -> None:
+        pool = conn._pool
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.get_running_loop().create_connection(
+                    lambda: conn, pool.host, pool.port
+                )
+                await asyncio.shield(conn.ready)  # the worker's SETTINGS
+        except TimeoutError:
+            if not conn.ready.done():
+                conn.ready.set_exception(ConnectTimeout(pool.authority, self._connect_timeout))
+            conn.abort((ConnectionLost, f"connect to {pool.authority} timed out"))
+        except OSError as exc:
+            conn.abort((ConnectionLost, f"cannot connect to {pool.authority}: {exc}"))
+        except TransportError:
+            pass  # lost during the handshake: the waiters hear it from conn.ready
+        except asyncio.CancelledError:
+            conn.abort((TransportClosed, "HTTP/2 client closed"))
+            raise
+
+    async def request(
+        self,
+        address: str,
+        endpoint: str,
+        payload: bytes,
+        *,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        attempt: int = 0,
+        received: int = 0,
+    ) -> ResponseStream:
+        """Send a request to the worker at ``http://host:port/root``; see :meth:`Client.request`.
+
+        Returns once the worker accepted the request (its response headers arrived).
+
+        Raises:
+            MessageTooLarge: the encoded request exceeds ``max_message_size``; nothing was sent.
+            ConnectTimeout: no connection within the connect timeout.
+            ConnectionLost: the worker cannot be reached, or closed the connection before the
+                request reached it (safe to retry).
+            RequestTimeout: no response headers within ``DYN_HTTP_REQUEST_TIMEOUT``.
+            DeadlineExceeded: the deadline passed before the response headers arrived.
+            StreamBroken: the connection failed after the request was sent.
+            TransportClosed: the client is closed.
+        """
+        if self._closed:
+            raise TransportClosed("HTTP/2 client is closed", address=address)
+        target = self._target(address)
+        rid = f"{self._prefix}{next(self._ids)}"
+        data = encode_request(
+            rid,
+            endpoint,
+            payload,
+            deadline=deadline,
+            headers=headers,
+            attempt=attempt,
+            received=received,
+        )
+        if len(data) > self._max:
+            raise MessageTooLarge(len(data), self._max, address=address)
+        timeout = self._config.request_timeout
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[None] = loop.create_future()
+        call = _Call(
+            rid,
+            address,
+            endpoint,
+            started=started,
+            max_size=self._max,
+            cancel_path=target.cancel_path,
+        )
+        stream = ResponseStream(
+            rid,
+            address=address,
+            endpoint=endpoint,
+            cancel=call.cancel,
+            request_timeout=timeout,
+            deadline=deadline,
+        )
+        call.stream_ref = weakref.ref(stream)
+        limit = timeout if deadline is None else min(timeout, deadline - time.time())
+        path = target.prefix + quote(endpoint, safe="").encode()
+        waiting = asyncio.timeout(max(limit, 0.0))
+        try:
+            async with waiting:
+                conn = await self._connection(target.pool, address)
+                await conn.send_request(call, path, data)
+                await started
+        except TransportError as exc:  # before TimeoutError: ConnectTimeout is one too
+            call.cancel()
+            if exc.address is None:
+                exc.address = address
+            raise
+        except TimeoutError:
+            if not waiting.expired():
+                raise
+            call.cancel()
+            if deadline is not None and time.time() >= deadline:
+                message = f"deadline passed waiting for {endpoint!r} at {address}"
+                raise DeadlineExceeded(message, address=address) from None
+            raise RequestTimeout(address, timeout) from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if call.error is not None:
+            raise call.error
+        return stream
+
+    async def close(self) -> None:
+        """Fail open streams with ``TransportClosed`` and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        conns = [conn for pool in self._pools.values() for conn in pool.live]
+        for conn in conns:
+            conn.abort((TransportClosed, "HTTP/2 client closed"))
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        waits: list[asyncio.Future[None]] = [*tasks, *(conn.gone for conn in conns)]
+        if waits:
+            await asyncio.wait(waits, timeout=_CLOSE_WAIT)
+        self._pools.clear()
+        self._targets.clear()
+
+
+def create_client(settings: TransportSettings) -> Http2Client:
+    """An HTTP/2 client configured by ``settings.request_plane.http`` and ``.http2``."""
+    plane = settings.request_plane
+    return Http2Client(plane.http, plane.http2)
