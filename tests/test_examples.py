@@ -38,6 +38,7 @@ def test_demo_runs_and_carries_on_after_a_crash() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "frontend listening on http://127.0.0.1:" in out
+    assert "migration on: --migration-limit 2 (troupe frontend's default is 0" in out
     assert "GET /v1/models -> ['troupe-mock']" in out
     assert "usage: {'prompt_tokens': 7, 'completion_tokens': 16, 'total_tokens': 23}" in out
     assert "(finish_reason=length)" in out

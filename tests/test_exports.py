@@ -7,7 +7,23 @@ import importlib
 import pytest
 
 EXPECTED = {
-    "troupe": {"Config", "Runtime", "__version__"},
+    "troupe": {
+        "Cancelled",
+        "Config",
+        "ConfigError",
+        "DeadlineExceeded",
+        "NoInstances",
+        "Overloaded",
+        "RemoteError",
+        "RequestContext",
+        "Router",
+        "Runtime",
+        "StreamBroken",
+        "TransportError",
+        "TroupeError",
+        "__version__",
+        "resumable",
+    },
     "troupe.actors": {
         "POLICIES",
         "ProcessActor",
@@ -59,3 +75,11 @@ def test_every_error_derives_from_troupe_error() -> None:
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.TroupeError), name
+
+
+def test_the_public_face_shows_public_paths() -> None:
+    troupe = importlib.import_module("troupe")
+    assert len(troupe.__all__) <= 20
+    for name in ("Runtime", "Router", "RequestContext", "Config", "resumable"):
+        assert getattr(troupe, name).__module__ == "troupe", name
+    assert repr(troupe.Runtime) == "<class 'troupe.Runtime'>"

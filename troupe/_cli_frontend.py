@@ -31,14 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--router-mode",
         default="round_robin",
         choices=("round_robin", "random", "least_loaded"),
-        help="how to pick a worker for each request",
+        help="how to pick a worker for each request (default: round_robin)",
     )
     parser.add_argument(
         "--migration-limit",
         type=int,
         default=0,
         metavar="N",
-        help="resume a generation on another worker up to N times if its worker fails",
+        help="resume a generation on another worker up to N times if its worker fails "
+        "(default 0: off, the failure reaches the client)",
     )
     parser.add_argument(
         "--max-body-size",
@@ -85,7 +86,7 @@ async def _serve(rt: Runtime, settings: FrontendSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         frontend = await Frontend(rt, settings).start()
-        print(f"frontend listening on {frontend.url}", flush=True)
+        print(f"frontend listening on {frontend.listening}", flush=True)
         await frontend.serve_until(stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,13 +19,21 @@ from collections.abc import Callable
 from typing import Any
 
 from troupe._endpoint import Endpoint
+from troupe._fleet import LABEL_FLAG, parse_label
 from troupe._handlers import load_handler
 from troupe._logging import get_logger
 from troupe._readiness import READY_FD_FLAG, Draining, Failed, ParentLink, Serving, one_line
-from troupe.actors import ActorRef, WhichChildren
+from troupe.actors import ActorRef, Router, WhichChildren
 from troupe.actors._process import ProcessStatus, Status
 from troupe.config import Config
-from troupe.errors import ConfigError, SupervisorEscalation, TroupeError
+from troupe.errors import (
+    ConfigError,
+    IncompatibleInstances,
+    InvalidRequest,
+    NoInstances,
+    SupervisorEscalation,
+    TroupeError,
+)
 from troupe.runtime import Runtime
 
 __all__ = ["add_call_arguments", "add_worker_arguments", "cmd_call", "cmd_worker"]
@@ -51,6 +59,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="model name put in the instance metadata")
     parser.add_argument(READY_FD_FLAG, type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(LABEL_FLAG, default=None, help=argparse.SUPPRESS)
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
@@ -133,7 +142,8 @@ def _serve_supervised(args: argparse.Namespace, config: Config) -> int:
     serving = False
     try:
         handler = load_handler(args.handler)
-        with Runtime(config, handle_signals=False) as rt:
+        label = None if args.worker_label is None else parse_label(args.worker_label)
+        with Runtime(config, handle_signals=False, label=label) as rt:
             endpoint = rt.endpoint(args.endpoint)
             metadata = {"model": args.model} if args.model else None
             rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
@@ -145,8 +155,9 @@ def _serve_supervised(args: argparse.Namespace, config: Config) -> int:
                 rt.request_shutdown()  # the parent is gone already
             link.watch_parent(rt.request_shutdown)
             status = f", status at {status_url}" if status_url is not None else ""
+            who = "" if label is None else f"[{label.label} {os.getpid()}] "
             print(
-                f"troupe: serving {endpoint.path} at {address} as instance {rt.instance_id}"
+                f"{who}troupe: serving {endpoint.path} at {address} as instance {rt.instance_id}"
                 f"{status}",
                 file=sys.stderr,
                 flush=True,
@@ -213,40 +224,109 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         nargs="?",
         default="null",
-        help="the request as JSON, or - to read it from standard input (for large ones)",
+        help="the request as JSON, or - to read it from standard input (for large ones); "
+        "default: null",
     )
     parser.add_argument(
         "--policy",
         default="round_robin",
         choices=("round_robin", "random", "least_loaded"),
-        help="how to pick an instance",
+        help="how to pick an instance (default: %(default)s)",
     )
-    parser.add_argument("--instance", default=None, metavar="ID", help="send to this instance")
     parser.add_argument(
-        "--count", type=int, default=1, metavar="N", help="send the request N times"
+        "--instance", default=None, metavar="ID", help="send to this instance (default: any)"
+    )
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="send the request N times (default: %(default)s)",
     )
     parser.add_argument(
         "--wait",
         type=float,
         default=5.0,
         metavar="SECONDS",
-        help="how long to wait for a first instance (0: fail at once)",
+        help="how long to wait for a first instance when none is known yet, saying so on "
+        "stderr (default: %(default)g; 0: fail at once)",
     )
+
+
+_QUIET_WAIT = 0.25
+"""Seconds ``troupe call`` waits for a first instance before saying that it waits: discovery
+usually answers well within it."""
+
+_JSON_SHOWN = 60
+"""Characters of a request that is not valid JSON shown in the error, from its start."""
+
+
+def _parse_request(text: str) -> Any:
+    """The request ``text`` decoded from JSON.
+
+    Raises:
+        InvalidRequest: it is not valid JSON; the message has the parser's reason with line
+            and column, and the text (its start when long).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if not text.strip():
+            raise InvalidRequest("the request is empty: expected JSON such as null or {}") from exc
+        shown = repr(text) if len(text) <= _JSON_SHOWN else f"{text[:_JSON_SHOWN]!r}..."
+        if len(text) > _JSON_SHOWN:
+            shown += f" ({len(text)} characters)"
+        raise InvalidRequest(f"the request is not valid JSON: {exc}, in {shown}") from exc
+
+
+def _wait_for_instances(router: Router, endpoint: str, wait: float) -> bool:
+    """Wait up to ``wait`` seconds for an instance, saying on stderr that it waits unless one
+    is known at once; ``False`` if none appeared.
+
+    Raises:
+        IncompatibleInstances: only instances of another wire version appeared.
+    """
+    quiet = min(wait, _QUIET_WAIT)
+    if _instances_within(router, quiet, last=wait <= quiet):
+        return True
+    if wait <= quiet:
+        return False
+    print(
+        f"troupe: no instance of {endpoint} known yet; waiting up to {wait:g} s (--wait)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return _instances_within(router, wait - quiet, last=True)
+
+
+def _instances_within(router: Router, timeout: float, *, last: bool) -> bool:
+    try:
+        router.wait_for_instances_sync(timeout=timeout)
+    except IncompatibleInstances:
+        if last:
+            raise
+        return False
+    except NoInstances:
+        return False
+    return True
 
 
 def cmd_call(args: argparse.Namespace, config: Config) -> int:
     """Send the request and print each chunk as one JSON line."""
     text = sys.stdin.read() if args.request == "-" else args.request
-    try:
-        request = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError("JSON", text[:80], f"a JSON document ({exc.msg})") from exc
+    request = _parse_request(text)
     if args.count < 1:
         raise ConfigError("--count", args.count, "an integer >= 1")
     with Runtime(config) as rt:
-        router = rt.router(rt.endpoint(args.endpoint), policy=args.policy)
-        if args.wait > 0:
-            router.wait_for_instances_sync(timeout=args.wait)
+        endpoint = rt.endpoint(args.endpoint)
+        router = rt.router(endpoint, policy=args.policy)
+        if args.wait > 0 and not _wait_for_instances(router, endpoint.path, args.wait):
+            print(
+                f"troupe: error: no instance of {endpoint.path} appeared within {args.wait:g} s "
+                "(--wait): is a worker serving it, with the same discovery settings?",
+                file=sys.stderr,
+            )
+            return _EXIT_ERROR
         for _ in range(args.count):
             for chunk in router.generate_sync(request, instance_id=args.instance):
                 print(json.dumps(chunk, default=repr), flush=True)

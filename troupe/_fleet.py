@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import sys
 import threading
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from troupe._endpoint import Endpoint
+from troupe._introspect import ProcessLabel
 from troupe._logging import get_logger
 from troupe._readiness import one_line
 from troupe.actors import ActorRef, ActorSystem, Backoff, ChildSpec, Down, Intensity, Supervisor
@@ -35,7 +37,24 @@ from troupe.actors._worker import WorkerState
 from troupe.config import Config, RequestPlaneConfig
 from troupe.errors import ActorDead, ConfigError, StartFailed, TroupeError
 
-__all__ = ["WorkerFleet", "worker_configs"]
+__all__ = ["LABEL_FLAG", "WorkerFleet", "parse_label", "worker_configs"]
+
+LABEL_FLAG = "--worker-label"
+"""The hidden ``troupe worker`` option naming a supervised worker: ``worker-2:3`` (its id, and
+how many times it was restarted)."""
+
+
+def parse_label(text: str) -> ProcessLabel:
+    """``worker-2:3`` -> ``ProcessLabel("worker-2", 3)``.
+
+    Raises:
+        ConfigError: not ``NAME:RESTARTS``.
+    """
+    name, _, restarts = text.rpartition(":")
+    if not name or not restarts.isdigit():
+        raise ConfigError(LABEL_FLAG, text, "NAME:RESTARTS, e.g. worker-2:0")
+    return ProcessLabel(name, int(restarts))
+
 
 _log = get_logger("troupe.fleet")
 
@@ -129,15 +148,7 @@ class WorkerFleet:
         children = [
             ChildSpec(
                 child_id,
-                functools.partial(
-                    ProcessActor,
-                    self._argv,
-                    config.child_environment(),
-                    stop_timeout=self._stop_timeout,
-                    log=None if self._log_dir is None else self._log_dir / f"{child_id}.log",
-                    readiness=True,
-                    on_status=functools.partial(self._on_status, child_id),
-                ),
+                self._process_factory(child_id, config),
                 shutdown_timeout=self._stop_timeout + 5.0,
             )
             for child_id, config in zip(self._ids, self._configs, strict=True)
@@ -154,6 +165,27 @@ class WorkerFleet:
         self.supervisor = ref
         system.watch(ref, self._supervisor_down)
         return ref
+
+    def _process_factory(self, child_id: str, config: Config) -> Callable[[], ProcessActor]:
+        """What the supervisor calls to start (and restart) worker ``child_id``: the command
+        names the worker and how many times it was restarted (its log lines and
+        ``troupe status`` show both)."""
+        env = config.child_environment()
+        log = None if self._log_dir is None else self._log_dir / f"{child_id}.log"
+        starts = itertools.count()
+
+        def start() -> ProcessActor:
+            argv = [*self._argv, LABEL_FLAG, f"{child_id}:{next(starts)}"]
+            return ProcessActor(
+                argv,
+                env,
+                stop_timeout=self._stop_timeout,
+                log=log,
+                readiness=True,
+                on_status=functools.partial(self._on_status, child_id),
+            )
+
+        return start
 
     def wait_ready(self, timeout: float | None) -> None:
         """Block until every worker serves.

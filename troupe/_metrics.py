@@ -182,6 +182,12 @@ class EndpointMetrics:
             errors = self._errors
             errors[outcome] = errors.get(outcome, 0) + 1
 
+    def totals(self) -> tuple[int, int, int, int]:
+        """``(requests, inflight, errors, cancellations)`` counted so far."""
+        with self._lock:
+            errors = sum(self._errors.values())
+            return self._requests, self._inflight, errors, self._cancellations
+
     def track(self, request_bytes: int = 0) -> RequestScope:
         """Count a request now and settle it when the returned scope exits (on every path)."""
         return RequestScope(self, request_bytes)

@@ -2,7 +2,9 @@
 
 Every subcommand resolves the configuration from the environment first, so a bad variable is
 reported the same way everywhere: one line naming the variable, the value and the valid choices,
-and exit status 2 — never a traceback.
+and exit status 2 — never a traceback. A request that cannot be sent (``troupe call`` given text
+that is not JSON) is one line and status 2 too; any other troupe error is one line and status 1
+(a handler's failure is preceded by the worker's traceback when the worker logs at debug level).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from troupe import _cli_discovery, _cli_frontend, _cli_serve
+from troupe import _cli_discovery, _cli_frontend, _cli_serve, _cli_status
 from troupe._version import __version__
 from troupe.config import Config, format_table
-from troupe.errors import ConfigError, TroupeError
+from troupe.errors import ConfigError, InvalidRequest, RemoteError, TroupeError
 
 __all__ = ["main"]
 
@@ -56,6 +58,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cli_serve.add_call_arguments,
         "send a request to ENDPOINT and print each streamed chunk as a JSON line",
     ),
+    "status": (
+        _cli_status.cmd_status,
+        _cli_status.add_arguments,
+        "show each instance at work: state, load, requests, errors (--watch, --json)",
+    ),
     "instances": (
         _cli_discovery.cmd_instances,
         _cli_discovery.add_arguments,
@@ -94,7 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"troupe: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except InvalidRequest as exc:  # what the user typed cannot be sent (bad JSON): a usage error
+        print(f"troupe: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except TroupeError as exc:
+        if isinstance(exc, RemoteError) and exc.remote_traceback:
+            # Sent only by a worker logging at debug level: shown as Python shows one, before
+            # the error's own line.
+            print("the worker's traceback:", file=sys.stderr)
+            print(exc.remote_traceback.rstrip("\n"), file=sys.stderr)
         print(f"troupe: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

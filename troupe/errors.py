@@ -320,15 +320,33 @@ class UnknownEndpoint(TransportError):
 class RemoteError(TransportError):
     """The worker's handler raised; carries the remote exception's type name and message.
 
+    Reads ``handler raised ValueError: boom (ns.comp.ep at tcp://10.0.0.5:40123)``; the
+    worker logs the traceback.
+
     Attributes:
         kind: the remote exception class name.
         remote_message: the remote exception's message.
+        endpoint: the endpoint called, when known.
+        remote_traceback: the handler's traceback as text when the worker logs at debug level
+            (``DYN_LOG=debug``), else ``""``.
     """
 
-    def __init__(self, kind: str, remote_message: str, *, address: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        remote_message: str,
+        *,
+        address: str | None = None,
+        endpoint: str = "",
+        remote_traceback: str = "",
+    ) -> None:
         self.kind = kind
         self.remote_message = remote_message
-        super().__init__(f"remote handler raised {kind}: {remote_message}", address=address)
+        self.endpoint = endpoint
+        self.remote_traceback = remote_traceback
+        msg = f"handler raised {kind}" + (f": {remote_message}" if remote_message else "")
+        where = " at ".join(part for part in (endpoint, address) if part)
+        super().__init__(msg + (f" ({where})" if where else ""), address=address)
 
 
 # --- routing and admission ---------------------------------------------------------------------

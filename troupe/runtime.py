@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,6 +22,14 @@ from troupe._clock import Clock, SystemClock
 from troupe._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe._fleet import WorkerFleet
 from troupe._handlers import handler_spec
+from troupe._introspect import (
+    STATUS_ENDPOINT,
+    EndpointStatus,
+    ProcessLabel,
+    ProcessStatus,
+    process_status,
+    status_handler,
+)
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
 from troupe._metrics import RuntimeMetrics
@@ -68,8 +77,11 @@ class Runtime:
         clock: Clock | None = None,
         handle_signals: bool = True,
         memory_server: MemoryKvServer | None = None,
+        label: ProcessLabel | None = None,
     ) -> None:
         self.config = config if config is not None else Config()
+        self.label = label
+        """A supervisor's name for this process (its log lines and ``troupe status`` show it)."""
         self.instance_id = new_instance_id()
         """16 lower-case hex digits, stable for the life of the runtime (the process)."""
         self._memory_server = memory_server
@@ -79,6 +91,7 @@ class Runtime:
         self._server: Server | None = None
         self._routers: list[Router] = []
         self._workers: dict[str, ActorRef[Health]] = {}
+        self._limits: dict[str, int] = {}  # endpoint path -> its own admission limit
         self._fleets: list[WorkerFleet] = []
         self._failure: BaseException | None = None  # a fleet that gave up (spawn_workers)
         self.status: StatusServer | None = None
@@ -118,7 +131,7 @@ class Runtime:
             if self._state != "new":
                 raise TroupeError(f"runtime cannot start from state {self._state}")
             self._state = "running"
-        configure_logging(self.config.log)
+        configure_logging(self.config.log, label=None if self.label is None else self.label.label)
         self.io.start()
         if self.config.system.enabled:
             status = StatusServer(self.config.system, self.metrics, self._health)
@@ -303,6 +316,7 @@ class Runtime:
             worker = self.config.worker
             server.limit(worker.max_inflight, worker.max_inflight_per_caller)
             self.metrics.add_server(self.network.plane, server.metrics)
+            server.add_endpoint(STATUS_ENDPOINT, status_handler(self._describe))
 
             async def start() -> None:
                 await server.start()
@@ -372,7 +386,34 @@ class Runtime:
         # registered. A worker that failed to start raises ActorDead (the cause attached).
         worker.ask(Health(), timeout=30)
         self._workers[ep.path] = worker
+        self._limits[ep.path] = worker_config.max_inflight if max_inflight is None else max_inflight
         return worker
+
+    async def _describe(self) -> ProcessStatus:
+        """This process for ``troupe status`` (the ``troupe.status`` endpoint's answer)."""
+        endpoints: dict[str, EndpointStatus] = {}
+        for path, ref in list(self._workers.items()):
+            try:
+                state, inflight = await ref.ask_async(Health(), timeout=1.0)
+            except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
+                state, inflight = "stopped", 0
+            ns, comp, name = path.split(".")
+            requests, _, errors, cancellations = self.metrics.endpoint(ns, comp, name).totals()
+            limit = self._limits.get(path, 0)
+            endpoints[path] = EndpointStatus(
+                state, inflight, limit, requests, errors, cancellations
+            )
+        server, worker = self.server(), self.config.worker
+        return process_status(
+            instance_id=self.instance_id,
+            plane=self.network.plane,
+            address=server.address,
+            started_at=time.time() - self.metrics.uptime_seconds(),
+            label=self.label,
+            inflight=max(0, server.inflight - 1),  # not counting this very request
+            limits=(worker.max_inflight, worker.max_inflight_per_caller),
+            endpoints=endpoints,
+        )
 
     async def _health(self) -> HealthReport:
         """Each endpoint's worker state, for the status server's health route."""

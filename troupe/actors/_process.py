@@ -277,8 +277,8 @@ class ProcessActor(Actor[ProcessMessage]):
         pid = self._proc.pid if self._proc is not None else None
         if isinstance(exc, StartFailed):
             _log.debug("process failed to start", pid=pid, error=str(exc))
-        else:
-            _log.info("process exited", pid=pid, error=str(exc))
+        else:  # the supervisor's "child exited, restarting" is the one line a crash costs
+            _log.debug("process exited", pid=pid, error=str(exc))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.fail(exc)

@@ -10,8 +10,12 @@ plain HTTP to it, as any OpenAI client would:
 1. a streamed chat completion, printed token by token as the Server-Sent Events arrive;
 2. a non-streaming completion, with its usage;
 3. another streamed chat completion during which the worker producing it is SIGKILLed: the
-   frontend resumes the generation on the other worker (``--migration-limit``), the client sees
-   one uninterrupted answer, and the supervisor starts a replacement worker.
+   frontend resumes the generation on the other worker, the client sees one uninterrupted
+   answer, and the supervisor starts a replacement worker.
+
+The demo's frontend runs with a migration limit of 2 (:data:`MIGRATION_LIMIT`). ``troupe
+frontend`` defaults to 0, as NVIDIA Dynamo's frontend does (a failed worker's generation fails);
+``troupe frontend --migration-limit 2`` behaves as the demo does.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ from troupe.frontend import Frontend, FrontendSettings
 ENDPOINT = "demo.mocker.generate"
 MODEL = "troupe-mock"
 WORKERS = 2
+MIGRATION_LIMIT = 2
+"""Times a generation may move to another worker (``troupe frontend --migration-limit``, default
+0)."""
 
 
 def _config(kv_dir: str) -> Config:
@@ -144,12 +151,18 @@ async def _crash_mid_stream(http: httpx.AsyncClient) -> str:
 
 
 async def _run(rt: Runtime, supervisor: Any) -> None:
-    settings = FrontendSettings(host="127.0.0.1", port=0, migration_limit=2, grace=2.0)
+    settings = FrontendSettings(
+        host="127.0.0.1", port=0, migration_limit=MIGRATION_LIMIT, grace=2.0
+    )
     async with (
         Frontend(rt, settings) as frontend,
         httpx.AsyncClient(base_url=frontend.url, timeout=30) as http,
     ):
-        print(f"frontend listening on {frontend.url}")
+        print(f"frontend listening on {frontend.listening}")
+        print(
+            f"migration on: --migration-limit {MIGRATION_LIMIT} (troupe frontend's default is 0: "
+            "a generation whose worker dies fails)"
+        )
         await _wait(lambda: len(_worker_pids(frontend)) == WORKERS, 30, "the workers")
         models = (await http.get("/v1/models")).json()
         print(f"GET /v1/models -> {[m['id'] for m in models['data']]}")

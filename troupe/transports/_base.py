@@ -83,17 +83,22 @@ _REMOTE_KINDS: Final[Mapping[str, Callable[[str, str, str], TroupeError]]] = {
 }
 
 
-def remote_error(kind: str, message: str, *, address: str, endpoint: str) -> TroupeError:
-    """The exception a caller raises for an ``Error(kind, message)`` reply.
+def remote_error(
+    kind: str, message: str, *, address: str, endpoint: str, traceback: str = ""
+) -> TroupeError:
+    """The exception a caller raises for an ``Error(kind, message, traceback)`` reply.
 
     Kinds naming a troupe error the caller can act on (``Overloaded``, ``UnknownEndpoint``,
     ``DeadlineExceeded``, ``MessageTooLarge``, ``Cancelled``, ``StreamBroken``,
-    ``ProtocolError``) give that exact class, with the remote message; anything else gives
-    :class:`~troupe.errors.RemoteError` carrying the kind and message.
+    ``ProtocolError``) give that exact class, with the remote message; anything else (the
+    handler failed) gives :class:`~troupe.errors.RemoteError` carrying the kind, message,
+    endpoint and the remote traceback (sent by a worker logging at debug level).
     """
     factory = _REMOTE_KINDS.get(kind)
     if factory is None:
-        return RemoteError(kind, message, address=address)
+        return RemoteError(
+            kind, message, address=address, endpoint=endpoint, remote_traceback=traceback
+        )
     exc = factory(message, address, endpoint)
     exc.args = (message,)
     return exc
@@ -317,7 +322,11 @@ class ResponseStream:
                     raise StopAsyncIteration
                 if type(item) is Error:
                     raise remote_error(
-                        item.kind, item.message, address=self.address, endpoint=self.endpoint
+                        item.kind,
+                        item.message,
+                        address=self.address,
+                        endpoint=self.endpoint,
+                        traceback=item.traceback,
                     )
                 assert isinstance(item, TroupeError)
                 raise item

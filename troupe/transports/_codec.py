@@ -110,11 +110,15 @@ class Error(msgspec.Struct, frozen=True, tag="err", array_like=True):
     Attributes:
         kind: the exception class name (``"Overloaded"``, ``"ValueError"``, ...).
         message: the exception's message.
+        traceback: the handler's traceback as text, sent only by a worker logging at debug
+            level (``""`` otherwise). Added after wire version 1 was fixed: a peer that
+            predates it ignores the trailing field, and a frame without it decodes as ``""``.
     """
 
     id: RequestId
     kind: str
     message: str
+    traceback: str = ""
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel", array_like=True):

@@ -5,9 +5,9 @@ A transport decodes a :class:`~troupe.transports._codec.Request` and hands it to
 request id, reply inbox, ...), the caller it came from and a ``send`` coroutine that delivers reply
 frames. The runner applies the semantics every plane shares: unknown endpoints, deadlines (an
 expired request is never started; one that expires mid-stream is stopped), cancellation by key,
-handler exceptions turned into :class:`~troupe.transports._codec.Error` frames, in-flight
-accounting and a graceful close. Each request runs as its own task, so a slow request never blocks
-the next.
+handler exceptions turned into :class:`~troupe.transports._codec.Error` frames and logged with
+their traceback (:mod:`troupe.transports._failures`), in-flight accounting and a graceful
+close. Each request runs as its own task, so a slow request never blocks the next.
 
 Admission: the runner holds at most ``max_inflight`` requests at once, and at most
 ``max_inflight_per_caller`` for one caller (``DYN_WORKER_MAX_INFLIGHT``,
@@ -34,6 +34,7 @@ from troupe.config import WorkerConfig
 from troupe.errors import ConfigError, InvalidName, Overloaded
 from troupe.transports._codec import Chunk, End, Error, Reply, Request, RequestId
 from troupe.transports._context import Handler, RequestContext, StopReason
+from troupe.transports._failures import FailureReporter, TracebackBudget, error_frame
 
 __all__ = ["RequestRunner", "SendReply", "error_frame"]
 
@@ -45,17 +46,6 @@ SendReply: TypeAlias = Callable[[Reply], Awaitable[bool]]
 """Delivers one reply frame to the caller; returns ``False`` when the caller is gone (its
 connection closed), which stops the request. Transports apply back-pressure by awaiting, after
 handing the frame over: a send cancelled while it waits has still sent its frame."""
-
-_MAX_ERROR_MESSAGE: Final = 16 * 1024
-
-
-def error_frame(request_id: RequestId, exc: BaseException) -> Error:
-    """The :class:`Error` frame reporting ``exc`` (class name and message) to the caller."""
-    message = str(exc)
-    if len(message) > _MAX_ERROR_MESSAGE:
-        message = message[:_MAX_ERROR_MESSAGE] + "... (truncated)"
-    return Error(request_id, type(exc).__name__, message)
-
 
 _MAX_SHOWN: Final = 200
 
@@ -312,6 +302,8 @@ class RequestRunner:
         name: names the request tasks (``{name}-{endpoint}-{id}``) and log lines.
         max_inflight: requests held at once, over every caller; 0 = unlimited.
         max_inflight_per_caller: requests held at once for one caller; 0 = no such limit.
+        tracebacks: how many handler failures are logged with their traceback (5 per endpoint
+            per minute by default).
     """
 
     def __init__(
@@ -320,6 +312,7 @@ class RequestRunner:
         *,
         max_inflight: int = _DEFAULTS.max_inflight,
         max_inflight_per_caller: int = _DEFAULTS.max_inflight_per_caller,
+        tracebacks: TracebackBudget | None = None,
     ) -> None:
         self._name = name
         self._handlers: dict[str, Handler] = {}
@@ -332,6 +325,7 @@ class RequestRunner:
         self._max_inflight = 0
         self._max_per_caller = 0
         self.limit(max_inflight, max_inflight_per_caller)
+        self._failures = FailureReporter(tracebacks)
         self.metrics = ServerMetrics()
         """What this runner refused, and what its transport dropped (by reason)."""
 
@@ -585,7 +579,7 @@ class RequestRunner:
                     await send(Error(rid, "StreamBroken", "worker shut down during the request"))
                 raise
             except Exception as exc:  # noqa: BLE001 - a handler's error is reported to its caller
-                await send(error_frame(rid, exc))
+                await send(self._failures.report(request.endpoint, rid, exc))
                 return
             finally:
                 if timer is not None:
@@ -687,3 +681,4 @@ class RequestRunner:
         tasks.extend(self._extra)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._failures.close()
