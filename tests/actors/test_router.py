@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from troupe._clock import VirtualClock
 from troupe._payload import decode_payload, encode_payload
 from troupe.actors import Actor, ActorSystem, Joined, Left, Subscribe
 from troupe.actors._router import (
+    Retries,
+    RoutedInstance,
     Router,
     RouterActor,
     SetAside,
@@ -442,6 +445,102 @@ def test_an_overloaded_instance_is_skipped_for_the_next(cluster: Cluster) -> Non
     with pytest.raises(Overloaded):
         call(router, instance_id=busy.id)  # direct requests are not moved
     hold.close()
+    held.close()
+
+
+class Told:
+    """A RouteObserver that counts what it is told."""
+
+    def __init__(self) -> None:
+        self.counts = {"retried": 0, "migrated": 0}
+
+    def retried(self, endpoint: str) -> None:
+        assert endpoint == EP
+        self.counts["retried"] += 1
+
+    def migrated(self, endpoint: str) -> None:
+        assert endpoint == EP
+        self.counts["migrated"] += 1
+
+
+def refusals(worker: Worker) -> float:
+    labels = {"namespace": NS, "component": COMP, "endpoint": NAME, "kind": "overloaded"}
+    return worker.rt.metrics.registry.get_sample_value("troupe_errors_total", labels) or 0
+
+
+def test_overloaded_tries_go_round_again_after_a_pause_up_to_the_limit(cluster: Cluster) -> None:
+    busy = cluster.tcp_worker(max_inflight=1)
+    told = Told()
+    retries = Retries(overload_tries=3, overload_pause=0.001)
+    router = cluster.router(expect=1, retries=retries, observer=told)
+    once = cluster.router(expect=1)  # the default: each instance once
+    hold = once.generate_sync({"kind": "hang"})
+    assert next(hold) == busy.id
+    with pytest.raises(Overloaded):
+        call(once)
+    assert refusals(busy) == 1
+    with pytest.raises(Overloaded):
+        call(router)  # the only instance refused: asked again after a pause, 3 times in all
+    assert refusals(busy) == 4
+    assert told.counts == {"retried": 2, "migrated": 0}
+    hold.close()
+
+
+def test_overload_retry_settings_are_validated() -> None:
+    for bad in ({"overload_tries": 0}, {"overload_pause": -1}, {"replacement_wait": -1}):
+        with pytest.raises(ConfigError):
+            Retries(**bad)  # type: ignore[arg-type]
+    rng = random.Random(1)
+    assert 0.005 <= Retries(overload_pause=0.01).pause(1, rng) < 0.015
+    assert 0.02 <= Retries(overload_pause=0.01).pause(3, rng) < 0.06
+
+
+def test_a_migration_waits_for_a_replacement_when_every_instance_was_tried(
+    cluster: Cluster,
+) -> None:
+    only = cluster.tcp_worker()
+    told = Told()
+    router = cluster.router(
+        expect=1, migration_limit=1, retries=Retries(replacement_wait=10), observer=told
+    )
+    stream = router.generate_sync({"kind": "resume"})
+    assert next(stream) == only.id
+    only.kill()
+    eventually(lambda: only.id in router.snapshot.set_aside, what="the failure seen")
+    replacement = cluster.tcp_worker()
+    assert list(stream) == [["rest", replacement.id, 1]]
+    assert told.counts == {"retried": 0, "migrated": 1}
+
+
+class Recording:
+    """A Policy that takes the first candidate and records what it was shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[str], dict[str, int], Any, Any]] = []
+
+    def choose(
+        self,
+        candidates: tuple[RoutedInstance, ...],
+        load: Mapping[str, int],
+        request: Any,
+        headers: Mapping[str, str] | None,
+    ) -> RoutedInstance:
+        self.seen.append(([i.instance_id for i in candidates], dict(load), request, headers))
+        return candidates[0]
+
+
+def test_a_policy_sees_the_request_its_headers_and_every_callers_load(cluster: Cluster) -> None:
+    a, b = cluster.tcp_worker(), cluster.tcp_worker()
+    policy = Recording()
+    router = cluster.router(expect=2, policy=policy)
+    assert router.policy == "Recording"
+    held = router.generate_sync({"kind": "hang"}, instance_id=b.id)  # direct: no policy step
+    assert next(held) == b.id
+    assert router.load == {b.id: 1}
+    request = {"kind": "who", "prompt": [1, 2, 3]}
+    first = min(a.id, b.id)
+    assert list(router.generate_sync(request, headers={"session": "s1"})) == [first]
+    assert policy.seen == [(sorted([a.id, b.id]), {b.id: 1}, request, {"session": "s1"})]
     held.close()
 
 

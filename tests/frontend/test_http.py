@@ -14,16 +14,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from troupe import Runtime
 from troupe._payload import encode_payload
 from troupe.demo.mocker import VOCABULARY, make_generate
-from troupe.discovery import MemoryKvServer
+from troupe.discovery import MemoryKvServer, decode_record, encode_record
 from troupe.errors import (
     ConfigError,
-    IncompatibleInstances,
-    InstanceNotFound,
     MessageTooLarge,
     NoInstances,
     Overloaded,
@@ -691,15 +690,42 @@ def test_the_engine_request_carries_the_text_once() -> None:
     assert completion["prompt"] == "hi"
 
 
-def test_an_instance_on_another_wire_version_is_retried_like_a_gone_one() -> None:
-    """A direct request whose instance changed wire version between the choice and the send
-    raises IncompatibleInstances: nothing was generated there, so another one is tried."""
-    refused = frontend_app._REFUSED
-    assert isinstance(IncompatibleInstances("a.b.c", {"i1": 0}, 1), refused)
-    assert isinstance(InstanceNotFound("a.b.c", "i1"), refused)
-    assert isinstance(Overloaded("x"), refused)
-    assert not isinstance(NoInstances("a.b.c"), refused)
-    assert not isinstance(StreamBroken("gone"), refused)
+async def test_an_instance_on_another_wire_version_gets_no_generation(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    """The model's router never sends a generation to an instance whose record says another
+    wire version (nothing is generated there; every request is served by the other)."""
+
+    def named(name: str) -> Any:
+        async def handler(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+            yield {"text": name, "prompt_tokens": 1}
+
+        return handler
+
+    await workers.serve("demo.mocker.generate", named("current"), model="mock")
+    old = await workers.serve("demo.mocker.generate", named("old"), model="mock")
+    async with running_frontend(kv, settings) as fe:
+        await wait_for_model(fe, "mock")
+        router = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await eventually_async(lambda: len(router.instance_ids()) == 2)
+        key = f"/services/demo/mocker/generate/{old.instance_id}"
+
+        async def downgrade() -> None:
+            stored = await old.store.get(key)
+            assert stored is not None
+            record = decode_record(stored.value, key=key)
+            old_record = encode_record(msgspec.structs.replace(record, wire=0))
+            await old.store.put(key, old_record, lease=stored.lease)  # still leased
+
+        await asyncio.to_thread(old.io.run, downgrade(), 5)
+        await eventually_async(lambda: old.instance_id in router.snapshot.incompatible)
+        async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+            body = {"model": "mock", "prompt": "x"}
+            texts = [
+                (await http.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+                for _ in range(6)
+            ]
+        assert texts == ["current"] * 6
 
 
 class GatedFrontend(Frontend):

@@ -1,11 +1,14 @@
-"""Which worker answers: one router per (model, endpoint) released once idle, capped retries past
-overloaded workers, and migrations that never go back to a worker that already failed the
-request but wait for a replacement to register."""
+"""Which worker answers: one router per (model, endpoint) released once idle, that chooses every
+worker (its policy seeing the load of every caller), capped retries past overloaded workers,
+and migrations that never go back to a worker that already failed the request but wait for a
+replacement to register."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import random
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,12 +18,12 @@ import pytest
 
 from troupe import Runtime
 from troupe.actors import Actor, ActorSystem, Joined, Subscribe
-from troupe.actors._router import RouterActor, SnapshotHolder
+from troupe.actors._router import Retries, RouterActor, SnapshotHolder
 from troupe.demo.mocker import make_generate
 from troupe.discovery import InstanceRecord, MemoryKvServer
 from troupe.errors import ConfigError, NoInstances, StreamBroken
 from troupe.frontend import Frontend, FrontendSettings, ModelRegistry
-from troupe.frontend._models import InstanceChooser
+from troupe.frontend._app import resume_request
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
 
@@ -310,9 +313,13 @@ async def test_overloaded_retries_are_capped_and_counted(
 
 
 def test_the_pause_between_tries_is_jittered_and_doubles(frontend: Frontend) -> None:
-    base = frontend.settings.overload_pause
-    first = [frontend.state.overload_pause(1) for _ in range(50)]
-    second = [frontend.state.overload_pause(2) for _ in range(50)]
+    settings = frontend.settings
+    base = settings.overload_pause
+    retries = frontend.registry.options.retries
+    assert retries == Retries(settings.overload_tries, base, settings.instance_wait)
+    rng = random.Random(7)
+    first = [retries.pause(1, rng) for _ in range(50)]
+    second = [retries.pause(2, rng) for _ in range(50)]
     assert all(0.5 * base <= p < 1.5 * base for p in first)
     assert all(base <= p < 3 * base for p in second)
     assert len(set(first)) > 1
@@ -334,25 +341,13 @@ class BreakOnce:
 
 
 async def test_migration_waits_for_a_replacement_worker(
-    kv: MemoryKvServer,
-    settings: FrontendSettings,
-    workers: Workers,
-    monkeypatch: pytest.MonkeyPatch,
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
 ) -> None:
-    # Deterministic order: the replacement registers only once the frontend found no instance
-    # left to try (before the fix, the generation failed at that point).
-    nothing_left = asyncio.Event()
-    choose = InstanceChooser.choose
-
-    def spy(self: InstanceChooser, router: Any, tried: Any) -> Any:
-        target = choose(self, router, tried)
-        if target is None:
-            nothing_left.set()
-        return target
-
-    monkeypatch.setattr(InstanceChooser, "choose", spy)
+    # The replacement registers only once the only worker failed the request and was set
+    # aside (the router then has no instance left to try; before the fix, the generation
+    # failed at that point).
     dying = BreakOnce()
-    await workers.serve("demo.mocker.generate", dying, model="mock")
+    first = await workers.serve("demo.mocker.generate", dying, model="mock")
     async with running_frontend(kv, settings, migration_limit=1, instance_wait=10) as fe:
         await wait_for_model(fe, "mock")
         router = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
@@ -360,7 +355,10 @@ async def test_migration_waits_for_a_replacement_worker(
         async with httpx.AsyncClient(base_url=fe.url, timeout=15) as http:
             body = {"model": "mock", "prompt": "a b", "max_tokens": 3, "ext": QUICK}
             request = asyncio.create_task(http.post("/v1/completions", json=body))
-            await asyncio.wait_for(nothing_left.wait(), 5)
+            failed = await router.wait_for_snapshot(
+                lambda s: first.instance_id in s.set_aside, timeout=5
+            )
+            assert failed is not None
             assert not request.done()
             await workers.serve("demo.mocker.generate", SLOW, model="mock")
             response = await asyncio.wait_for(request, 10)
@@ -464,3 +462,70 @@ def test_router_idle_is_validated() -> None:
         FrontendSettings(overload_tries=0)
     with pytest.raises(ConfigError):
         FrontendSettings(overload_pause=-1)
+
+
+# --- one router for every caller -----------------------------------------------------------------
+
+
+def named(name: str) -> Any:
+    """A worker answering its ``name``; a request asking to ``hold`` then stays in flight
+    until its caller cancels it."""
+
+    async def handler(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        yield {"text": name, "prompt_tokens": 1}
+        if request.get("hold") or request.get("ext", {}).get("hold"):
+            await ctx.wait_stopped()
+
+    return handler
+
+
+async def test_a_least_loaded_router_sees_the_frontend_and_a_script_alike(
+    kv: MemoryKvServer, settings: FrontendSettings, workers: Workers
+) -> None:
+    ids = {
+        name: (await workers.serve("demo.mocker.generate", named(name), model="mock")).instance_id
+        for name in ("A", "B")
+    }
+    other = {"A": "B", "B": "A"}
+    async with running_frontend(kv, settings, router_mode="least_loaded") as fe:
+        await wait_for_model(fe, "mock")
+        router = fe.registry.router(fe.registry.get("mock"))  # type: ignore[arg-type]
+        await eventually_async(lambda: len(router.instance_ids()) == 2)
+        assert router.policy == "least_loaded"
+        async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+            # A script's request in flight on the frontend's router: the frontend's requests
+            # go to the other worker, every one of them.
+            held = router.generate({"hold": True})
+            busy = (await anext(held))["text"]
+            assert router.load == {ids[busy]: 1}
+            served = [await completion_text(http, "mock") for _ in range(8)]
+            assert served == [other[busy]] * 8
+            await held.aclose()
+            await eventually_async(lambda: not router.load, what="the script's request ended")
+            # And the other way round: a generation streaming through the frontend is load the
+            # script's requests see.
+            body = {"model": "mock", "prompt": "x", "stream": True, "ext": {"hold": True}}
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.aiter_lines()
+                first = await anext(lines)
+                busy = json.loads(first.removeprefix("data: "))["choices"][0]["text"]
+                assert router.load == {ids[busy]: 1}
+                texts = [[c["text"] async for c in router.generate({"x": i})] for i in range(8)]
+                assert texts == [[other[busy]]] * 8
+        await eventually_async(lambda: not router.load, what="the frontend's request ended")
+
+
+def test_the_resume_field_counts_what_the_client_has() -> None:
+    received = [
+        {"text": "a", "prompt_tokens": 1},
+        {"text": "", "finish_reason": None},
+        {"text": "bc", "tokens": 2},
+        "garbage",
+    ]
+    request = {"prompt": "x", "max_tokens": 9}
+    assert resume_request(request, received) == {
+        "prompt": "x",
+        "max_tokens": 9,
+        "resume": {"tokens": 3, "text": "abc"},
+    }
+    assert request == {"prompt": "x", "max_tokens": 9}  # not changed in place

@@ -11,7 +11,9 @@ request is re-sent to another instance, the handler seeing ``ctx.attempt``. A st
 delivered chunks continues rather than repeats: it moves only to an instance whose handler is
 resumable (told ``ctx.received``), or through the router's ``resume`` hook. An instance that
 answers ``Overloaded`` before its first chunk (at its admission limit, or draining) is skipped for
-the next untried one.
+the next untried one (with :class:`Retries`, capped, and tried again after a jittered pause once
+every instance refused). A :class:`Policy` sees the request, its headers and the requests in
+flight per instance, counted here for every caller of the handle.
 
 Transports' clients are used only on the runtime's I/O loop: a caller on another event loop (a
 web framework's) or on a plain thread is bridged, chunks flowing through a queue fed with
@@ -66,6 +68,8 @@ __all__ = [
     "POLICIES",
     "Policy",
     "Resume",
+    "Retries",
+    "RouteObserver",
     "RoutedInstance",
     "Router",
     "RouterActor",
@@ -361,12 +365,30 @@ class RouterActor(Actor[RouterMessage]):
 
 
 class Policy(Protocol):
-    """Chooses one of ``candidates`` (never empty); ``inflight`` counts this router's requests."""
+    """Which instance serves a request: the router's one seam for choosing (see docs/routing.md).
+
+    ``choose`` runs on the runtime's I/O loop for every attempt of every request (retries and
+    migrations included, over the instances that attempt may use); it must be quick and must
+    not block or raise.
+    """
 
     def choose(
-        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+        self,
+        candidates: tuple[RoutedInstance, ...],
+        load: Mapping[str, int],
+        request: Any,
+        headers: Mapping[str, str] | None,
     ) -> RoutedInstance:
-        """The instance to send the next request to."""
+        """The instance to send ``request`` to.
+
+        Args:
+            candidates: the instances this attempt may use, sorted by id; never empty.
+            load: requests in flight per instance id (absent: none), counted by the router for
+                every caller of it (a frontend and scripts sharing it alike); live, read-only.
+            request: the request as the caller passed it (before encoding); after a migration
+                through a ``resume`` hook, the rewritten request.
+            headers: the caller's headers, if any.
+        """
         ...
 
 
@@ -377,7 +399,11 @@ class _RoundRobin:
         self._counter = itertools.count()
 
     def choose(
-        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+        self,
+        candidates: tuple[RoutedInstance, ...],
+        load: Mapping[str, int],
+        request: Any,
+        headers: Mapping[str, str] | None,
     ) -> RoutedInstance:
         return candidates[next(self._counter) % len(candidates)]
 
@@ -389,7 +415,11 @@ class _Random:
         self._rng = rng
 
     def choose(
-        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+        self,
+        candidates: tuple[RoutedInstance, ...],
+        load: Mapping[str, int],
+        request: Any,
+        headers: Mapping[str, str] | None,
     ) -> RoutedInstance:
         return candidates[self._rng.randrange(len(candidates))]
 
@@ -401,12 +431,16 @@ class _LeastLoaded:
         self._rng = rng
 
     def choose(
-        self, candidates: tuple[RoutedInstance, ...], inflight: Mapping[str, int]
+        self,
+        candidates: tuple[RoutedInstance, ...],
+        load: Mapping[str, int],
+        request: Any,
+        headers: Mapping[str, str] | None,
     ) -> RoutedInstance:
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._rng.sample(candidates, 2)
-        if inflight.get(second.instance_id, 0) < inflight.get(first.instance_id, 0):
+        if load.get(second.instance_id, 0) < load.get(first.instance_id, 0):
             return second
         return first
 
@@ -416,16 +450,76 @@ POLICIES: Final[Mapping[str, Callable[[random.Random], Policy]]] = {
     "random": _Random,
     "least_loaded": _LeastLoaded,
 }
-"""Policy name → factory. Direct routing is ``generate(..., instance_id=...)``."""
+"""Policy name → factory. Direct routing is ``generate(..., instance_id=...)``; a
+:class:`Policy` object may be passed instead of a name."""
 
 
-def _validate(policy: str, migration_limit: int) -> Callable[[random.Random], Policy]:
-    factory = POLICIES.get(policy)
-    if factory is None:
-        raise ConfigError("policy", policy, choices=tuple(POLICIES))
+def _validate(policy: str | Policy, migration_limit: int) -> Callable[[random.Random], Policy]:
+    if isinstance(policy, str):
+        factory = POLICIES.get(policy)
+        if factory is None:
+            raise ConfigError("policy", policy, choices=tuple(POLICIES))
+    elif callable(getattr(policy, "choose", None)):
+        factory = _given(policy)
+    else:
+        raise ConfigError("policy", policy, f"one of {', '.join(POLICIES)} or a Policy object")
     if not isinstance(migration_limit, int) or migration_limit < 0:
         raise ConfigError("migration_limit", migration_limit, "an integer >= 0")
     return factory
+
+
+def _given(policy: Policy) -> Callable[[random.Random], Policy]:
+    return lambda rng: policy
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    """How a router tries again when no instance took a request.
+
+    Attributes:
+        overload_tries: attempts answered ``Overloaded`` (before any chunk) that a request may
+            make, the first included, before that error reaches the caller. Each goes to an
+            instance not tried yet; once every instance refused, the next round starts after
+            a pause. ``None``: each instance once, no pause (a request fails with
+            ``Overloaded`` once every instance refused it).
+        overload_pause: seconds before a new round once every instance refused: doubled at
+            each round, times a random factor in [0.5, 1.5) (so that refused requests do not
+            come back in step).
+        replacement_wait: seconds a migration waits for a new instance to register when every
+            known instance was tried (``0``: the failure reaches the caller at once).
+
+    Raises:
+        ConfigError: a value out of range.
+    """
+
+    overload_tries: int | None = None
+    overload_pause: float = 0.01
+    replacement_wait: float = 0.0
+
+    def __post_init__(self) -> None:
+        tries = self.overload_tries
+        if tries is not None and (not isinstance(tries, int) or tries < 1):
+            raise ConfigError("overload_tries", tries, "an integer >= 1, or None")
+        if not self.overload_pause >= 0:
+            raise ConfigError("overload_pause", self.overload_pause, "seconds >= 0")
+        if not self.replacement_wait >= 0:
+            raise ConfigError("replacement_wait", self.replacement_wait, "seconds >= 0")
+
+    def pause(self, rounds: int, rng: random.Random) -> float:
+        """Seconds to wait before round ``rounds + 1`` (``rounds`` >= 1 rounds all refused)."""
+        return self.overload_pause * 2.0 ** (rounds - 1) * (0.5 + rng.random())
+
+
+class RouteObserver(Protocol):
+    """Told (on the runtime's I/O loop; it must not block) when a request tries again."""
+
+    def retried(self, endpoint: str) -> None:
+        """A request refused with ``Overloaded`` is sent to another attempt."""
+        ...
+
+    def migrated(self, endpoint: str) -> None:
+        """A request whose instance failed is sent to another instance."""
+        ...
 
 
 # --- the bridge between the caller's thread or loop and the I/O loop ---------------------------
@@ -486,13 +580,17 @@ class Router:
         network: the clients, used only on ``io``.
         io: the runtime's I/O loop.
         endpoint: the endpoint's name on the request plane, ``"{namespace}.{component}.{name}"``.
-        policy: a key of :data:`POLICIES`.
+        policy: a key of :data:`POLICIES`, or a :class:`Policy`.
         migration_limit: how many times a request whose instance fails (connect failure or a
             stream broken before its end) is re-sent to another instance.
         resume: called when a stream that already delivered chunks is migrated; see
             :data:`Resume`. Without it such a stream moves only to instances whose handler is
             resumable, and fails with :class:`~troupe.errors.StreamNotResumable` when none is.
-        rng: randomness of the ``random`` and ``least_loaded`` policies.
+        retries: how requests refused with ``Overloaded`` are retried, and how long a migration
+            waits for a replacement instance (:class:`Retries`; default: each instance once,
+            no wait).
+        observer: told when a request is retried or migrated (e.g. to count them).
+        rng: randomness of the ``random`` and ``least_loaded`` policies and of the pauses.
         set_aside_for: the actor's set-aside window; a failed instance is excluded by this
             handle at once, for at most that long, until the actor's snapshot excludes it.
         owned: actors stopped by :meth:`close` (the RouterActor and its watcher, when the
@@ -510,9 +608,11 @@ class Router:
         io: IOLoop,
         endpoint: str,
         *,
-        policy: str = "round_robin",
+        policy: str | Policy = "round_robin",
         migration_limit: int = 0,
         resume: Resume | None = None,
+        retries: Retries | None = None,
+        observer: RouteObserver | None = None,
         rng: random.Random | None = None,
         owned: tuple[ActorRef[Any], ...] = (),
         set_aside_for: float = 5.0,
@@ -525,11 +625,14 @@ class Router:
         self._network = network
         self._io = io
         self.endpoint = endpoint
-        self.policy = policy
+        self.policy = policy if isinstance(policy, str) else type(policy).__name__
         self.migration_limit = migration_limit
+        self.retries = retries if retries is not None else Retries()
         self._resume = resume
-        self._policy = factory(rng or random.Random())
-        self._inflight: dict[str, int] = {}  # touched only on the I/O loop
+        self._observer = observer
+        self._rng = rng or random.Random()
+        self._policy = factory(self._rng)
+        self._inflight: dict[str, int] = {}  # written only on the I/O loop
         # Instances seen failing, until the actor's snapshot sets them aside (I/O loop only).
         self._down: dict[str, float] = {}
         self._set_aside_for = set_aside_for
@@ -549,6 +652,12 @@ class Router:
     def snapshot(self) -> RouterSnapshot:
         """The current snapshot (no mailbox hop)."""
         return self._holder.current
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Requests in flight per instance id (absent: none), over every caller of this router:
+        what its policy sees (a copy)."""
+        return dict(self._inflight)
 
     def instance_ids(self) -> list[str]:
         """The ids of every known instance (set-aside ones included), sorted."""
@@ -785,24 +894,29 @@ class Router:
                     await flow.room.wait()
 
     def _pick(
-        self, instance_id: str | None, tried: set[str] | None, resuming: bool = False
+        self,
+        instance_id: str | None,
+        retry: _Retry | None,
+        request: Any = None,
+        headers: Mapping[str, str] | None = None,
+        resuming: bool = False,
     ) -> RoutedInstance:
         """The instance for the next attempt. ``resuming``: only resumable instances (a stream
         that delivered chunks moves on without a resume hook)."""
         snapshot = self._holder.current
-        if resuming:
-            return self._pick_resumable(snapshot, tried or set())
         down = self._down
-        if instance_id is None and not tried and not down:
+        if instance_id is None and retry is None and not down:
             candidates = snapshot.available
             if candidates:
-                return self._policy.choose(candidates, self._inflight)
+                return self._policy.choose(candidates, self._inflight, request, headers)
         if instance_id is not None:
             target = snapshot.by_id.get(instance_id)
             if target is None:
                 raise self._not_found(snapshot, instance_id)
             return target
-        excluded = tried or set()
+        excluded = retry.tried if retry is not None else set()
+        if resuming:
+            return self._pick_resumable(snapshot, excluded, request, headers)
         candidates = snapshot.available
         if down:
             candidates = self._without_down(snapshot, candidates)
@@ -813,7 +927,7 @@ class Router:
             candidates = tuple(i for i in snapshot.instances if i.instance_id not in excluded)
             if not candidates:
                 raise self._no_instances(snapshot)
-        return self._policy.choose(candidates, self._inflight)
+        return self._policy.choose(candidates, self._inflight, request, headers)
 
     def _without_down(
         self, snapshot: RouterSnapshot, candidates: tuple[RoutedInstance, ...]
@@ -830,7 +944,13 @@ class Router:
             return candidates
         return tuple(i for i in candidates if i.instance_id not in down)
 
-    def _pick_resumable(self, snapshot: RouterSnapshot, tried: set[str]) -> RoutedInstance:
+    def _pick_resumable(
+        self,
+        snapshot: RouterSnapshot,
+        tried: set[str],
+        request: Any,
+        headers: Mapping[str, str] | None,
+    ) -> RoutedInstance:
         candidates = tuple(
             i for i in snapshot.available if i.instance_id not in tried and i.record.resumable
         )
@@ -840,21 +960,30 @@ class Router:
             )
         if not candidates:
             raise self._no_instances(snapshot)
-        return self._policy.choose(candidates, self._inflight)
+        return self._policy.choose(candidates, self._inflight, request, headers)
 
-    def _can_move(self, tried: set[str], resuming: bool) -> bool:
+    def _can_move(
+        self, tried: set[str], resuming: bool, snapshot: RouterSnapshot | None = None
+    ) -> bool:
         """Whether an untried instance is left (a resumable one when ``resuming``)."""
+        if snapshot is None:
+            snapshot = self._holder.current
         return any(
             i.instance_id not in tried and (not resuming or i.record.resumable)
-            for i in self._holder.current.instances
+            for i in snapshot.instances
         )
 
-    def _check_move(
+    async def _move(
         self, exc: TroupeError, target: RoutedInstance, tried: set[str], received: int
     ) -> None:
-        """Raise ``exc`` (or :class:`StreamNotResumable`) unless an instance is left to take
-        over the failed request; log the move."""
+        """Return when an instance is left to take over the failed request (waiting up to
+        ``retries.replacement_wait`` for one to register); raise ``exc`` (or
+        :class:`StreamNotResumable`) otherwise."""
         resuming = received > 0 and self._resume is None
+        wait = self.retries.replacement_wait
+        if wait and not self._can_move(tried, resuming):
+            _log.info("waiting for a replacement instance", endpoint=self.endpoint, seconds=wait)
+            await self.wait_for_snapshot(lambda s: self._can_move(tried, resuming, s), wait)
         if not self._can_move(tried, resuming):
             if resuming and self._can_move(tried, False):
                 raise StreamNotResumable(
@@ -868,17 +997,41 @@ class Router:
             received=received,
             error=str(exc),
         )
+        if self._observer is not None:
+            self._observer.migrated(self.endpoint)
+
+    async def _retry_refused(self, exc: Overloaded, retry: _Retry, resuming: bool) -> None:
+        """After an ``Overloaded`` answer: return when another attempt may go (after a pause
+        when every instance refused); raise ``exc`` when the tries are spent."""
+        retries = self.retries
+        limit = retries.overload_tries
+        if limit is not None and retry.refusals >= limit:
+            raise exc
+        if not self._can_move(retry.tried, resuming):
+            if limit is None:
+                raise exc  # each instance once
+            # Every instance refused: a new round over them, after a pause.
+            retry.tried.difference_update(retry.refused)
+            retry.refused.clear()
+            if not self._can_move(retry.tried, resuming):
+                raise exc  # the others failed outright
+            retry.rounds += 1
+            await asyncio.sleep(retries.pause(retry.rounds, self._rng))
+        _log.debug("instance overloaded; trying another", endpoint=self.endpoint)
+        if self._observer is not None:
+            self._observer.retried(self.endpoint)
 
     def _resent(
         self, request: Any, payload: bytes, held: list[Any] | None, received: int
-    ) -> tuple[bytes, int]:
-        """The payload of the next attempt and the ``received`` count its handler is told:
-        the ``resume`` hook's request (the handler starts afresh), or the same request with
-        the count of chunks to skip."""
+    ) -> tuple[Any, bytes, int]:
+        """The request of the next attempt, its payload and the ``received`` count its
+        handler is told: the ``resume`` hook's request (the handler starts afresh), or the
+        same request with the count of chunks to skip."""
         if received and self._resume is not None:
             assert held is not None
-            return encode_payload(self._resume(request, list(held))), 0
-        return payload, received
+            rewritten = self._resume(request, list(held))
+            return rewritten, encode_payload(rewritten), 0
+        return request, payload, received
 
     def _set_aside(self, instance_id: str) -> None:
         self._down[instance_id] = time.monotonic() + self._set_aside_for
@@ -895,18 +1048,19 @@ class Router:
         headers: dict[str, str] | None,
     ) -> AsyncGenerator[Any, None]:
         """On the I/O loop: choose, send, stream; skip instances that answer ``Overloaded``
-        before any chunk; migrate on instance failures, continuing (never repeating) a stream
-        that already delivered chunks."""
+        before any chunk (as :attr:`retries` allows); migrate on instance failures, continuing
+        (never repeating) a stream that already delivered chunks."""
         payload: bytes | None = None
-        tried: set[str] | None = None
+        retry: _Retry | None = None  # created on the first failure: most requests never fail
         attempt = 0
         received = 0  # chunks yielded to the caller, over every attempt
         hook = self._resume is not None
         held: list[Any] | None = [] if hook and self.migration_limit else None
         sent_received = 0  # what the current attempt's handler is told it may skip
+        current = request  # what this attempt sends: the resume hook's rewrite after a move
         inflight = self._inflight
         while True:
-            target = self._pick(instance_id, tried, received > 0 and not hook)
+            target = self._pick(instance_id, retry, current, headers, received > 0 and not hook)
             if payload is None:
                 payload = encode_payload(request)
             key = target.instance_id
@@ -914,9 +1068,8 @@ class Router:
             before = received
             try:
                 try:
-                    address = target.address
-                    stream = await self._network.client_for(address).request(
-                        address,
+                    stream = await self._network.client_for(target.address).request(
+                        target.address,
                         self.endpoint,
                         payload,
                         deadline=deadline,
@@ -934,24 +1087,20 @@ class Router:
                     finally:
                         stream.close()
                     return
-                except Overloaded:
+                except Overloaded as exc:
                     # Refused at admission (full, or draining): nothing was generated there.
-                    tried = _with(tried, key)
-                    if (
-                        received != before
-                        or instance_id is not None
-                        or not self._can_move(tried, received > 0 and not hook)
-                    ):
+                    if received != before or instance_id is not None:
                         raise
-                    _log.debug("instance overloaded; trying another", endpoint=self.endpoint)
+                    retry = _Retry.after(retry, key, refused=True)
+                    await self._retry_refused(exc, retry, received > 0 and not hook)
                 except MIGRATABLE as exc:
                     self._set_aside(key)
-                    tried = _with(tried, key)
+                    retry = _Retry.after(retry, key)
                     if instance_id is not None or attempt >= self.migration_limit:
                         raise
-                    self._check_move(exc, target, tried, received)
+                    await self._move(exc, target, retry.tried, received)
                     attempt += 1
-                    payload, sent_received = self._resent(request, payload, held, received)
+                    current, payload, sent_received = self._resent(request, payload, held, received)
             finally:
                 left = inflight[key] - 1
                 if left:
@@ -960,12 +1109,28 @@ class Router:
                     del inflight[key]
 
 
-def _with(tried: set[str] | None, key: str) -> set[str]:
-    """``tried`` with ``key`` added (created on the first failure: most requests never fail)."""
-    if tried is None:
-        return {key}
-    tried.add(key)
-    return tried
+class _Retry:
+    """What one request's failed attempts left: the instances it tried, those that refused it
+    in this round, and how often it was refused."""
+
+    __slots__ = ("refusals", "refused", "rounds", "tried")
+
+    def __init__(self) -> None:
+        self.tried: set[str] = set()
+        self.refused: set[str] = set()
+        self.refusals = 0
+        self.rounds = 0
+
+    @staticmethod
+    def after(retry: _Retry | None, key: str, *, refused: bool = False) -> _Retry:
+        """``retry`` (created if ``None``) with ``key`` tried (and counted as a refusal)."""
+        if retry is None:
+            retry = _Retry()
+        retry.tried.add(key)
+        if refused:
+            retry.refused.add(key)
+            retry.refusals += 1
+        return retry
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -997,12 +1162,14 @@ def spawn_router(
     io: IOLoop,
     endpoint: str | Endpoint,
     *,
-    policy: str = "round_robin",
+    policy: str | Policy = "round_robin",
     migration_limit: int = 0,
     set_aside_for: float = 5.0,
     rng: random.Random | None = None,
     instance_filter: Callable[[InstanceRecord], bool] | None = None,
     resume: Resume | None = None,
+    retries: Retries | None = None,
+    observer: RouteObserver | None = None,
 ) -> Router:
     """Start a WatcherActor and a RouterActor for an endpoint; return a Router owning both.
 
@@ -1014,9 +1181,11 @@ def spawn_router(
         network: the clients (used on ``io`` only).
         io: the runtime's I/O loop.
         endpoint: ``"ns.component.endpoint"`` (or ``dyn://...``, or an Endpoint).
-        policy: a key of :data:`POLICIES`.
+        policy: a key of :data:`POLICIES`, or a :class:`Policy`.
         migration_limit: re-sends allowed after an instance failure.
         resume: how to continue a stream that delivered chunks elsewhere (:data:`Resume`).
+        retries: retries after ``Overloaded`` and the wait for a replacement (:class:`Retries`).
+        observer: told when a request is retried or migrated (:class:`RouteObserver`).
         set_aside_for: seconds a failed instance is excluded.
         rng: randomness for the ``random`` and ``least_loaded`` policies.
         instance_filter: route only to instances whose record it accepts (e.g. those whose
@@ -1054,6 +1223,8 @@ def spawn_router(
         policy=policy,
         migration_limit=migration_limit,
         resume=resume,
+        retries=retries,
+        observer=observer,
         rng=rng,
         owned=(actor, watcher),
         set_aside_for=set_aside_for,

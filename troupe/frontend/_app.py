@@ -9,14 +9,15 @@ the worker. The HTTP status is chosen only once the first engine chunk (or failu
 a request that fails before streaming gets a proper OpenAI error and status code; a failure after
 the stream started is sent as a last ``data: {"error": ...}`` event followed by ``data: [DONE]``.
 
-Instances: each generation leases its (model, endpoint) router from the registry, picks its
-worker itself (the router's policy over the instances it has not tried) and sends with
-``instance_id=``. A worker answering ``Overloaded`` is skipped for another after a short
-jittered pause, up to ``overload_tries`` workers in all (503 when they all refused). When a
-worker fails mid-generation (connect failure, broken stream) and ``migration_limit`` allows it,
-the generation is re-sent to a worker it has not tried (waiting up to ``instance_wait`` for a
-replacement to register when none is left), with ``"resume"`` telling the engine how many
-tokens (and which text) the client already has.
+Instances: each generation leases its (model, endpoint) router from the registry and calls
+``router.generate``; the router chooses the worker (its policy, ``router_mode``, seeing the
+load of every caller of that router) and does every retry, as :func:`route_options` sets it
+up from the settings. A worker answering ``Overloaded`` is skipped for another, up to
+``overload_tries`` tries in all, after a short jittered pause once every worker refused (503
+when the tries are spent). When a worker fails mid-generation (connect failure, broken stream)
+and ``migration_limit`` allows it, the generation continues on a worker it has not tried
+(waiting up to ``instance_wait`` for a replacement to register when none is left), with
+``"resume"`` telling the engine how many tokens (and which text) the client already has.
 
 Request bodies are read incrementally up to ``max_body_size`` (413 beyond; over HTTP/2 the rest
 of the body is read and discarded first, within bounds, since hypercorn fails the whole
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -47,13 +47,11 @@ from starlette.types import Lifespan, Receive, Scope, Send
 from troupe._logging import get_logger
 from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from troupe._payload import encode_payload
-from troupe.actors._router import MIGRATABLE, RoutedInstance, Router, RouterSnapshot
+from troupe.actors._router import Retries
 from troupe.errors import (
     ActorError,
     Cancelled,
     ConfigError,
-    IncompatibleInstances,
-    InstanceNotFound,
     InvalidRequest,
     MessageTooLarge,
     NoInstances,
@@ -62,7 +60,7 @@ from troupe.errors import (
     TroupeError,
 )
 from troupe.frontend._metrics import FrontendMetrics
-from troupe.frontend._models import InstanceChooser, ModelEntry, ModelRegistry
+from troupe.frontend._models import ModelEntry, ModelRegistry, RouteOptions
 from troupe.frontend._openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -87,6 +85,8 @@ __all__ = [
     "build_app",
     "error_reply",
     "error_status",
+    "resume_request",
+    "route_options",
 ]
 
 _log = get_logger("troupe.frontend")
@@ -129,10 +129,11 @@ class FrontendSettings:
             ``None``: the runtime's ``request_plane.tcp.max_message_size``
             (``DYN_TCP_MAX_MESSAGE_SIZE``, 32 MiB), since a larger request could not be sent to
             a worker anyway.
-        overload_tries: how many instances a generation tries when they answer ``Overloaded``
-            (the first included; ``1``: no retry), each one it has not tried yet.
-        overload_pause: seconds before the next try after an ``Overloaded`` answer: doubled at
-            each retry, times a random factor in [0.5, 1.5).
+        overload_tries: how many tries a generation makes when workers answer ``Overloaded``
+            (the first included; ``1``: no retry), each to a worker it has not tried yet while
+            there is one.
+        overload_pause: seconds before the next round of tries once every worker answered
+            ``Overloaded``: doubled at each round, times a random factor in [0.5, 1.5).
         router_idle: seconds a (model, endpoint) router is kept after its last instance left.
     """
 
@@ -171,6 +172,62 @@ class FrontendSettings:
         if not self.router_idle > 0:
             raise ConfigError("--router-idle", self.router_idle, "seconds > 0")
 
+    def retries(self) -> Retries:
+        """The routers' retries: ``overload_tries`` and ``overload_pause``, and ``instance_wait``
+        for a replacement worker."""
+        return Retries(
+            overload_tries=self.overload_tries,
+            overload_pause=self.overload_pause,
+            replacement_wait=self.instance_wait,
+        )
+
+
+def route_options(settings: FrontendSettings, metrics: FrontendMetrics) -> RouteOptions:
+    """How the frontend's routers retry, migrate and resume, counting into ``metrics``."""
+    return RouteOptions(
+        migration_limit=settings.migration_limit,
+        retries=settings.retries(),
+        resume=resume_request,
+        observer=lambda model: _Counted(metrics, model),
+    )
+
+
+class _Counted:
+    """The observer of one model's router: counts its retries and migrations."""
+
+    __slots__ = ("_migrations", "_retries")
+
+    def __init__(self, metrics: FrontendMetrics, model: str) -> None:
+        self._retries = metrics.retries.labels(model)
+        self._migrations = metrics.migrations.labels(model)
+
+    def retried(self, endpoint: str) -> None:
+        self._retries.inc()
+
+    def migrated(self, endpoint: str) -> None:
+        self._migrations.inc()
+
+
+def resume_request(request: dict[str, Any], received: list[Any]) -> dict[str, Any]:
+    """The router's ``resume`` hook: ``request`` with a ``"resume"`` field saying what the
+    client already has (``tokens`` generated and their ``text``), counted from the engine
+    chunks ``received`` as the response counts them (malformed chunks are skipped: the
+    response fails on them anyway)."""
+    tokens = 0
+    texts: list[str] = []
+    for chunk in received:
+        if not isinstance(chunk, dict):
+            continue
+        text = chunk.get("text", "")
+        if not isinstance(text, str):
+            continue
+        count = chunk.get("tokens", 1 if text else 0)
+        if isinstance(count, int) and count > 0:
+            tokens += count
+        if text:
+            texts.append(text)
+    return request | {"resume": {"tokens": tokens, "text": "".join(texts)}}
+
 
 class FrontendState:
     """What the handlers share: registry, metrics, settings, and the drain state."""
@@ -195,13 +252,6 @@ class FrontendState:
         self.inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._random = random.Random()
-
-    def overload_pause(self, refusals: int) -> float:
-        """Seconds to wait before the next try after ``refusals`` refusals: jittered, doubling."""
-        base = self.settings.overload_pause * 2.0 ** (refusals - 1)
-        jitter = 0.5 + self._random.random()
-        return base * jitter
 
     def enter(self) -> None:
         """A generation starts."""
@@ -404,10 +454,6 @@ class _Exchange:
         body["usage"] = usage(self.prompt_tokens, self.completion_tokens)
         return b"data: " + _ENCODE(body) + b"\n\n"
 
-    def resume(self) -> dict[str, Any]:
-        """The ``resume`` field of a migrated attempt: what the client already has."""
-        return {"tokens": self.completion_tokens, "text": "".join(self.texts)}
-
     def full(self) -> dict[str, Any]:
         """The non-streaming response body."""
         build = chat_response if self.kind == "chat" else completion_response
@@ -418,155 +464,21 @@ class _Exchange:
 async def _generate(
     state: FrontendState, entry: ModelEntry, ex: _Exchange
 ) -> AsyncGenerator[Any, None]:
-    """Engine chunks for ``ex``, from one instance after another as needed.
+    """Engine chunks for ``ex``, from the model's router.
 
-    The frontend leases the model's router (it is not released while the generation runs),
-    picks each instance itself (the router's policy over the instances this request has not
-    tried) and sends with ``instance_id=``. An instance that answers ``Overloaded`` before any
-    chunk is skipped for the next one after a short jittered pause, up to ``overload_tries``
-    instances; an instance that fails mid-generation (a ``MIGRATABLE`` error) is replaced up to
-    ``migration_limit`` times, with ``resume`` saying what the client has, waiting up to
-    ``instance_wait`` for a replacement to register when every known instance was tried.
+    The router is leased (it is not released while the generation runs); it chooses the
+    worker, skips those that answer ``Overloaded`` and continues the generation elsewhere when
+    its worker fails, as :func:`route_options` configured it.
     """
     with state.registry.lease(entry) as routing:
-        router, chooser = routing.router, routing.chooser
+        router = routing.router
         if not router.snapshot.instances:
             # The registry saw the model before this router's own watch did: wait a little.
             await router.wait_for_instances(timeout=state.settings.instance_wait)
-        attempts = _Attempts(state, router, chooser, ex.model)
-        request = ex.payload
-        while True:
-            key = await attempts.next()
-            sent = False
-            chooser.enter(key)
-            try:
-                stream = router.generate(request, instance_id=key)
-                async with contextlib.aclosing(stream) as chunks:
-                    async for chunk in chunks:
-                        sent = True
-                        yield chunk
-                return
-            except _REFUSED as exc:
-                # Refused at admission (or gone, or on another wire version, since the choice):
-                # nothing was generated there.
-                if sent:
-                    raise
-                attempts.refused_by(exc)
-                _log.debug("instance refused", model=ex.model, instance_id=key)
-            except MIGRATABLE as exc:
-                attempts.failed(exc)  # raises when no migration is left
-                request = ex.payload | {"resume": ex.resume()}
-                _log.info(
-                    "resuming generation on another worker",
-                    model=ex.model,
-                    failed=key,
-                    attempt=attempts.migrations,
-                    tokens=ex.completion_tokens,
-                    error=str(exc),
-                )
-            finally:
-                chooser.leave(key)
-
-
-# What a direct request to the chosen instance raises when nothing was generated there, so
-# that another instance is tried: Overloaded (refused at admission), InstanceNotFound (gone
-# since the choice) and IncompatibleInstances (its record changed wire version since the choice).
-_REFUSED: Final = (Overloaded, InstanceNotFound, IncompatibleInstances)
-
-
-class _Attempts:
-    """Which instances one generation tried, why they failed, and which one it tries next."""
-
-    __slots__ = (
-        "chooser",
-        "failure",
-        "migrating",
-        "migrations",
-        "model",
-        "refusals",
-        "refused",
-        "router",
-        "state",
-        "tried",
-    )
-
-    def __init__(
-        self, state: FrontendState, router: Router, chooser: InstanceChooser, model: str
-    ) -> None:
-        self.state = state
-        self.router = router
-        self.chooser = chooser
-        self.model = model
-        self.tried: set[str] = set()
-        self.failure: TroupeError | None = None  # why the last instance tried did not answer
-        self.refusals = 0
-        self.refused = False  # the last instance refused at admission
-        self.migrations = 0
-        self.migrating = False  # the last instance failed and a migration is allowed
-
-    def refused_by(self, exc: TroupeError) -> None:
-        """The last instance refused or was gone (one of ``_REFUSED``)."""
-        self.failure = exc
-        self.refusals += 1
-        self.refused = True
-
-    def failed(self, exc: TroupeError) -> None:
-        """The last instance failed mid-generation; re-raises ``exc`` past the limit."""
-        if self.migrations >= self.state.settings.migration_limit:
-            raise exc
-        self.failure = exc
-        self.migrations += 1
-        self.migrating = True
-
-    async def next(self) -> str:
-        """The id of the next instance to try (marked tried).
-
-        Raises:
-            TroupeError: the last failure when no instance is left to try (or the overload
-                tries are spent); ``NoInstances`` when there was none at all.
-        """
-        state, chooser, router = self.state, self.chooser, self.router
-        settings = state.settings
-        refused, self.refused = self.refused, False
-        migrating, self.migrating = self.migrating, False
-        if refused:
-            if self.refusals >= settings.overload_tries or not chooser.has_untried(
-                router, self.tried
-            ):
-                assert self.failure is not None
-                raise self.failure
-            await asyncio.sleep(state.overload_pause(self.refusals))
-        target = chooser.choose(router, self.tried)
-        if target is None and migrating:
-            # The failed worker's replacement may not have registered yet.
-            target = await _wait_for_untried(router, chooser, self.tried, settings.instance_wait)
-        if target is None:
-            raise self.failure if self.failure is not None else NoInstances(router.endpoint)
-        if migrating:
-            state.metrics.migrations.labels(self.model).inc()
-        elif refused:
-            state.metrics.retries.labels(self.model).inc()
-        self.tried.add(target.instance_id)
-        return target.instance_id
-
-
-async def _wait_for_untried(
-    router: Router, chooser: InstanceChooser, tried: set[str], timeout: float
-) -> RoutedInstance | None:
-    """Wait up to ``timeout`` seconds for an instance not in ``tried``; ``None`` if none came.
-
-    Event-driven: checked after every snapshot the router's actor publishes.
-    """
-    found: RoutedInstance | None = None
-
-    def untried(_: RouterSnapshot) -> bool:
-        nonlocal found
-        found = chooser.choose(router, tried)
-        return found is not None
-
-    if await router.wait_for_snapshot(untried, timeout) is None:
-        return None
-    return found
+        chunks = router.generate(ex.payload)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
 
 
 class _EngineResponse(Response):

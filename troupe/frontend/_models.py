@@ -13,24 +13,25 @@ Rules (documented in docs/frontend.md):
   among those with live instances (a deterministic, documented choice; a warning is logged).
 - One :class:`~troupe.actors.Router` per (model, endpoint path), routing only to the instances
   of that path whose ``metadata["model"]`` is that model (two workers on one path may serve
-  different models). It is created by the registry actor when the pair is seen, before the
-  table listing it is published, and closed ``idle`` seconds (30 by default) after the pair's
-  last instance left, unless an instance came back meanwhile (a model whose only worker
-  restarts keeps its router). Requests use a router through :meth:`ModelRegistry.lease`: a
-  leased router is never closed under a request (the release is retried ``idle`` seconds
-  later), and a request that asks after the release gets ``NoInstances`` (a clean 503).
-  Handlers on the event loop only read the published router map and take a lock that guards
-  a few dict operations: never one the registry actor holds while it spawns or stops actors.
+  different models). It chooses the instance of every request with its policy and retries or
+  migrates it as :class:`RouteOptions` say: the frontend has no routing of its own. It is
+  created by the registry actor when the pair is seen, before the table listing it is
+  published, and closed ``idle`` seconds (30 by default) after the pair's last instance left,
+  unless an instance came back meanwhile (a model whose only worker restarts keeps its
+  router). Requests use a router through :meth:`ModelRegistry.lease`: a leased router is never
+  closed under a request (the release is retried ``idle`` seconds later), and a request that
+  asks after the release gets ``NoInstances`` (a clean 503). Handlers on the event loop only
+  read the published router map and take a lock that guards a few dict operations: never one
+  the registry actor holds while it spawns or stops actors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import random
 import threading
 import time
 import types
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,12 +49,12 @@ from troupe.actors import (
     Subscribe,
     WatcherActor,
 )
-from troupe.actors._router import POLICIES, Policy, RoutedInstance, spawn_router
+from troupe.actors._router import Resume, Retries, RouteObserver, spawn_router
 from troupe.discovery import SERVICES_PREFIX, InstanceRecord, decode_record
 from troupe.errors import ConfigError, NoInstances, TroupeError
 from troupe.runtime import Runtime
 
-__all__ = ["InstanceChooser", "ModelEntry", "ModelRegistry", "ModelTable", "Routing"]
+__all__ = ["ModelEntry", "ModelRegistry", "ModelTable", "RouteOptions", "Routing"]
 
 _log = get_logger("troupe.frontend.models")
 
@@ -98,58 +99,36 @@ def _declares(model: str) -> Callable[[InstanceRecord], bool]:
     return accept
 
 
-class InstanceChooser:
-    """The frontend's choice of instance on one router: its policy over the instances not yet
-    tried by a request, so that a retry (on ``Overloaded``, or a migration) never goes back to
-    an instance that refused or failed it. Used on the frontend's event loop only."""
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """How the registry's routers handle what goes wrong (the policy is ``ModelRegistry``'s).
 
-    __slots__ = ("inflight", "policy")
+    Attributes:
+        migration_limit: re-sends of a generation whose worker failed.
+        retries: retries after ``Overloaded`` and the wait for a replacement worker.
+        resume: how a migrated generation continues (see :data:`~troupe.actors._router.Resume`).
+        observer: the observer of a model's router, by model name (e.g. to count retries).
+    """
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.inflight: dict[str, int] = {}  # this frontend's requests per instance
-
-    def choose(self, router: Router, tried: Collection[str]) -> RoutedInstance | None:
-        """An instance not in ``tried`` (set-aside ones only when nothing else is left)."""
-        snapshot = router.snapshot
-        candidates = tuple(i for i in snapshot.available if i.instance_id not in tried)
-        if not candidates:
-            candidates = tuple(i for i in snapshot.instances if i.instance_id not in tried)
-            if not candidates:
-                return None
-        return self.policy.choose(candidates, self.inflight)
-
-    def has_untried(self, router: Router, tried: Collection[str]) -> bool:
-        """Whether some instance of ``router`` is not in ``tried`` (no policy step taken)."""
-        return any(i.instance_id not in tried for i in router.snapshot.instances)
-
-    def enter(self, instance_id: str) -> None:
-        """A request to ``instance_id`` starts."""
-        self.inflight[instance_id] = self.inflight.get(instance_id, 0) + 1
-
-    def leave(self, instance_id: str) -> None:
-        """A request to ``instance_id`` ended."""
-        left = self.inflight[instance_id] - 1
-        if left:
-            self.inflight[instance_id] = left
-        else:
-            del self.inflight[instance_id]
+    migration_limit: int = 0
+    retries: Retries = field(default_factory=Retries)
+    resume: Resume | None = None
+    observer: Callable[[str], RouteObserver] | None = None
 
 
 class Routing:
-    """One (model, endpoint path)'s router and the frontend's instance choice on it.
+    """One (model, endpoint path)'s router: it chooses the instance of every request.
 
     Obtained with :meth:`ModelRegistry.lease`; ``users`` (the leases held) is guarded by the
     registry's lock.
     """
 
-    __slots__ = ("chooser", "model", "path", "router", "users")
+    __slots__ = ("model", "path", "router", "users")
 
-    def __init__(self, model: str, path: str, router: Router, chooser: InstanceChooser) -> None:
+    def __init__(self, model: str, path: str, router: Router) -> None:
         self.model = model
         self.path = path
         self.router = router
-        self.chooser = chooser
         self.users = 0
 
     def __repr__(self) -> str:
@@ -296,16 +275,25 @@ class ModelRegistry:
         rt: a running runtime (its store, actor system and network are used).
         policy: the routers' policy (``round_robin``, ``random``, ``least_loaded``).
         idle: seconds a pair's router is kept after its last instance left.
+        options: migration, retries and observers of the routers (none by default).
 
     Raises:
         ConfigError: ``idle`` is not a number of seconds > 0.
     """
 
-    def __init__(self, rt: Runtime, *, policy: str = "round_robin", idle: float = 30.0) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        policy: str = "round_robin",
+        idle: float = 30.0,
+        options: RouteOptions | None = None,
+    ) -> None:
         if not idle > 0:
             raise ConfigError("router_idle", idle, "seconds > 0")
         self._rt = rt
         self.policy = policy
+        self.options = options if options is not None else RouteOptions()
         self.idle = idle
         self.table = ModelTable()
         """The current table (read without a hop; replaced on every change)."""
@@ -413,7 +401,7 @@ class ModelRegistry:
     def _add_router(self, model: str, path: str) -> None:
         if (model, path) in self._routers:
             return
-        rt = self._rt
+        rt, options = self._rt, self.options
         # spawn_router rather than rt.router: the runtime keeps every router it makes until it
         # closes, and this registry releases its routers (it closes the ones it holds itself).
         router = spawn_router(
@@ -424,11 +412,14 @@ class ModelRegistry:
             path,
             policy=self.policy,
             instance_filter=_declares(model),
+            migration_limit=options.migration_limit,
+            resume=options.resume,
+            retries=options.retries,
+            observer=None if options.observer is None else options.observer(model),
         )
-        chooser = InstanceChooser(POLICIES[self.policy](random.Random()))
         with self._use_lock:
             routers = dict(self._routers)
-            routers[(model, path)] = Routing(model, path, router, chooser)
+            routers[(model, path)] = Routing(model, path, router)
             self._routers = types.MappingProxyType(routers)
 
     def _release_router(self, model: str, path: str) -> bool:

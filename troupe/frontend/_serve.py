@@ -28,7 +28,7 @@ from starlette.applications import Starlette
 from troupe._hypercorn import Served, StartFailed, launch
 from troupe._logging import get_logger
 from troupe.errors import ConfigError, TroupeError
-from troupe.frontend._app import FrontendSettings, FrontendState, build_app
+from troupe.frontend._app import FrontendSettings, FrontendState, build_app, route_options
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelRegistry
 from troupe.runtime import Runtime
@@ -38,8 +38,14 @@ __all__ = ["Frontend"]
 _log = get_logger("troupe.frontend")
 
 _BACKLOG: Final = 1024
+# Every-interface addresses, and the loopback address that reaches such a socket from its host.
+_LOOPBACK: Final = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 # Seconds hypercorn waits for connections at shutdown, after the frontend has drained.
 _GRACEFUL_TIMEOUT: Final = 1.0
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class Frontend:
@@ -56,10 +62,13 @@ class Frontend:
     def __init__(self, rt: Runtime, settings: FrontendSettings | None = None) -> None:
         self.rt = rt
         self.settings = settings if settings is not None else FrontendSettings()
-        self.registry = ModelRegistry(
-            rt, policy=self.settings.router_mode, idle=self.settings.router_idle
-        )
         self.metrics = FrontendMetrics(rt.metrics.registry)
+        self.registry = ModelRegistry(
+            rt,
+            policy=self.settings.router_mode,
+            idle=self.settings.router_idle,
+            options=route_options(self.settings, self.metrics),
+        )
         self.state = FrontendState(rt, self.registry, self.metrics, self.settings)
         self._started: asyncio.Future[None] | None = None
         self.app: Starlette = build_app(self.state, lifespan=self._lifespan)
@@ -68,6 +77,7 @@ class Frontend:
         self._shutdown: asyncio.Event | None = None
         self._served: Served | None = None  # hypercorn's handle (its open connections)
         self._port = 0
+        self._bound_host: str | None = None  # the address the socket is bound to, once it is
         self._closed = False
 
     @property
@@ -76,13 +86,26 @@ class Frontend:
         return self._port
 
     @property
+    def bound_url(self) -> str:
+        """``http://host:port`` as bound: the socket's own address and port (``0.0.0.0`` or
+        ``[::]`` when bound to every interface; the OS's port when the settings say 0)."""
+        host = self._bound_host if self._bound_host is not None else self.settings.host
+        return _http_url(host, self._port)
+
+    @property
     def url(self) -> str:
-        """``http://host:port`` (``127.0.0.1`` when bound to every interface)."""
-        host = self.settings.host
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{self._port}"
+        """``http://host:port`` to reach the frontend from this host: :attr:`bound_url`, with
+        the loopback address in place of an every-interface one."""
+        host = self._bound_host if self._bound_host is not None else self.settings.host
+        return _http_url(_LOOPBACK.get(host, host), self._port)
+
+    @property
+    def listening(self) -> str:
+        """Where the frontend listens, in words: :attr:`bound_url`, followed by :attr:`url`
+        when they differ (``http://0.0.0.0:8000 (every interface); from this host:
+        http://127.0.0.1:8000``)."""
+        bound, url = self.bound_url, self.url
+        return bound if bound == url else f"{bound} (every interface); from this host: {url}"
 
     async def start(self) -> Frontend:
         """Watch discovery for models, bind the socket and start serving.
@@ -101,7 +124,8 @@ class Frontend:
         except BaseException:
             await asyncio.to_thread(self.registry.close)  # its actors must not outlive us
             raise
-        self._port = int(sock.getsockname()[1])
+        bound = sock.getsockname()
+        self._bound_host, self._port = str(bound[0]), int(bound[1])
         self._sock = sock
         loop = asyncio.get_running_loop()
         started = self._started = loop.create_future()
@@ -126,7 +150,7 @@ class Frontend:
             raise TroupeError(f"frontend failed to start: {exc.cause!r}") from exc.cause
         if self._closed:  # close() ran during the start-up and stops hypercorn
             raise TroupeError("the frontend was closed while starting")
-        _log.info("frontend listening", url=self.url)
+        _log.info("frontend listening", bound=self.bound_url, url=self.url)
         return self
 
     async def drain(self, grace: float | None = None) -> bool:
