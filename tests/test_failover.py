@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from troupe import Config, Runtime
-from troupe.actors._router import MIGRATABLE, Router
+from troupe.actors.routing import MIGRATABLE, Router
 from troupe.errors import ConnectTimeout
 from troupe.testing import EtcdServer
 from troupe.testing._wait import eventually

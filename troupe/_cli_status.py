@@ -23,7 +23,7 @@ import msgspec
 from troupe._cli_discovery import resolve_prefix
 from troupe._introspect import STATUS_ENDPOINT, ProcessStatus, decode_status
 from troupe._payload import decode_payload
-from troupe.actors._router import choose_address
+from troupe.actors.routing import choose_address
 from troupe.config import Config
 from troupe.discovery import InstanceRecord, KeyValueStore, decode_record, open_store
 from troupe.errors import ConfigError, InvalidRecord, Overloaded, TroupeError

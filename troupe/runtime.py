@@ -36,8 +36,8 @@ from troupe._metrics import RuntimeMetrics
 from troupe._status import HealthReport, StatusServer
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, Intensity
 from troupe.actors._lease import LeaseActor, Register, Unregister
-from troupe.actors._router import Resume, Router, spawn_router
 from troupe.actors._worker import Health, WorkerActor
+from troupe.actors.routing import Resume, Router, spawn_router
 from troupe.config import Config
 from troupe.discovery import (
     InstanceRecord,

@@ -22,7 +22,7 @@ from troupe import Config, Runtime
 from troupe._clock import VirtualClock
 from troupe._payload import decode_payload, encode_payload
 from troupe.actors import Actor, ActorSystem, Joined, Left, Subscribe
-from troupe.actors._router import (
+from troupe.actors.routing import (
     Retries,
     RoutedInstance,
     Router,

@@ -18,7 +18,7 @@ import pytest
 
 from troupe import Runtime
 from troupe.actors import Actor, ActorSystem, Joined, Subscribe
-from troupe.actors._router import Retries, RouterActor, SnapshotHolder
+from troupe.actors.routing import Retries, RouterActor, SnapshotHolder
 from troupe.demo.mocker import make_generate
 from troupe.discovery import InstanceRecord, MemoryKvServer
 from troupe.errors import ConfigError, NoInstances, StreamBroken

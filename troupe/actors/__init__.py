@@ -7,7 +7,6 @@ package holds the core they are built on.
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef, Reply
 from troupe.actors._lease import LeaseActor, LeaseInfo, Register, Unregister
 from troupe.actors._process import ProcessActor
-from troupe.actors._router import POLICIES, Router, RouterActor, RouterSnapshot, SetAside
 from troupe.actors._supervisor import (
     Backoff,
     ChildInfo,
@@ -23,6 +22,7 @@ from troupe.actors._supervisor import (
 from troupe.actors._system import ActorSystem
 from troupe.actors._watcher import Joined, Left, Subscribe, Unsubscribe, WatcherActor
 from troupe.actors._worker import WorkerActor
+from troupe.actors.routing import POLICIES, Router, RouterActor, RouterSnapshot, SetAside
 
 __all__ = [
     "POLICIES",

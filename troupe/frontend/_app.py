@@ -47,7 +47,7 @@ from starlette.types import Lifespan, Receive, Scope, Send
 from troupe._logging import get_logger
 from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from troupe._payload import encode_payload
-from troupe.actors._router import Retries
+from troupe.actors.routing import Retries
 from troupe.errors import (
     ActorError,
     Cancelled,

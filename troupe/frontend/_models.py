@@ -49,7 +49,7 @@ from troupe.actors import (
     Subscribe,
     WatcherActor,
 )
-from troupe.actors._router import Resume, Retries, RouteObserver, spawn_router
+from troupe.actors.routing import Resume, Retries, RouteObserver, spawn_router
 from troupe.discovery import SERVICES_PREFIX, InstanceRecord, decode_record
 from troupe.errors import ConfigError, NoInstances, TroupeError
 from troupe.runtime import Runtime
@@ -106,7 +106,7 @@ class RouteOptions:
     Attributes:
         migration_limit: re-sends of a generation whose worker failed.
         retries: retries after ``Overloaded`` and the wait for a replacement worker.
-        resume: how a migrated generation continues (see :data:`~troupe.actors._router.Resume`).
+        resume: how a migrated generation continues (see :data:`~troupe.actors.routing.Resume`).
         observer: the observer of a model's router, by model name (e.g. to count retries).
     """
 
