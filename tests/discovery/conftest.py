@@ -1,4 +1,5 @@
-"""Fixtures of the discovery tests: stores of each backend, a unique key root, watch readers."""
+"""Fixtures of the discovery tests: stores of each backend, a unique key root, watch readers,
+and pods of the kubernetes backend on the fake API server."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from troupe.discovery import (
     NatsStore,
     Watch,
 )
+from troupe.testing.fake_kubernetes import FakeKubernetes
 
 from ._helpers import StoreFactory, WatchReader
+from ._kubernetes_helpers import Pods
 
 BACKENDS = ("memory", "file", "etcd", "nats", "kubernetes")
 """Every store the conformance suite runs against."""
@@ -101,3 +104,23 @@ async def readers() -> AsyncIterator[Callable[[Watch], WatchReader]]:
     yield start
     for reader in started:
         await reader.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A Kubernetes namespace of this test's own (the fake API server is shared)."""
+    return f"k{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def pods(fake_kubernetes: FakeKubernetes, namespace: str) -> AsyncIterator[Pods]:
+    made = Pods(fake_kubernetes, namespace)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def fresh_pods(fresh_fake_kubernetes: FakeKubernetes, namespace: str) -> AsyncIterator[Pods]:
+    made = Pods(fresh_fake_kubernetes, namespace)
+    yield made
+    await made.close()
