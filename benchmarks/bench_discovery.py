@@ -411,8 +411,7 @@ def _ready_router(rt: Runtime, endpoint: str, policy: str, count: int) -> Router
 def _time_pick(router: Router, count: int) -> float:
     """Nanoseconds per pick over ``count`` picks."""
     pick = router._pick
-    tried: set[str] = set()
     t0 = time.perf_counter()
     for _ in range(count):
-        pick(None, tried)
+        pick(None, None)  # a first attempt: no instance named, nothing tried yet
     return (time.perf_counter() - t0) / count * 1e9
