@@ -5,7 +5,8 @@ clock, the discovery store with the process's one lease (opened on first use), a
 layers) the request-plane server. Use it as a context manager; leaving the block,
 :meth:`Runtime.close`, SIGINT or SIGTERM stop everything: actors in reverse start order (the
 LeaseActor revokes the lease, so registered keys vanish at once), the store, then the loop, with
-every thread joined.
+every thread joined. What the runtime says about itself (the ``troupe status`` answer, the
+status server's health report) is computed in :mod:`troupe._runtime_status`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import types
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,18 +22,12 @@ from troupe._clock import Clock, SystemClock
 from troupe._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe._fleet import WorkerFleet
 from troupe._handlers import handler_spec
-from troupe._introspect import (
-    STATUS_ENDPOINT,
-    EndpointStatus,
-    ProcessLabel,
-    ProcessStatus,
-    process_status,
-    status_handler,
-)
+from troupe._introspect import STATUS_ENDPOINT, ProcessLabel, status_handler
 from troupe._ioloop import IOLoop
 from troupe._logging import configure_logging, get_logger
 from troupe._metrics import RuntimeMetrics
-from troupe._status import HealthReport, StatusServer
+from troupe._runtime_status import describe_process, health_report
+from troupe._status import StatusServer
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, Intensity
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._worker import Health, WorkerActor
@@ -134,7 +128,7 @@ class Runtime:
         configure_logging(self.config.log, label=None if self.label is None else self.label.label)
         self.io.start()
         if self.config.system.enabled:
-            status = StatusServer(self.config.system, self.metrics, self._health)
+            status = StatusServer(self.config.system, self.metrics, lambda: health_report(self))
             try:
                 self.io.run(status.start(), timeout=10)
             except BaseException:
@@ -316,7 +310,7 @@ class Runtime:
             worker = self.config.worker
             server.limit(worker.max_inflight, worker.max_inflight_per_caller)
             self.metrics.add_server(self.network.plane, server.metrics)
-            server.add_endpoint(STATUS_ENDPOINT, status_handler(self._describe))
+            server.add_endpoint(STATUS_ENDPOINT, status_handler(lambda: describe_process(self)))
 
             async def start() -> None:
                 await server.start()
@@ -388,47 +382,6 @@ class Runtime:
         self._workers[ep.path] = worker
         self._limits[ep.path] = worker_config.max_inflight if max_inflight is None else max_inflight
         return worker
-
-    async def _describe(self) -> ProcessStatus:
-        """This process for ``troupe status`` (the ``troupe.status`` endpoint's answer)."""
-        endpoints: dict[str, EndpointStatus] = {}
-        for path, ref in list(self._workers.items()):
-            try:
-                state, inflight = await ref.ask_async(Health(), timeout=1.0)
-            except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
-                state, inflight = "stopped", 0
-            ns, comp, name = path.split(".")
-            requests, _, errors, cancellations = self.metrics.endpoint(ns, comp, name).totals()
-            limit = self._limits.get(path, 0)
-            endpoints[path] = EndpointStatus(
-                state, inflight, limit, requests, errors, cancellations
-            )
-        server, worker = self.server(), self.config.worker
-        return process_status(
-            instance_id=self.instance_id,
-            plane=self.network.plane,
-            address=server.address,
-            started_at=time.time() - self.metrics.uptime_seconds(),
-            label=self.label,
-            inflight=max(0, server.inflight - 1),  # not counting this very request
-            limits=(worker.max_inflight, worker.max_inflight_per_caller),
-            endpoints=endpoints,
-        )
-
-    async def _health(self) -> HealthReport:
-        """Each endpoint's worker state, for the status server's health route."""
-        states: dict[str, str] = {}
-        for path, ref in list(self._workers.items()):
-            try:
-                states[path] = (await ref.ask_async(Health(), timeout=1.0))[0]
-            except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
-                states[path] = "stopped"
-        workers: dict[str, dict[str, dict[str, object]]] = {}
-        for fleet in list(self._fleets):  # worker processes: serving while all of them serve
-            if states.get(path := fleet.endpoint.path, "serving") == "serving":
-                states[path] = fleet.state()
-            workers.setdefault(path, {}).update(fleet.describe())
-        return HealthReport.from_states(states, running=self._state == "running", workers=workers)
 
     def router(
         self,
