@@ -207,9 +207,9 @@ async def test_a_caller_that_reads_no_replies_holds_a_bounded_amount(
     assert peaks.held <= per_caller, peaks
     assert peaks.tasks <= per_caller + 16, peaks
     assert peaks.rss_growth < 64, peaks
-    assert server.metrics.refused().get("max_inflight_per_caller", 0) > 0
-    # Whether refusals also overflow its queue (and are dropped, counted) depends on how far the
-    # flood outruns the worker: the bounds above are what must hold either way.
+    # Whether it reaches its share (refusals counted) and whether refusals then overflow its queue
+    # (drops counted) depends on how much ZeroMQ and the kernel buffer before the worker feels it:
+    # the bounds above are what must hold either way.
     assert_served(latencies)
 
 

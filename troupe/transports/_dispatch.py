@@ -1,4 +1,4 @@
-"""The server side shared by every transport: run endpoint handlers for decoded requests.
+"""The server side shared by every transport: admit decoded requests and run their handlers.
 
 A transport decodes a :class:`~troupe.transports._codec.Request` and hands it to
 :meth:`RequestRunner.start` with a key naming the request on that transport (peer identity and
@@ -7,7 +7,9 @@ frames. The runner applies the semantics every plane shares: unknown endpoints, 
 expired request is never started; one that expires mid-stream is stopped), cancellation by key,
 handler exceptions turned into :class:`~troupe.transports._codec.Error` frames and logged with
 their traceback (:mod:`troupe.transports._failures`), in-flight accounting and a graceful
-close. Each request runs as its own task, so a slow request never blocks the next.
+close. Each request runs as its own task, so a slow request never blocks the next; the task runs
+the handler through the pump (:mod:`troupe.transports._pump`, which also defines
+:data:`SendReply`, re-exported here).
 
 Admission: the runner holds at most ``max_inflight`` requests at once, and at most
 ``max_inflight_per_caller`` for one caller (``DYN_WORKER_MAX_INFLIGHT``,
@@ -22,30 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Hashable
-from typing import Any, Final, TypeAlias, cast
+from collections.abc import Callable, Hashable
+from typing import Final
 
 from troupe._metrics import ServerMetrics
 from troupe.config import WorkerConfig
 from troupe.errors import ConfigError, InvalidName, Overloaded
-from troupe.transports._codec import Chunk, End, Error, Reply, Request, RequestId
+from troupe.transports._codec import End, Error, Request, RequestId
 from troupe.transports._context import Handler, RequestContext, StopReason
 from troupe.transports._failures import FailureReporter, TracebackBudget, error_frame
+from troupe.transports._pump import _NEEDS_END, SendReply, pump
 
 __all__ = ["RequestRunner", "SendReply", "error_frame"]
 
 _DEFAULTS: Final = WorkerConfig()
 
 _log = logging.getLogger("troupe.transports")
-
-SendReply: TypeAlias = Callable[[Reply], Awaitable[bool]]
-"""Delivers one reply frame to the caller; returns ``False`` when the caller is gone (its
-connection closed), which stops the request. Transports apply back-pressure by awaiting, after
-handing the frame over: a send cancelled while it waits has still sent its frame."""
 
 _MAX_SHOWN: Final = 200
 
@@ -57,227 +53,10 @@ def _shown(value: str | RequestId) -> str:
     return repr(value)
 
 
-def _as_bytes(item: object) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    if isinstance(item, bytearray | memoryview):
-        return bytes(item)
-    raise TypeError(f"handler yielded {type(item).__name__}; handlers must yield bytes")
-
-
-async def _send_value(
-    value: object, rid: RequestId, ctx: RequestContext, send: SendReply
-) -> object:
-    """Answer a coroutine handler's result: one final chunk, or a bare End for ``None``."""
-    if value is None:
-        return _NEEDS_END
-    if not await send(Chunk(rid, _as_bytes(value), True)):
-        ctx.stop("disconnected")
-        return _GONE
-    return _ENDED
-
-
 def _expire(ctx: RequestContext, task: asyncio.Task[object]) -> None:
     if not task.done() and not ctx.is_stopped():
         ctx.stop("deadline")
         task.cancel()
-
-
-# Outcomes of RequestRunner._pump, and a marker for "no item held".
-_NEEDS_END: Final = object()
-_ENDED: Final = object()
-_GONE: Final = object()
-_NOTHING: Final = object()
-
-
-class _Resume:
-    """Finishes, inside the current task, an awaitable that was stepped once by hand.
-
-    ``step.send(None)`` ran it until it waited for ``yielded`` (a future, or ``None`` for a
-    bare yield). Awaiting this object hands ``yielded`` to the task and drives ``step`` on exactly
-    as the task would have: resumed when the future is done, or with the exception the task
-    receives (its cancellation). A cancellation requested while the step was parked is delivered
-    by the task as ``Task.cancel`` would have: it cancels ``yielded`` when it receives it.
-    """
-
-    __slots__ = ("_step", "_yielded")
-
-    def __init__(self, step: Generator[Any, Any, object], yielded: object) -> None:
-        self._step = step
-        self._yielded = yielded
-
-    def __await__(self) -> Generator[Any, Any, object]:
-        step, yielded = self._step, self._yielded
-        self._step = self._yielded = None  # type: ignore[assignment]
-        exc: BaseException | None = None
-        while True:
-            if exc is None:
-                try:
-                    sent = yield yielded
-                except BaseException as thrown:  # noqa: BLE001 - forwarded to the step below
-                    exc = thrown
-                else:
-                    try:
-                        yielded = step.send(sent)
-                    except StopIteration as done:
-                        return done.value
-                    continue
-            try:
-                yielded = step.throw(exc)
-            except StopIteration as done:
-                return done.value
-            finally:
-                exc = None
-
-
-async def _stop_step(
-    task: asyncio.Task[Any], step: Generator[Any, Any, object], yielded: object
-) -> None:
-    """Stop a handler step parked on ``yielded`` as ``Task.cancel`` would, and wait for it.
-
-    The task cancels what the step awaits (an inner task, a gather, an executor future) and the
-    handler sees the cancellation there. Whatever the step then does short of raising another
-    error ends the request quietly; a cancellation of the task from elsewhere is re-raised.
-    """
-    task.cancel()
-    try:
-        await _Resume(step, yielded)
-    except (asyncio.CancelledError, StopAsyncIteration):
-        pass
-    finally:
-        others = task.uncancel()
-    if others:
-        raise asyncio.CancelledError
-
-
-def _cancel_again(task: asyncio.Task[Any]) -> None:
-    """Request again the cancellation that interrupted a send, the count unchanged.
-
-    A send is cancelled while it waits for room (the frame is handed over before that): by the
-    request's stop (the caller's Cancel, its deadline, shutdown) or by a timeout (or task group)
-    the handler holds across the point where it is parked. The cancellation belongs where the
-    handler waits: requested again, the task delivers it there, as it would have.
-    """
-    if task.cancelling():
-        task.uncancel()
-    task.cancel()
-
-
-async def _deliver_cancellation(
-    task: asyncio.Task[Any], step: Generator[Any, Any, object], yielded: object
-) -> object:
-    """Hand the cancellation that interrupted a send to the handler's step parked on ``yielded``.
-
-    The handler sees it where it waits and may catch its own timeout and go on.
-
-    Returns:
-        The handler's next item; ``_NEEDS_END`` when it ended.
-
-    Raises:
-        asyncio.CancelledError: a cancellation meant for the request is still pending once the
-            handler ran (it swallowed it): the request ends as if cancelled during the send.
-    """
-    _cancel_again(task)
-    try:
-        item = await _Resume(step, yielded)
-    except StopAsyncIteration:
-        item = _NEEDS_END
-    if task.cancelling():
-        raise asyncio.CancelledError
-    return item
-
-
-async def _resume_after_cancelled_send(stream: AsyncIterator[object]) -> object:
-    """Go on with a handler parked at its ``yield`` after the send of that item was cancelled.
-
-    The handler runs as far as it gets without waiting; where it waits, the cancellation is
-    delivered (:func:`_deliver_cancellation`). One that yields again first keeps the cancellation
-    requested for its next wait, unless the timeout that armed it has ended meanwhile.
-
-    Returns:
-        The handler's next item; ``_NEEDS_END`` when it ended.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    step = anext(stream).__await__()
-    try:
-        yielded = step.send(None)
-    except StopIteration as got:
-        if task.cancelling():
-            _cancel_again(task)
-        return got.value
-    except StopAsyncIteration:
-        if task.cancelling():
-            raise asyncio.CancelledError from None
-        return _NEEDS_END
-    return await _deliver_cancellation(task, step, yielded)
-
-
-async def _send_then_resume(
-    chunk: Chunk,
-    step: Generator[Any, Any, object],
-    yielded: object,
-    ctx: RequestContext,
-    send: SendReply,
-) -> object:
-    """Send the first chunk while the handler's step waits for ``yielded``, then resume it.
-
-    The wait is handed to the task, which from then on treats it as its own (it cancels what
-    the handler awaits when the task is cancelled).
-
-    Returns:
-        The handler's next item; ``_NEEDS_END`` when it ended; ``_GONE`` when the caller went away.
-    """
-    task = asyncio.current_task()
-    assert task is not None
-    try:
-        ok = await send(chunk)
-    except asyncio.CancelledError:
-        return await _deliver_cancellation(task, step, yielded)
-    except BaseException:
-        await _stop_step(task, step, yielded)
-        raise
-    if not ok:
-        ctx.stop("disconnected")
-        await _stop_step(task, step, yielded)
-        return _GONE
-    try:
-        return await _Resume(step, yielded)
-    except StopAsyncIteration:
-        return _NEEDS_END
-
-
-async def _send_rest(
-    item: object,
-    stream: AsyncIterator[object],
-    rid: RequestId,
-    ctx: RequestContext,
-    send: SendReply,
-) -> object:
-    """Send ``item`` and every item the handler yields after it.
-
-    Returns:
-        ``_NEEDS_END`` when the stream ended; ``_GONE`` when the caller went away.
-    """
-    while True:
-        try:
-            ok = await send(Chunk(rid, _as_bytes(item)))
-        except asyncio.CancelledError:
-            if ctx.stop_reason not in (None, "handler"):
-                raise  # the request's stop: the handler is closed at its yield, as always
-            # Cancelled while it waited for room by a timeout (or task group) the handler holds
-            # across its yield: the handler gets it, as for the first chunk.
-            item = await _resume_after_cancelled_send(stream)
-            if item is _NEEDS_END:
-                return _NEEDS_END
-            continue
-        if not ok:
-            ctx.stop("disconnected")
-            return _GONE
-        try:
-            item = await anext(stream)
-        except StopAsyncIteration:
-            return _NEEDS_END
 
 
 class _Active:
@@ -564,7 +343,7 @@ class RequestRunner:
                     loop.time() + (request.deadline - time.time()), _expire, ctx, task
                 )
             try:
-                finished = await self._pump(handler, request, ctx, send)
+                finished = await pump(handler, request, ctx, send)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if ctx.stop_reason == "deadline" and task is not None and task.uncancel() == 0:
@@ -590,74 +369,6 @@ class RequestRunner:
             # Here rather than in a done callback, which runs an iteration later: a caller told
             # that the request ended may send its next one in between, and must find its place.
             self._release(key, ctx)
-
-    @staticmethod
-    async def _pump(
-        handler: Handler, request: Request, ctx: RequestContext, send: SendReply
-    ) -> object:
-        """Run the handler, sending what it yields.
-
-        Returns:
-            ``_NEEDS_END`` when the stream still needs its ``End``; ``_ENDED`` when the last
-            chunk carried it; ``_GONE`` when the caller went away.
-        """
-        rid = request.id
-        result = handler(request.payload, ctx)
-        # An async generator (the usual handler) is recognised by its exact type: cheaper than
-        # inspect.isawaitable on every request.
-        if type(result) is not types.AsyncGeneratorType and inspect.isawaitable(result):
-            return await _send_value(await result, rid, ctx, send)
-        stream = cast(AsyncIterator[object], result)
-        try:
-            # The first item is held back while the handler's next step runs, as far as it
-            # gets without waiting: a handler that ends there (the usual unary reply) is
-            # answered with one frame, Chunk(end=True), instead of Chunk + End. One that waits
-            # gets its first chunk sent before it resumes, so streaming is not delayed.
-            try:
-                first = _as_bytes(await anext(stream))
-            except StopAsyncIteration:
-                return _NEEDS_END
-            step = anext(stream).__await__()
-            try:
-                yielded = step.send(None)
-            except StopIteration as got:  # the next item came without waiting
-                second: object = got.value
-                yielded = _NOTHING
-            except StopAsyncIteration:
-                if not await send(Chunk(rid, first, True)):
-                    ctx.stop("disconnected")
-                    return _GONE
-                return _ENDED
-            except BaseException:
-                # The handler failed right after its first item: that item still goes first.
-                if not await send(Chunk(rid, first)):
-                    ctx.stop("disconnected")
-                    return _GONE
-                raise
-            if yielded is _NOTHING:
-                try:
-                    ok = await send(Chunk(rid, first))
-                except asyncio.CancelledError:
-                    if ctx.stop_reason not in (None, "handler"):
-                        raise
-                    # A timeout the handler holds across its second yield: that item goes out
-                    # first, and the handler gets the cancellation where it next waits.
-                    task = asyncio.current_task()
-                    assert task is not None
-                    _cancel_again(task)
-                    ok = True
-                if not ok:
-                    ctx.stop("disconnected")
-                    return _GONE
-            else:
-                second = await _send_then_resume(Chunk(rid, first), step, yielded, ctx, send)
-                if second is _GONE or second is _NEEDS_END:
-                    return second
-            return await _send_rest(second, stream, rid, ctx, send)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     # --- shutdown --------------------------------------------------------------------------------
 
