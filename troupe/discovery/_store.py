@@ -224,9 +224,9 @@ class KeyValueStore(ABC):
     """Backend name: ``etcd``, ``memory``, ``file`` or ``nats``."""
 
     exact_history: ClassVar[bool] = True
-    """Whether a watch reports every write. False for stores that poll (``file``): they may
-    merge several writes to one key between two polls into the last, but never miss the final
-    state."""
+    """Whether a watch reports every write. False for stores that poll (``file``), or keep one
+    value per key (``nats``: a write replaced before a lagging watch read it is gone): they may
+    merge several writes to one key into the last, but never miss the final state."""
 
     @property
     @abstractmethod
