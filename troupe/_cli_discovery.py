@@ -29,7 +29,7 @@ from troupe.discovery import (
 from troupe.errors import ConfigError, DiscoveryError
 from troupe.runtime import Runtime
 
-__all__ = ["UNLEASED", "add_arguments", "cmd_instances"]
+__all__ = ["UNLEASED", "add_arguments", "add_prefix_argument", "cmd_instances", "resolve_prefix"]
 
 UNLEASED = "bound to no lease (written by hand?), so routers ignore it; delete it"
 """Why a listed key is left out: nothing would ever expire it."""
@@ -47,8 +47,8 @@ _COLUMNS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``instances`` subcommand's options."""
+def add_prefix_argument(parser: argparse.ArgumentParser) -> None:
+    """The optional PREFIX that ``instances`` and ``status`` take (see :func:`resolve_prefix`)."""
     parser.add_argument(
         "prefix",
         nargs="?",
@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help="ns[.component[.endpoint]] or a key prefix such as /services/ns (default: all)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``instances`` subcommand's options."""
+    add_prefix_argument(parser)
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     parser.add_argument(
         "--watch", action="store_true", help="stream joins and leaves until interrupted"

@@ -20,8 +20,8 @@ from typing import Any, Final
 
 import msgspec
 
-from troupe._cli_discovery import resolve_prefix
-from troupe._introspect import STATUS_ENDPOINT, ProcessStatus, decode_status
+from troupe._cli_discovery import add_prefix_argument, resolve_prefix
+from troupe._introspect import STATUS_ENDPOINT, EndpointStatus, ProcessStatus, decode_status
 from troupe._payload import decode_payload
 from troupe.actors.routing import choose_address
 from troupe.config import Config
@@ -57,19 +57,14 @@ _STATUS_KEYS: Final = (
     "restarts",
     "process",
 )
+# What a process that answers but no longer serves the registered endpoint reports for it.
+_NOT_SERVED: Final = EndpointStatus("not served", 0, 0, 0, 0, 0)
 _CLEAR: Final = "\x1b[H\x1b[J"  # cursor home, clear to the end: redraw in place
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``status`` subcommand's options."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    parser.add_argument(
-        "prefix",
-        nargs="?",
-        default="",
-        metavar="PREFIX",
-        help="ns[.component[.endpoint]] or a key prefix such as /services/ns (default: all)",
-    )
+    add_prefix_argument(parser)
     parser.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     parser.add_argument(
         "--watch",
@@ -85,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         metavar="SECONDS",
-        help="how long each instance may take to answer",
+        help="how long each instance may take to answer (default: 2)",
     )
 
 
@@ -118,14 +113,14 @@ class Row:
             body["state"] = self.problem.split(":", 1)[0] if self.problem else "unknown"
             body.update(dict.fromkeys(_STATUS_KEYS), error=self.problem)
             return body
-        endpoint = status.endpoints.get(self.path)
+        endpoint = status.endpoints.get(self.path, _NOT_SERVED)
         body.update(
-            state=endpoint.state if endpoint is not None else "not served",
-            inflight=endpoint.inflight if endpoint is not None else 0,
-            max_inflight=_limit(status, endpoint.max_inflight if endpoint is not None else 0),
-            requests=endpoint.requests if endpoint is not None else 0,
-            errors=endpoint.errors if endpoint is not None else 0,
-            cancellations=endpoint.cancellations if endpoint is not None else 0,
+            state=endpoint.state,
+            inflight=endpoint.inflight,
+            max_inflight=_limit(status, endpoint.max_inflight),
+            requests=endpoint.requests,
+            errors=endpoint.errors,
+            cancellations=endpoint.cancellations,
             uptime=round(status.uptime, 3),
             worker=status.label,
             restarts=status.restarts,

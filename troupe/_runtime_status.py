@@ -22,14 +22,22 @@ if TYPE_CHECKING:
 __all__ = ["describe_process", "health_report"]
 
 
-async def describe_process(rt: Runtime) -> ProcessStatus:
-    """This process for ``troupe status`` (the ``troupe.status`` endpoint's answer)."""
-    endpoints: dict[str, EndpointStatus] = {}
+async def _worker_health(rt: Runtime) -> dict[str, tuple[str, int]]:
+    """``endpoint path -> (state, inflight)`` of each of the runtime's workers."""
+    health: dict[str, tuple[str, int]] = {}
     for path, ref in list(rt._workers.items()):
         try:
             state, inflight = await ref.ask_async(Health(), timeout=1.0)
         except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
             state, inflight = "stopped", 0
+        health[path] = (state, inflight)
+    return health
+
+
+async def describe_process(rt: Runtime) -> ProcessStatus:
+    """This process for ``troupe status`` (the ``troupe.status`` endpoint's answer)."""
+    endpoints: dict[str, EndpointStatus] = {}
+    for path, (state, inflight) in (await _worker_health(rt)).items():
         ns, comp, name = path.split(".")
         requests, _, errors, cancellations = rt.metrics.endpoint(ns, comp, name).totals()
         limit = rt._limits.get(path, 0)
@@ -49,12 +57,7 @@ async def describe_process(rt: Runtime) -> ProcessStatus:
 
 async def health_report(rt: Runtime) -> HealthReport:
     """Each endpoint's worker state, for the status server's health route."""
-    states: dict[str, str] = {}
-    for path, ref in list(rt._workers.items()):
-        try:
-            states[path] = (await ref.ask_async(Health(), timeout=1.0))[0]
-        except TroupeError:  # ActorDead once stopped, AskTimeout if it is stuck
-            states[path] = "stopped"
+    states = {path: state for path, (state, _) in (await _worker_health(rt)).items()}
     workers: dict[str, dict[str, dict[str, object]]] = {}
     for fleet in list(rt._fleets):  # worker processes: serving while all of them serve
         if states.get(path := fleet.endpoint.path, "serving") == "serving":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -44,14 +46,6 @@ _log = logging.getLogger("troupe.transports.tcp")
 
 # Cancels remembered per connection, so late chunks of a cancelled stream send no new Cancel.
 _CANCELLED_MEMORY: Final = 1024
-_MONITOR_EVENTS: Final = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_CONNECT_RETRIED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
 # While connecting, these mean the attempt failed: libzmq would retry in silence until the connect
 # timeout; a caller wants the refusal (a dead worker's port) at once, to go elsewhere.
 _CONNECT_FAILED: Final = frozenset(
@@ -62,6 +56,11 @@ _CONNECT_FAILED: Final = frozenset(
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
         zmq.EVENT_HANDSHAKE_FAILED_AUTH,
     )
+)
+_MONITOR_EVENTS: Final = functools.reduce(
+    operator.or_,
+    _CONNECT_FAILED,
+    int(zmq.EVENT_HANDSHAKE_SUCCEEDED) | int(zmq.EVENT_DISCONNECTED),
 )
 
 
