@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from troupe.actors import Actor, ActorRef, Joined, Left, Subscribe, WatcherActor
-from troupe.discovery import InstanceRecord, decode_record
+from troupe.messages import InstanceRecord, decode_record
 from troupe.runtime import Runtime
 
 __all__ = [

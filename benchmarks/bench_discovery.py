@@ -40,7 +40,7 @@ from troupe.config import (
     RequestPlaneConfig,
     TcpConfig,
 )
-from troupe.discovery import InstanceRecord, encode_record, new_instance_id
+from troupe.messages import InstanceRecord, encode_record, new_instance_id
 from troupe.runtime import Runtime
 from troupe.testing import EtcdServer, NatsServer
 

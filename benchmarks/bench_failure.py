@@ -51,7 +51,7 @@ from troupe.config import (
     RequestPlaneConfig,
     TcpConfig,
 )
-from troupe.discovery import InstanceRecord
+from troupe.messages import InstanceRecord
 from troupe.runtime import Runtime
 
 __all__ = ["SUITE", "run"]

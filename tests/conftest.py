@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from troupe._logging import reset_logging
+from troupe._support._logging import reset_logging
 
 # Real etcd and NATS servers on free loopback ports (`etcd_server`, `nats_server`, ...).
 pytest_plugins = ["troupe.testing.pytest_plugin"]

@@ -14,8 +14,9 @@ import pytest
 
 from troupe._cli_discovery import resolve_prefix
 from troupe.config import FileKvConfig
-from troupe.discovery import FileStore, InstanceRecord, encode_record
+from troupe.discovery import FileStore
 from troupe.errors import ConfigError
+from troupe.messages import InstanceRecord, encode_record
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,8 @@ import pytest
 
 from troupe import Config, Runtime
 from troupe._cli_status import format_rows, gather
-from troupe.discovery import MemoryKvServer, services_prefix
+from troupe.discovery import MemoryKvServer
+from troupe.messages import services_prefix
 from troupe.testing import free_port
 from troupe.testing._wait import eventually
 from troupe.transports import RequestContext

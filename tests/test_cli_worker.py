@@ -15,10 +15,10 @@ import pytest
 
 from troupe import Config, Runtime
 from troupe._handlers import handler_spec, load_handler
-from troupe._payload import decode_payload, encode_payload
 from troupe.demo import words
-from troupe.discovery import InstanceRecord, decode_record, endpoint_prefix
 from troupe.errors import ConfigError
+from troupe.messages import InstanceRecord, decode_record, endpoint_prefix
+from troupe.messages._payload import decode_payload, encode_payload
 from troupe.testing._wait import eventually
 
 PREFIX = endpoint_prefix("demo", "backend", "words")

@@ -1,4 +1,4 @@
-"""troupe._hypercorn: serving an ASGI app on a socket we bound, a startup that fails, and what a
+"""hypercorn start-up: serving an ASGI app on a socket we bound, a startup that fails, and what a
 peer can make the server hold (connections it closed, responses it does not read)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from _rawh2 import RawH2
 from hypercorn.config import Config
 
-from troupe._hypercorn import Served, StartFailed, launch, serve_on_socket
+from troupe._support._hypercorn import Served, StartFailed, launch, serve_on_socket
 from troupe.testing import eventually_async
 
 

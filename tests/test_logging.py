@@ -1,4 +1,4 @@
-"""Tests of troupe._logging: JSON and console output, per-target levels, idempotent setup."""
+"""Tests of the logging setup: JSON and console output, per-target levels, idempotent setup."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from troupe._logging import TRACE, configure_logging, get_logger, reset_logging
+from troupe._support._logging import TRACE, configure_logging, get_logger, reset_logging
 from troupe.config import Config, LogConfig
 
 
@@ -151,11 +151,13 @@ def test_configuring_twice_does_not_duplicate_output() -> None:
     get_logger("troupe.test").info("once")
     assert [r["event"] for r in json_lines(stream)] == ["once"]
     ours = [
-        h for h in logging.getLogger("troupe").handlers if type(h).__module__ == "troupe._logging"
+        h
+        for h in logging.getLogger("troupe").handlers
+        if type(h).__module__ == "troupe._support._logging"
     ]
     assert len(ours) == 1
     assert logging.getLogger().handlers == [
-        h for h in logging.getLogger().handlers if type(h).__module__ != "troupe._logging"
+        h for h in logging.getLogger().handlers if type(h).__module__ != "troupe._support._logging"
     ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from troupe._metrics import EndpointMetrics, RuntimeMetrics, error_kind
+from troupe._support._metrics import EndpointMetrics, RuntimeMetrics, error_kind
 from troupe.errors import Cancelled, ConnectTimeout, Overloaded, StreamBroken
 
 EP = {"namespace": "ns", "component": "backend", "endpoint": "generate"}

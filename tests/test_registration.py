@@ -21,7 +21,7 @@ import pytest
 from troupe import Config, Runtime
 from troupe.actors import Actor
 from troupe.actors._watcher import Joined, Left, Subscribe, WatcherActor
-from troupe.discovery import InstanceRecord, decode_record, endpoint_prefix
+from troupe.messages import InstanceRecord, decode_record, endpoint_prefix
 from troupe.testing import EtcdServer, NatsServer
 from troupe.testing._wait import eventually
 

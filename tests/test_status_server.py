@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from troupe._ioloop import IOLoop
-from troupe._metrics import RuntimeMetrics
 from troupe._status import HealthReport, StatusServer
+from troupe._support._ioloop import IOLoop
+from troupe._support._metrics import RuntimeMetrics
 from troupe.config import SystemConfig
 from troupe.errors import ConfigError, DiscoveryUnavailable
 

@@ -18,12 +18,12 @@ import pytest
 
 from troupe import Config, Runtime
 from troupe._fleet import worker_configs
-from troupe._payload import decode_payload, encode_payload
 from troupe.actors import Backoff, Intensity, WhichChildren
 from troupe.actors._process import Status
 from troupe.config import RequestPlaneConfig, SystemConfig, TcpConfig
-from troupe.discovery import InstanceRecord, decode_record, endpoint_prefix
 from troupe.errors import ConfigError, StartFailed, SupervisorEscalation, TroupeError
+from troupe.messages import InstanceRecord, decode_record, endpoint_prefix
+from troupe.messages._payload import decode_payload, encode_payload
 from troupe.testing._wait import eventually
 
 ROOT = Path(__file__).resolve().parent.parent

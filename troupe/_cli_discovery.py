@@ -18,15 +18,9 @@ import msgspec
 from troupe.actors import Actor
 from troupe.actors._watcher import Joined, Left, Subscribe, WatcherActor
 from troupe.config import Config
-from troupe.discovery import (
-    SERVICES_PREFIX,
-    InstanceRecord,
-    KeyValueStore,
-    decode_record,
-    open_store,
-    services_prefix,
-)
+from troupe.discovery import KeyValueStore, open_store
 from troupe.errors import ConfigError, DiscoveryError
+from troupe.messages import SERVICES_PREFIX, InstanceRecord, decode_record, services_prefix
 from troupe.runtime import Runtime
 
 __all__ = ["UNLEASED", "add_arguments", "add_prefix_argument", "cmd_instances", "resolve_prefix"]

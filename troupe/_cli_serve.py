@@ -18,11 +18,10 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from troupe._endpoint import Endpoint
 from troupe._fleet import LABEL_FLAG, parse_label
 from troupe._handlers import load_handler
-from troupe._logging import get_logger
 from troupe._readiness import READY_FD_FLAG, Draining, Failed, ParentLink, Serving, one_line
+from troupe._support._logging import get_logger
 from troupe.actors import ActorRef, Router, WhichChildren
 from troupe.actors._process import ProcessStatus, Status
 from troupe.config import Config
@@ -34,6 +33,7 @@ from troupe.errors import (
     SupervisorEscalation,
     TroupeError,
 )
+from troupe.messages._endpoint import Endpoint
 from troupe.runtime import Runtime
 
 __all__ = ["add_call_arguments", "add_worker_arguments", "cmd_call", "cmd_worker"]

@@ -22,11 +22,12 @@ import msgspec
 
 from troupe._cli_discovery import add_prefix_argument, resolve_prefix
 from troupe._introspect import STATUS_ENDPOINT, EndpointStatus, ProcessStatus, decode_status
-from troupe._payload import decode_payload
 from troupe.actors.routing import choose_address
 from troupe.config import Config
-from troupe.discovery import InstanceRecord, KeyValueStore, decode_record, open_store
+from troupe.discovery import KeyValueStore, open_store
 from troupe.errors import ConfigError, InvalidRecord, Overloaded, TroupeError
+from troupe.messages import InstanceRecord, decode_record
+from troupe.messages._payload import decode_payload
 from troupe.runtime import Runtime
 from troupe.transports import NetworkManager
 

@@ -27,15 +27,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from troupe._endpoint import Endpoint
 from troupe._introspect import ProcessLabel
-from troupe._logging import get_logger
 from troupe._readiness import one_line
+from troupe._support._logging import get_logger
 from troupe.actors import ActorRef, ActorSystem, Backoff, ChildSpec, Down, Intensity, Supervisor
 from troupe.actors._process import ProcessActor, ProcessState, ProcessStatus
 from troupe.actors._worker import WorkerState
 from troupe.config import Config, RequestPlaneConfig
 from troupe.errors import ActorDead, ConfigError, StartFailed, TroupeError
+from troupe.messages._endpoint import Endpoint
 
 __all__ = ["LABEL_FLAG", "WorkerFleet", "parse_label", "worker_configs"]
 

@@ -21,7 +21,7 @@ from typing import Final
 
 import msgspec
 
-from troupe._payload import encode_payload
+from troupe.messages._payload import encode_payload
 from troupe.transports import RequestContext
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import Final
 
 import msgspec
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.errors import ConfigError
 
 __all__ = [

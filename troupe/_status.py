@@ -33,9 +33,9 @@ from typing import Final
 
 import msgspec
 
-from troupe._logging import get_logger
-from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from troupe._metrics import RuntimeMetrics
+from troupe._support._logging import get_logger
+from troupe._support._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from troupe._support._metrics import RuntimeMetrics
 from troupe.config import SystemConfig
 from troupe.errors import ConfigError, TroupeError
 

@@ -18,30 +18,24 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from troupe._clock import Clock, SystemClock
-from troupe._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe._fleet import WorkerFleet
 from troupe._handlers import handler_spec
 from troupe._introspect import STATUS_ENDPOINT, ProcessLabel, status_handler
-from troupe._ioloop import IOLoop
-from troupe._logging import configure_logging, get_logger
-from troupe._metrics import RuntimeMetrics
 from troupe._runtime_status import describe_process, health_report
 from troupe._status import StatusServer
+from troupe._support._clock import Clock, SystemClock
+from troupe._support._ioloop import IOLoop
+from troupe._support._logging import configure_logging, get_logger
+from troupe._support._metrics import RuntimeMetrics
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, Intensity
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._worker import Health, WorkerActor
 from troupe.actors.routing import Resume, Router, spawn_router
 from troupe.config import Config
-from troupe.discovery import (
-    InstanceRecord,
-    KeyValueStore,
-    MemoryKvServer,
-    encode_record,
-    new_instance_id,
-    open_store,
-)
+from troupe.discovery import KeyValueStore, MemoryKvServer, open_store
 from troupe.errors import TroupeError
+from troupe.messages import InstanceRecord, encode_record, new_instance_id
+from troupe.messages._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe.transports import NetworkManager, Server, is_resumable
 
 __all__ = ["Runtime"]

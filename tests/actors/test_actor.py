@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from troupe._clock import VirtualClock
-from troupe._ioloop import IOLoop
+from troupe._support._clock import VirtualClock
+from troupe._support._ioloop import IOLoop
 from troupe.actors import Actor, ActorRef, ActorSystem, Down, Reply
 from troupe.errors import ActorDead, AskTimeout, UnexpectedMessage
 from troupe.testing._wait import eventually

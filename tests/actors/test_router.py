@@ -19,8 +19,7 @@ import msgspec
 import pytest
 
 from troupe import Config, Runtime
-from troupe._clock import VirtualClock
-from troupe._payload import decode_payload, encode_payload
+from troupe._support._clock import VirtualClock
 from troupe.actors import Actor, ActorSystem, Joined, Left, Subscribe
 from troupe.actors.routing import (
     Retries,
@@ -33,7 +32,7 @@ from troupe.actors.routing import (
     spawn_router,
 )
 from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig
-from troupe.discovery import InstanceRecord, MemoryKvServer, decode_record, encode_record
+from troupe.discovery import MemoryKvServer
 from troupe.errors import (
     ConfigError,
     IncompatibleInstances,
@@ -44,9 +43,10 @@ from troupe.errors import (
     StreamNotResumable,
     TroupeError,
 )
+from troupe.messages import WIRE_VERSION, InstanceRecord, decode_record, encode_record
+from troupe.messages._payload import decode_payload, encode_payload
 from troupe.testing._wait import eventually
 from troupe.transports import (
-    WIRE_VERSION,
     InprocRegistry,
     InprocServer,
     NetworkManager,

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from troupe._clock import VirtualClock
+from troupe._support._clock import VirtualClock
 from troupe.actors import (
     Actor,
     ActorRef,

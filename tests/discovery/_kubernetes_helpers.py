@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from troupe.config import KubernetesConfig, PodInfo
-from troupe.discovery import InstanceRecord, KubernetesStore, Watch, encode_record
+from troupe.discovery import KubernetesStore, Watch
+from troupe.messages import InstanceRecord, encode_record
 from troupe.testing.fake_kubernetes import DWM_PLURAL, FakeKubernetes
 
 from ._helpers import WatchReader

@@ -21,15 +21,15 @@ import pytest
 from troupe import Config, Runtime
 from troupe.actors._watcher import Instances, WatcherActor
 from troupe.config import EtcdConfig
-from troupe.discovery import (
+from troupe.discovery import EtcdStore
+from troupe.errors import DiscoveryError, DiscoveryUnavailable
+from troupe.messages import (
     SERVICES_PREFIX,
-    EtcdStore,
     InstanceRecord,
     decode_record,
     encode_record,
     new_instance_id,
 )
-from troupe.errors import DiscoveryError, DiscoveryUnavailable
 from troupe.testing import EtcdServer
 from troupe.testing._wait import eventually
 

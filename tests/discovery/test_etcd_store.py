@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from troupe.config import EtcdConfig
-from troupe.discovery import EtcdStore, InstanceRecord, Put, Watch, encode_record, new_instance_id
+from troupe.discovery import EtcdStore, Put, Watch
 from troupe.errors import DiscoveryError, DiscoveryUnavailable
+from troupe.messages import InstanceRecord, encode_record, new_instance_id
 from troupe.testing import EtcdServer, free_port, make_tls_files
 
 from ._helpers import WatchReader, is_put

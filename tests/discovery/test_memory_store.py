@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from troupe._clock import VirtualClock
+from troupe._support._clock import VirtualClock
 from troupe.discovery import Delete, MemoryKvServer, MemoryStore, Put, Watch
 from troupe.errors import DiscoveryUnavailable, LeaseLost
 

@@ -15,17 +15,8 @@ from pathlib import Path
 import pytest
 
 from troupe.config import DiscoveryConfig, EtcdConfig, FileKvConfig, NatsConfig
-from troupe.discovery import (
-    Delete,
-    InstanceRecord,
-    KeyValueStore,
-    Put,
-    Watch,
-    decode_record,
-    endpoint_prefix,
-    new_instance_id,
-    open_store,
-)
+from troupe.discovery import Delete, KeyValueStore, Put, Watch, open_store
+from troupe.messages import InstanceRecord, decode_record, endpoint_prefix, new_instance_id
 
 from ._helpers import WatchReader, wait_until
 
@@ -36,7 +27,8 @@ TTL = 1.5  # short to keep the test quick, long enough for keep-alives on a load
 WORKER = """
 import asyncio, sys
 from troupe.config import DiscoveryConfig, EtcdConfig, FileKvConfig, NatsConfig
-from troupe.discovery import InstanceRecord, encode_record, open_store
+from troupe.discovery import open_store
+from troupe.messages import InstanceRecord, encode_record
 
 async def main() -> None:
     kv_store, where, instance_id, ttl = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])

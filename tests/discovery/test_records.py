@@ -8,7 +8,9 @@ import re
 
 import pytest
 
-from troupe.discovery import (
+from troupe.errors import ConfigError, DiscoveryError, InvalidName, InvalidRecord
+from troupe.messages import (
+    WIRE_VERSION,
     InstanceKey,
     InstanceRecord,
     decode_record,
@@ -19,8 +21,6 @@ from troupe.discovery import (
     parse_key,
     services_prefix,
 )
-from troupe.errors import ConfigError, DiscoveryError, InvalidName, InvalidRecord
-from troupe.transports import WIRE_VERSION
 
 ID = "694d98147d54be25"
 

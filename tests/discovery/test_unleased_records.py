@@ -27,7 +27,7 @@ from troupe.config import (
     RequestPlaneConfig,
     TcpConfig,
 )
-from troupe.discovery import (
+from troupe.messages import (
     InstanceRecord,
     decode_record,
     encode_record,

@@ -18,9 +18,8 @@ import msgspec
 import pytest
 
 from troupe import Runtime
-from troupe._payload import encode_payload
 from troupe.demo.mocker import VOCABULARY, make_generate
-from troupe.discovery import MemoryKvServer, decode_record, encode_record
+from troupe.discovery import MemoryKvServer
 from troupe.errors import (
     ConfigError,
     MessageTooLarge,
@@ -34,6 +33,8 @@ from troupe.frontend import Frontend, FrontendSettings
 from troupe.frontend import _app as frontend_app
 from troupe.frontend._app import error_reply, error_status
 from troupe.frontend._openai import decode_chat, decode_completion, engine_request
+from troupe.messages import decode_record, encode_record
+from troupe.messages._payload import encode_payload
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
 

@@ -20,10 +20,11 @@ from troupe import Runtime
 from troupe.actors import Actor, ActorSystem, Joined, Subscribe
 from troupe.actors.routing import Retries, RouterActor, SnapshotHolder
 from troupe.demo.mocker import make_generate
-from troupe.discovery import InstanceRecord, MemoryKvServer
+from troupe.discovery import MemoryKvServer
 from troupe.errors import ConfigError, NoInstances, StreamBroken
 from troupe.frontend import Frontend, FrontendSettings, ModelRegistry
 from troupe.frontend._app import resume_request
+from troupe.messages import InstanceRecord
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
 

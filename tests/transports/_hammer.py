@@ -12,7 +12,7 @@ import sys
 
 import zmq
 
-from troupe.transports._codec import Request, encode
+from troupe.messages._frames import Request, encode
 
 
 def main() -> None:

@@ -23,19 +23,16 @@ import zmq
 
 from troupe.config import HttpConfig, NatsConfig, RequestPlaneConfig, TcpConfig
 from troupe.errors import ProtocolError
+from troupe.messages import Chunk, End, Request, encode
+from troupe.messages._frames import decode_message
 from troupe.transports import (
-    Chunk,
     Client,
-    End,
     InprocRegistry,
     InprocServer,
     NetworkManager,
-    Request,
     Server,
     TransportSettings,
-    encode,
 )
-from troupe.transports._codec import decode_message
 
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 # The largest request the conformance planes accept (kept small so limit tests stay cheap).

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from troupe.errors import InvalidRequest, MessageTooLarge, ProtocolError
-from troupe.transports import (
+from troupe.messages import (
     Cancel,
     Chunk,
     End,
@@ -22,7 +22,7 @@ from troupe.transports import (
     encode,
     encode_framed,
 )
-from troupe.transports._codec import Undecodable, decode_message, encode_batch, encode_request
+from troupe.messages._frames import Undecodable, decode_message, encode_batch, encode_request
 
 SAMPLES: list[Frame] = [
     Request(1, "generate", b"payload"),

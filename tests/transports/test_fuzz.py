@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from troupe.transports import Cancel, Chunk, End, Error, Request, RequestContext, encode
+from troupe.messages import Cancel, Chunk, End, Error, Request, encode
+from troupe.transports import RequestContext
 
 from .conftest import TEST_LIMIT, Plane
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from troupe import Config, Runtime
-from troupe._logging import configure_logging
+from troupe._support._logging import configure_logging
 from troupe.config import (
     DiscoveryConfig,
     HttpConfig,

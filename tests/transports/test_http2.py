@@ -30,9 +30,7 @@ from troupe.errors import (
     StreamBroken,
     TransportClosed,
 )
-from troupe.testing import eventually_async, free_port
-from troupe.transports import RequestContext
-from troupe.transports._codec import (
+from troupe.messages._frames import (
     Cancel,
     Chunk,
     End,
@@ -42,6 +40,8 @@ from troupe.transports._codec import (
     Request,
     encode,
 )
+from troupe.testing import eventually_async, free_port
+from troupe.transports import RequestContext
 from troupe.transports.http2 import (
     CANCEL_PATH,
     FRAMES_CONTENT_TYPE,

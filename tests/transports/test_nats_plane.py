@@ -27,18 +27,10 @@ from troupe.errors import (
     TransportError,
     UnknownEndpoint,
 )
+from troupe.messages import Cancel, Chunk, End, Error, Request
+from troupe.messages._frames import decode, encode
 from troupe.testing import NatsServer, eventually_async, free_port
-from troupe.transports import (
-    Cancel,
-    Chunk,
-    Client,
-    End,
-    Error,
-    NetworkManager,
-    Request,
-    RequestContext,
-)
-from troupe.transports._codec import decode, encode
+from troupe.transports import Client, NetworkManager, RequestContext
 from troupe.transports._manager import plane_of
 from troupe.transports.nats import NatsRpcClient, NatsRpcServer, subject_of
 

@@ -12,20 +12,12 @@ from typing import Any
 
 import pytest
 
-from troupe._logging import configure_logging
+from troupe._support._logging import configure_logging
 from troupe.config import LogConfig
 from troupe.errors import ConfigError, InvalidName, Overloaded, RemoteError
+from troupe.messages import Chunk, End, Error, Reply, Request
 from troupe.testing import eventually_async
-from troupe.transports import (
-    Chunk,
-    End,
-    Error,
-    Reply,
-    Request,
-    RequestContext,
-    RequestRunner,
-    remote_error,
-)
+from troupe.transports import RequestContext, RequestRunner, remote_error
 from troupe.transports._dispatch import error_frame
 from troupe.transports._failures import TracebackBudget
 

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from troupe.errors import RequestTimeout
-from troupe.transports import Chunk, ResponseStream
+from troupe.messages import Chunk
+from troupe.transports import ResponseStream
 from troupe.transports._base import TimeoutSweep
 
 

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import zmq
 
+from troupe._support._net import advertised_host, format_hostport, split_address
 from troupe.config import TcpConfig
 from troupe.errors import (
     ConnectionRefused,
@@ -25,9 +26,8 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.testing import free_port
-from troupe.transports import RequestContext, encode
-from troupe.transports._codec import (
+from troupe.messages import encode
+from troupe.messages._frames import (
     BATCH_MAX_BYTES,
     Chunk,
     End,
@@ -36,7 +36,8 @@ from troupe.transports._codec import (
     decode_message,
     encode_batch,
 )
-from troupe.transports._net import advertised_host, format_hostport, split_address
+from troupe.testing import free_port
+from troupe.transports import RequestContext
 from troupe.transports.tcp import TcpClient, TcpServer
 from troupe.transports.tcp._pump import _batch_bytes, _next_message
 

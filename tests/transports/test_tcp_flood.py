@@ -20,9 +20,9 @@ import pytest
 import zmq
 
 from troupe.config import TcpConfig
+from troupe.messages._frames import Request, encode
 from troupe.testing import eventually_async
 from troupe.transports import RequestContext
-from troupe.transports._codec import Request, encode
 from troupe.transports.tcp import TcpClient, TcpServer
 
 HAMMER = Path(__file__).with_name("_hammer.py")

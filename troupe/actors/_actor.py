@@ -42,7 +42,7 @@ from troupe.actors._ref import _Cell as _Cell  # noqa: PLC0414 - re-exported for
 from troupe.errors import ActorDead
 
 if TYPE_CHECKING:
-    from troupe._clock import TimerHandle
+    from troupe._support._clock import TimerHandle
     from troupe.actors._system import ActorSystem
 
 __all__ = ["Actor", "ActorRef", "Down", "ExitReason", "MonitorRef", "Reply"]
@@ -252,7 +252,7 @@ class Actor(pykka.ThreadingActor, Generic[M]):
         return None
 
     def _crash(self, exc: BaseException) -> None:
-        from troupe._logging import get_logger  # noqa: PLC0415 - avoid an import cycle at start
+        from troupe._support._logging import get_logger  # noqa: PLC0415 - avoid an import cycle at start
 
         get_logger("troupe.actors").error(
             "actor crashed", actor=self._cell.name, error=repr(exc), exc_info=exc

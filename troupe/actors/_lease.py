@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, ExitReason, Reply
 from troupe.actors._supervisor import Backoff
 from troupe.discovery import KeyValueStore

@@ -35,7 +35,6 @@ from typing import IO, Any, Literal
 
 import msgspec
 
-from troupe._logging import get_logger
 from troupe._readiness import (
     MAX_LINE,
     READY_FD_FLAG,
@@ -45,6 +44,7 @@ from troupe._readiness import (
     Serving,
     decode_report,
 )
+from troupe._support._logging import get_logger
 from troupe.actors._actor import Actor, ExitReason, Reply
 from troupe.errors import ActorDead, ActorError, StartFailed
 

@@ -26,8 +26,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from troupe._clock import TimerHandle
-from troupe._logging import get_logger
+from troupe._support._clock import TimerHandle
+from troupe._support._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, Down, ExitReason, MonitorRef
 from troupe.errors import ActorError, ConfigError, StartFailed, SupervisorEscalation
 

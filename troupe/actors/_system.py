@@ -10,8 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from troupe._clock import Clock, SystemClock
-from troupe._ioloop import IOLoop
+from troupe._support._clock import Clock, SystemClock
+from troupe._support._ioloop import IOLoop
 from troupe.actors._actor import Actor, ActorRef, Down, MonitorRef, _Cell
 from troupe.errors import ActorError
 
@@ -25,7 +25,7 @@ class ActorSystem:
 
     Args:
         name: used in thread names and logs.
-        clock: injected time; a :class:`~troupe._clock.SystemClock` owned by the system if omitted.
+        clock: injected time; a ``SystemClock`` owned by the system if omitted.
         io_loop: the runtime's I/O loop, for actors that run coroutines (:meth:`Actor.run_io`).
     """
 

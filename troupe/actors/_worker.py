@@ -27,13 +27,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from troupe._endpoint import Endpoint
-from troupe._ioloop import IOLoop
-from troupe._logging import get_logger
-from troupe._metrics import OK, EndpointMetrics, error_kind
-from troupe._payload import decode_payload, encode_payload
+from troupe._support._ioloop import IOLoop
+from troupe._support._logging import get_logger
+from troupe._support._metrics import OK, EndpointMetrics, error_kind
 from troupe.actors._actor import Actor, ExitReason
 from troupe.errors import Overloaded, TroupeError
+from troupe.messages._endpoint import Endpoint
+from troupe.messages._payload import decode_payload, encode_payload
 from troupe.transports import RequestContext, Server
 
 __all__ = ["Health", "WorkerActor", "WorkerState"]

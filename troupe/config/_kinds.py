@@ -17,14 +17,9 @@ from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from urllib.parse import SplitResult, urlsplit
 
-PLANES = ("tcp", "http", "nats")
-"""Valid values of ``DYN_REQUEST_PLANE``."""
+from troupe.messages._planes import DISCOVERY_BACKENDS, KV_STORES, PLANES
 
-KV_STORES = ("etcd", "file", "memory", "nats")
-"""Valid values of ``DYN_KV_STORE`` (``mem`` is accepted as an alias of ``memory``)."""
-
-DISCOVERY_BACKENDS = ("kv_store", "kubernetes", *KV_STORES)
-"""Valid values of ``DYN_DISCOVERY_BACKEND``; the store names are shorthands for ``kv_store``."""
+__all__ = ["DISCOVERY_BACKENDS", "KV_STORES", "LOG_LEVELS", "PLANES", "redact_urls"]
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 """Valid levels in ``DYN_LOG`` (``warn`` is stored as ``warning``)."""

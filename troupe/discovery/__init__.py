@@ -16,20 +16,6 @@ from troupe.discovery._file import FileStore
 from troupe.discovery._kubernetes import KubernetesStore
 from troupe.discovery._memory import MemoryKvServer, MemoryStore
 from troupe.discovery._nats import NatsStore
-from troupe.discovery._records import (
-    SERVICES_PREFIX,
-    InstanceKey,
-    InstanceRecord,
-    decode_record,
-    encode_record,
-    endpoint_prefix,
-    instance_key,
-    new_instance_id,
-    parse_key,
-    services_prefix,
-    validate_instance_id,
-    validate_name,
-)
 from troupe.discovery._store import (
     Delete,
     KeyValue,
@@ -45,13 +31,10 @@ from troupe.discovery._store import (
 )
 
 __all__ = [
-    "SERVICES_PREFIX",
     "STORES",
     "Delete",
     "EtcdStore",
     "FileStore",
-    "InstanceKey",
-    "InstanceRecord",
     "KeyValue",
     "KeyValueStore",
     "KubernetesStore",
@@ -64,16 +47,7 @@ __all__ = [
     "TimeSource",
     "Watch",
     "WatchEvent",
-    "decode_record",
-    "encode_record",
-    "endpoint_prefix",
-    "instance_key",
     "key_matches",
-    "new_instance_id",
     "normalize_prefix",
     "open_store",
-    "parse_key",
-    "services_prefix",
-    "validate_instance_id",
-    "validate_name",
 ]

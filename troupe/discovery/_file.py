@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.config import FileKvConfig
 from troupe.discovery._file_format import (
     _LITTER_TTL,

@@ -6,7 +6,7 @@ own I/O loop thread) can share it. Pass one server to several :class:`MemoryStor
 simulate several processes; nothing is global.
 
 Leases expire by the server's clock (any object with ``now()``, such as
-``troupe._clock.VirtualClock``), checked on every access and by a reaper task in each connected
+``VirtualClock``), checked on every access and by a reaper task in each connected
 store. For fault tests the server
 can be taken offline (:meth:`MemoryKvServer.set_available`): operations then raise
 ``DiscoveryUnavailable``, open watches fail with it, and leases keep expiring, as with a real

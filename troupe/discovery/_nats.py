@@ -37,7 +37,7 @@ import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, api
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.config import NatsConfig, redact_urls
 from troupe.discovery._nats_feed import (
     _KV_OP,

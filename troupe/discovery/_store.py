@@ -96,7 +96,7 @@ WatchEvent = Snapshot | Put | Delete
 
 
 class TimeSource(Protocol):
-    """The part of a clock that stores need: monotonic seconds (``troupe._clock`` clocks fit)."""
+    """The part of a clock that stores need: monotonic seconds (troupe's clocks fit)."""
 
     def now(self) -> float:
         """Seconds on a monotonic scale; only differences matter."""

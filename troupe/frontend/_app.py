@@ -26,9 +26,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Lifespan
 
-from troupe._logging import get_logger
-from troupe._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from troupe._payload import encode_payload
+from troupe._support._logging import get_logger
+from troupe._support._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from troupe.errors import InvalidRequest
 from troupe.frontend._errors import ErrorReply, _error_response, error_reply, error_status
 from troupe.frontend._exchange import CHAT, COMPLETIONS, _EngineResponse, _Exchange
@@ -40,6 +39,7 @@ from troupe.frontend._openai import (
     decode_completion,
 )
 from troupe.frontend._state import FrontendSettings, FrontendState, resume_request, route_options
+from troupe.messages._payload import encode_payload
 
 __all__ = [
     "ErrorReply",

@@ -24,7 +24,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.errors import TroupeError
 from troupe.frontend._errors import _MalformedChunk, error_reply
 from troupe.frontend._metrics import FrontendMetrics

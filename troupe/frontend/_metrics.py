@@ -17,7 +17,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from troupe._metrics import DURATION_BUCKETS
+from troupe._support._metrics import DURATION_BUCKETS
 
 __all__ = ["FrontendMetrics"]
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import msgspec
 
-from troupe._clock import TimerHandle
-from troupe._logging import get_logger
+from troupe._support._clock import TimerHandle
+from troupe._support._logging import get_logger
 from troupe.actors import (
     Actor,
     ActorRef,
@@ -50,8 +50,8 @@ from troupe.actors import (
     WatcherActor,
 )
 from troupe.actors.routing import Resume, Retries, RouteObserver, spawn_router
-from troupe.discovery import SERVICES_PREFIX, InstanceRecord, decode_record
 from troupe.errors import ConfigError, NoInstances, TroupeError
+from troupe.messages import SERVICES_PREFIX, InstanceRecord, decode_record
 from troupe.runtime import Runtime
 
 __all__ = ["ModelEntry", "ModelRegistry", "ModelTable", "RouteOptions", "Routing"]

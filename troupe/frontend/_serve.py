@@ -25,8 +25,8 @@ from typing import Final
 from hypercorn.config import Config as HypercornConfig
 from starlette.applications import Starlette
 
-from troupe._hypercorn import Served, StartFailed, launch
-from troupe._logging import get_logger
+from troupe._support._hypercorn import Served, StartFailed, launch
+from troupe._support._logging import get_logger
 from troupe.errors import ConfigError, TroupeError
 from troupe.frontend._app import FrontendSettings, FrontendState, build_app, route_options
 from troupe.frontend._metrics import FrontendMetrics

@@ -6,7 +6,7 @@ fixtures (``nats_server``, ``etcd_server``, ``fresh_*``) live in
 """
 
 # Sections: waiting and clocks first, then the real servers (etcd, NATS) for tests.
-from troupe._clock import VirtualClock
+from troupe._support._clock import VirtualClock
 from troupe.testing._wait import eventually, eventually_async
 from troupe.testing.servers import (
     EtcdServer,

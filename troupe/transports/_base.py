@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from troupe._metrics import ServerMetrics
+from troupe._support._metrics import ServerMetrics
 from troupe.config import NatsConfig, RequestPlaneConfig
 from troupe.transports._context import Handler
 from troupe.transports._dispatch import RequestRunner

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
-from troupe.transports._codec import Request, RequestId
+from troupe.messages._frames import Request, RequestId
 
 __all__ = ["Handler", "RequestContext", "StopReason", "is_resumable", "resumable"]
 

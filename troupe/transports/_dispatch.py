@@ -1,11 +1,11 @@
 """The server side shared by every transport: admit decoded requests and run their handlers.
 
-A transport decodes a :class:`~troupe.transports._codec.Request` and hands it to
+A transport decodes a :class:`~troupe.messages._frames.Request` and hands it to
 :meth:`RequestRunner.start` with a key naming the request on that transport (peer identity and
 request id, reply inbox, ...), the caller it came from and a ``send`` coroutine that delivers reply
 frames. The runner applies the semantics every plane shares: unknown endpoints, deadlines (an
 expired request is never started; one that expires mid-stream is stopped), cancellation by key,
-handler exceptions turned into :class:`~troupe.transports._codec.Error` frames and logged with
+handler exceptions turned into :class:`~troupe.messages._frames.Error` frames and logged with
 their traceback (:mod:`troupe.transports._failures`), in-flight accounting and a graceful
 close. Each request runs as its own task, so a slow request never blocks the next; the task runs
 the handler through the pump (:mod:`troupe.transports._pump`, which also defines
@@ -16,7 +16,7 @@ Admission: the runner holds at most ``max_inflight`` requests at once, and at mo
 ``DYN_WORKER_MAX_INFLIGHT_PER_CALLER``), so a flood from callers that never read their replies
 cannot grow the worker without bound. A request is refused before any task exists for it: ``start``
 returns the refusal (``Overloaded``, ``UnknownEndpoint``, ...) and the transport sends it without
-waiting, dropping it (counted in :class:`~troupe._metrics.ServerMetrics`) for a caller whose reply
+waiting, dropping it (counted in ``ServerMetrics``) for a caller whose reply
 queue is full.
 """
 
@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Final
 
-from troupe._metrics import ServerMetrics
+from troupe._support._metrics import ServerMetrics
 from troupe.config import WorkerConfig
 from troupe.errors import ConfigError, InvalidName, Overloaded
-from troupe.transports._codec import End, Error, Request, RequestId
+from troupe.messages._frames import End, Error, Request, RequestId
 from troupe.transports._context import Handler, RequestContext, StopReason
 from troupe.transports._failures import FailureReporter, TracebackBudget, error_frame
 from troupe.transports._pump import _NEEDS_END, SendReply, pump

@@ -1,6 +1,6 @@
 """What a worker does when an endpoint handler raises: tell its caller, and tell the operator.
 
-The caller gets an :class:`~troupe.transports._codec.Error` frame naming the exception's class
+The caller gets an :class:`~troupe.messages._frames.Error` frame naming the exception's class
 and message (:func:`error_frame`), with the traceback as text when the worker logs at debug level
 (``DYN_LOG=debug``); the caller raises it as :class:`~troupe.errors.RemoteError`. The worker logs
 the traceback, at most ``burst`` of them per endpoint in each ``window`` seconds
@@ -19,9 +19,9 @@ import logging
 import traceback
 from typing import Final
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.errors import TroupeError
-from troupe.transports._codec import Error, RequestId
+from troupe.messages._frames import Error, RequestId
 
 __all__ = ["FailureReporter", "TracebackBudget", "error_frame"]
 

@@ -18,7 +18,7 @@ import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Final, TypeAlias, cast
 
-from troupe.transports._codec import Chunk, Reply, Request, RequestId
+from troupe.messages._frames import Chunk, Reply, Request, RequestId
 from troupe.transports._context import Handler, RequestContext
 
 __all__ = ["SendReply", "pump"]

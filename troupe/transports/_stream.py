@@ -30,7 +30,7 @@ from troupe.errors import (
     TroupeError,
     UnknownEndpoint,
 )
-from troupe.transports._codec import Chunk, End, Error, Reply, RequestId
+from troupe.messages._frames import Chunk, End, Error, Reply, RequestId
 
 __all__ = ["ResponseStream", "TimeoutSweep", "remote_error"]
 

@@ -24,8 +24,7 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
-from troupe.transports._codec import (
+from troupe.messages._frames import (
     Cancel,
     Chunk,
     End,
@@ -36,6 +35,7 @@ from troupe.transports._codec import (
     encode,
     encode_request,
 )
+from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
 from troupe.transports._dispatch import SendReply
 
 __all__ = [

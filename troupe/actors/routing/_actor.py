@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 from troupe.actors._actor import Actor, ActorRef, ExitReason
 from troupe.actors._watcher import Joined, Left, Subscribe, Unsubscribe
 from troupe.actors.routing._snapshot import (
@@ -25,9 +25,8 @@ from troupe.actors.routing._snapshot import (
     SnapshotHolder,
     choose_address,
 )
-from troupe.discovery import InstanceRecord
 from troupe.errors import ActorDead, ConfigError
-from troupe.transports import WIRE_VERSION
+from troupe.messages import WIRE_VERSION, InstanceRecord
 
 # The whole router logs under one name, the one it had as a single module.
 _log = get_logger("troupe.actors.router")

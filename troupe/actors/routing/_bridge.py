@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from troupe._ioloop import IOLoop
+from troupe._support._ioloop import IOLoop
 from troupe.errors import Cancelled
 
 _WINDOW: Final = 64

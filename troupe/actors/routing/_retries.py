@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from troupe._logging import get_logger
-from troupe._payload import encode_payload
+from troupe._support._logging import get_logger
 from troupe.actors._actor import ActorRef
 from troupe.actors.routing._actor import RouterMessage, SetAside
 from troupe.actors.routing._snapshot import RoutedInstance, RouterSnapshot, SnapshotHolder
@@ -38,6 +37,7 @@ from troupe.errors import (
     StreamNotResumable,
     TroupeError,
 )
+from troupe.messages._payload import encode_payload
 
 # The whole router logs under one name, the one it had as a single module.
 _log = get_logger("troupe.actors.router")

@@ -20,8 +20,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from typing import Any
 
-from troupe._ioloop import IOLoop
-from troupe._payload import decode_payload, encode_payload
+from troupe._support._ioloop import IOLoop
 from troupe.actors._actor import ActorRef
 from troupe.actors.routing._actor import RouterMessage
 from troupe.actors.routing._bridge import _Bridging, _Call
@@ -43,7 +42,9 @@ from troupe.errors import (
     Overloaded,
     TroupeError,
 )
-from troupe.transports import WIRE_VERSION, NetworkManager
+from troupe.messages import WIRE_VERSION
+from troupe.messages._payload import decode_payload, encode_payload
+from troupe.transports import NetworkManager
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

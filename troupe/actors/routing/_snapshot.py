@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from troupe.discovery import InstanceRecord
+from troupe.messages import InstanceRecord
 
 ADDRESS_PREFERENCE: Final[tuple[str, ...]] = ("tcp", "http", "nats", "inproc")
 """The order in which a record's transport addresses are preferred (independent of

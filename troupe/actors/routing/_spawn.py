@@ -11,8 +11,7 @@ import itertools
 import random
 from collections.abc import Callable
 
-from troupe._endpoint import Endpoint, parse_endpoint
-from troupe._ioloop import IOLoop
+from troupe._support._ioloop import IOLoop
 from troupe.actors._actor import ActorRef
 from troupe.actors._system import ActorSystem
 from troupe.actors._watcher import WatcherActor
@@ -21,8 +20,10 @@ from troupe.actors.routing._policies import Policy, _validate
 from troupe.actors.routing._retries import Resume, Retries, RouteObserver
 from troupe.actors.routing._router import Router
 from troupe.actors.routing._snapshot import SnapshotHolder
-from troupe.discovery import InstanceRecord, KeyValueStore, decode_record
+from troupe.discovery import KeyValueStore
 from troupe.errors import ConfigError
+from troupe.messages import InstanceRecord, decode_record
+from troupe.messages._endpoint import Endpoint, parse_endpoint
 from troupe.transports import NetworkManager
 
 

@@ -18,8 +18,8 @@ from troupe.errors import (
     TroupeError,
     UnknownEndpoint,
 )
+from troupe.messages._frames import Chunk, End, Error, FrameBuffer
 from troupe.transports._base import ResponseStream
-from troupe.transports._codec import Chunk, End, Error, FrameBuffer
 from troupe.transports.http2._wire import FRAMES_CONTENT_TYPE
 
 # Bytes of a non-frame error body kept for the error message.

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Final
 from urllib.parse import quote, urlsplit
 
+from troupe._support._net import format_hostport, split_address
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
     ConfigError,
@@ -39,9 +40,8 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
+from troupe.messages._frames import encode_request
 from troupe.transports._base import Client, ResponseStream, TransportSettings
-from troupe.transports._codec import encode_request
-from troupe.transports._net import format_hostport, split_address
 from troupe.transports.http2._call import _Call
 from troupe.transports.http2._connection import _CONNECTING, _Connection
 from troupe.transports.http2._wire import (

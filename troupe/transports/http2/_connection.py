@@ -18,7 +18,7 @@ import h2.exceptions
 import h2.settings
 
 from troupe.errors import ConnectionLost, StreamBroken, TransportClosed, TransportError
-from troupe.transports._codec import Cancel, encode
+from troupe.messages._frames import Cancel, encode
 from troupe.transports.http2._call import _IGNORE, _Call, _Failure, _Sink
 from troupe.transports.http2._wire import FRAMES_CONTENT_TYPE
 

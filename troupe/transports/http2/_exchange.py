@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeAlias
 
 from troupe.errors import MessageTooLarge
-from troupe.transports._codec import PREFIX_SIZE, Chunk, Error, Reply, encode_framed
+from troupe.messages._frames import PREFIX_SIZE, Chunk, Error, Reply, encode_framed
 from troupe.transports.http2._wire import FRAMES_CONTENT_TYPE
 
 _FRAME_HEADERS: Final = [(b"content-type", FRAMES_CONTENT_TYPE)]

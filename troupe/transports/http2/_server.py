@@ -19,7 +19,8 @@ from typing import Final, cast
 
 from hypercorn.config import Config as HypercornConfig
 
-from troupe._hypercorn import Served, StartFailed, launch
+from troupe._support._hypercorn import Served, StartFailed, launch
+from troupe._support._net import advertised_host, detect_host, format_hostport
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
     ConfigError,
@@ -29,9 +30,8 @@ from troupe.errors import (
     TransportError,
     TroupeError,
 )
+from troupe.messages._frames import Cancel, Error, Request, RequestId, decode
 from troupe.transports._base import Server, TransportSettings
-from troupe.transports._codec import Cancel, Error, Request, RequestId, decode
-from troupe.transports._net import advertised_host, detect_host, format_hostport
 from troupe.transports.http2._exchange import (
     _FRAME_HEADERS,
     _Budget,

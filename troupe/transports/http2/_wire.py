@@ -1,9 +1,9 @@
 """What both ends of the HTTP/2 plane share: the wire format's scheme, paths, content type, limits.
 
 Wire format: ``POST {root}/{endpoint}`` carries one msgpack-encoded
-:class:`~troupe.transports._codec.Request`; the response body is a stream of length-prefixed reply
+:class:`~troupe.messages._frames.Request`; the response body is a stream of length-prefixed reply
 frames (``Chunk``... then ``End`` or ``Error``) written as the handler produces them.
-``POST {root}/_cancel`` carries a :class:`~troupe.transports._codec.Cancel`. The body decides what
+``POST {root}/_cancel`` carries a :class:`~troupe.messages._frames.Cancel`. The body decides what
 a POST means (the path is for people and proxies), so an endpoint may even be called ``_cancel``.
 A stream that goes away (reset, or its connection closed: ``http.disconnect``) cancels its
 request too.

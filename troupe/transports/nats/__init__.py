@@ -1,6 +1,6 @@
 """The NATS request plane: requests and reply streams carried by a NATS server (``NATS_SERVER``).
 
-Exchange. The caller publishes an encoded :class:`~troupe.transports._codec.Request` to the
+Exchange. The caller publishes an encoded :class:`~troupe.messages._frames.Request` to the
 worker's subject with a reply subject ``<inbox>.<request id>``; the worker publishes ``Chunk``,
 ``End`` or ``Error`` frames to that reply subject. Each client holds ONE connection and ONE
 wildcard subscription ``<inbox>.*`` and routes replies to their streams by request id (no

@@ -45,8 +45,8 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
+from troupe.messages._frames import Cancel, Chunk, End, Error, decode, encode, encode_request
 from troupe.transports._base import Client, ResponseStream, TimeoutSweep, TransportSettings
-from troupe.transports._codec import Cancel, Chunk, End, Error, decode, encode, encode_request
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
 from troupe.transports.nats._subjects import _CONTROL, subject_of
 

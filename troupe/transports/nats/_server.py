@@ -23,8 +23,8 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
+from troupe.messages._frames import Cancel, Error, Reply, Request, RequestId, decode, encode
 from troupe.transports._base import Server, TransportSettings
-from troupe.transports._codec import Cancel, Error, Reply, Request, RequestId, decode, encode
 from troupe.transports._dispatch import SendReply
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
 from troupe.transports.nats._subjects import _CONTROL, _PREFIX, _SUBJECT_RE, SUBJECT_PREFIX

@@ -14,11 +14,11 @@ from typing import Final
 
 import zmq
 
+from troupe._support._net import split_address
 from troupe.config import TcpConfig
 from troupe.errors import MessageTooLarge, TransportClosed
+from troupe.messages._frames import encode_request
 from troupe.transports._base import Client, ResponseStream, TimeoutSweep, TransportSettings
-from troupe.transports._codec import encode_request
-from troupe.transports._net import split_address
 from troupe.transports.tcp._connection import _Connection, _StreamRef, _TcpStream
 from troupe.transports.tcp._pump import SCHEME
 

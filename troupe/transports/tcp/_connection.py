@@ -29,8 +29,8 @@ from troupe.errors import (
     StreamBroken,
     TransportError,
 )
+from troupe.messages._frames import Cancel, Chunk, End, Error, Undecodable, decode_message, encode
 from troupe.transports._base import ResponseStream
-from troupe.transports._codec import Cancel, Chunk, End, Error, Undecodable, decode_message, encode
 from troupe.transports.tcp._pump import (
     _HEARTBEAT_IVL_MS,
     _HEARTBEAT_TIMEOUT_MS,

@@ -26,7 +26,7 @@ import zmq
 from zmq.backend import Socket as _ZmqSocket
 
 from troupe.config import TcpConfig
-from troupe.transports._codec import BATCH_MAX_BYTES, BATCH_OVERHEAD, encode_batch
+from troupe.messages._frames import BATCH_MAX_BYTES, BATCH_OVERHEAD, encode_batch
 
 SCHEME: Final = "tcp"
 

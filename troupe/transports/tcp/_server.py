@@ -23,6 +23,7 @@ from typing import Final
 
 import zmq
 
+from troupe._support._net import WILDCARD_HOSTS, advertised_host, detect_host, format_hostport
 from troupe.config import TcpConfig
 from troupe.errors import (
     ConfigError,
@@ -31,8 +32,7 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.transports._base import Server, TransportSettings
-from troupe.transports._codec import (
+from troupe.messages._frames import (
     Cancel,
     Chunk,
     Error,
@@ -42,8 +42,8 @@ from troupe.transports._codec import (
     decode_message,
     encode,
 )
+from troupe.transports._base import Server, TransportSettings
 from troupe.transports._dispatch import SendReply
-from troupe.transports._net import WILDCARD_HOSTS, advertised_host, detect_host, format_hostport
 from troupe.transports.tcp._pump import (
     _HEARTBEAT_IVL_MS,
     _HEARTBEAT_TIMEOUT_MS,

@@ -43,7 +43,7 @@ from hypercorn.protocol.h2 import (
 from hypercorn.typing import AppWrapper, ASGIFramework, LifespanState
 from hypercorn.utils import ShutdownError, raise_shutdown, wrap_app
 
-from troupe._logging import get_logger
+from troupe._support._logging import get_logger
 
 __all__ = ["Served", "StartFailed", "launch", "serve_on_socket"]
 

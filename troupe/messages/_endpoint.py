@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from troupe.discovery import endpoint_prefix, validate_name
 from troupe.errors import InvalidName
+from troupe.messages._records import endpoint_prefix, validate_name
 
 __all__ = ["Component", "Endpoint", "Namespace", "parse_endpoint"]
 

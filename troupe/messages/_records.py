@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from troupe.errors import InvalidName, InvalidRecord
-from troupe.transports._codec import WIRE_VERSION
+from troupe.messages._frames import WIRE_VERSION
 
 __all__ = [
     "SERVICES_PREFIX",
