@@ -61,13 +61,10 @@ def test_file_config_defaults_to_the_reference_directory() -> None:
 
 EXPECTED = {
     "troupe.discovery": {
-        "SERVICES_PREFIX",
         "STORES",
         "Delete",
         "EtcdStore",
         "FileStore",
-        "InstanceKey",
-        "InstanceRecord",
         "KeyValue",
         "KeyValueStore",
         "KubernetesStore",
@@ -80,18 +77,9 @@ EXPECTED = {
         "TimeSource",
         "Watch",
         "WatchEvent",
-        "decode_record",
-        "encode_record",
-        "endpoint_prefix",
-        "instance_key",
         "key_matches",
-        "new_instance_id",
         "normalize_prefix",
         "open_store",
-        "parse_key",
-        "services_prefix",
-        "validate_instance_id",
-        "validate_name",
     },
     "troupe.testing.servers": {
         "EtcdServer",

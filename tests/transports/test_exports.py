@@ -9,33 +9,20 @@ def test_public_api() -> None:
     assert sorted(troupe.transports.__all__) == sorted(
         [
             "PLANES",
-            "Cancel",
-            "Chunk",
             "Client",
-            "End",
-            "Error",
-            "Frame",
-            "FrameBuffer",
             "Handler",
             "InprocClient",
             "InprocRegistry",
             "InprocServer",
             "NetworkManager",
             "PlaneModule",
-            "Reply",
-            "Request",
             "RequestContext",
-            "RequestId",
             "RequestRunner",
             "ResponseStream",
             "SendReply",
             "Server",
             "StopReason",
             "TransportSettings",
-            "WIRE_VERSION",
-            "decode",
-            "encode",
-            "encode_framed",
             "is_resumable",
             "remote_error",
             "resumable",
@@ -43,3 +30,12 @@ def test_public_api() -> None:
     )
     for name in troupe.transports.__all__:
         assert getattr(troupe.transports, name) is not None
+
+
+def test_wire_frames_come_from_the_message_catalogue() -> None:
+    import troupe.messages
+
+    assert {"Request", "Chunk", "End", "Error", "Cancel", "WIRE_VERSION", "InstanceRecord"} <= set(
+        troupe.messages.__all__
+    )
+    assert not set(troupe.messages.__all__) & set(troupe.transports.__all__)
