@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 __all__ = [
     "ActorDead",
     "ActorError",
+    "AllWorkersBusy",
     "AskTimeout",
     "Cancelled",
     "ConfigError",
@@ -34,6 +35,7 @@ __all__ = [
     "Overloaded",
     "ProtocolError",
     "RemoteError",
+    "ReplayUnavailable",
     "RequestTimeout",
     "StartFailed",
     "StreamBroken",
@@ -309,6 +311,33 @@ class ProtocolError(TransportError):
     """Bytes on the wire could not be decoded as a troupe message."""
 
 
+class ReplayUnavailable(TransportError):
+    """A durable event subscription asked for events its stream no longer holds.
+
+    The stream's limits (age, count) dropped them, or the stream was deleted and created again
+    since the position was taken (a snapshot's sequence): start from a newer snapshot, or from
+    what the stream still holds and recover the rest elsewhere.
+
+    Attributes:
+        stream: the JetStream stream.
+        after_sequence: the position asked for (events after it were wanted).
+        first_sequence: the oldest sequence the stream holds.
+        last_sequence: the newest sequence the stream holds.
+    """
+
+    def __init__(
+        self, stream: str, after_sequence: int, first_sequence: int, last_sequence: int
+    ) -> None:
+        self.stream = stream
+        self.after_sequence = after_sequence
+        self.first_sequence = first_sequence
+        self.last_sequence = last_sequence
+        super().__init__(
+            f"stream {stream} cannot replay the events after sequence {after_sequence}: it holds "
+            f"sequences {first_sequence}..{last_sequence}"
+        )
+
+
 class UnknownEndpoint(TransportError):
     """The worker at the address does not serve the requested endpoint."""
 
@@ -381,6 +410,24 @@ class Overloaded(TroupeError):
         if limit is not None:
             msg += f" (max in-flight {limit})"
         super().__init__(msg)
+
+
+class AllWorkersBusy(Overloaded):
+    """Every worker of the endpoint is over the router's busy threshold; nothing was sent.
+
+    Raised by the router before any worker is asked (the KV policy's busy filter), so a caller
+    retries later rather than elsewhere.
+
+    Attributes:
+        workers: how many workers were considered.
+    """
+
+    def __init__(self, endpoint: str = "", workers: int = 0) -> None:
+        super().__init__(endpoint)
+        self.workers = workers
+        self.args = (
+            f"all {workers} workers of {endpoint or 'the endpoint'} are over the busy threshold",
+        )
 
 
 class Cancelled(TroupeError):

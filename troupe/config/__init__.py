@@ -21,10 +21,18 @@ masked by :func:`redact_urls` wherever a URL is shown.
 """
 
 from troupe.config._config import Config, SettingRow, format_table
-from troupe.config._kinds import DISCOVERY_BACKENDS, KV_STORES, LOG_LEVELS, PLANES, redact_urls
+from troupe.config._kinds import (
+    DISCOVERY_BACKENDS,
+    EVENT_PLANES,
+    KV_STORES,
+    LOG_LEVELS,
+    PLANES,
+    redact_urls,
+)
 from troupe.config._sections import (
     DiscoveryConfig,
     EtcdConfig,
+    EventPlaneConfig,
     FileKvConfig,
     FrontendConfig,
     Http2Config,
@@ -42,6 +50,7 @@ from troupe.config._settings import SETTINGS, Setting
 
 __all__ = [
     "DISCOVERY_BACKENDS",
+    "EVENT_PLANES",
     "KV_STORES",
     "LOG_LEVELS",
     "PLANES",
@@ -49,6 +58,7 @@ __all__ = [
     "Config",
     "DiscoveryConfig",
     "EtcdConfig",
+    "EventPlaneConfig",
     "FileKvConfig",
     "FrontendConfig",
     "Http2Config",
@@ -73,6 +83,7 @@ for _public in (
     Config,
     DiscoveryConfig,
     EtcdConfig,
+    EventPlaneConfig,
     FileKvConfig,
     FrontendConfig,
     Http2Config,

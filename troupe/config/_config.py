@@ -17,6 +17,7 @@ from troupe.config._kinds import KV_STORES
 from troupe.config._sections import (
     DiscoveryConfig,
     EtcdConfig,
+    EventPlaneConfig,
     FileKvConfig,
     FrontendConfig,
     Http2Config,
@@ -66,6 +67,7 @@ _SECTIONS: tuple[tuple[str, type, str], ...] = (
     ("request_plane.http", HttpConfig, "Request plane: HTTP/2 server"),
     ("request_plane.http2", Http2Config, "Request plane: HTTP/2 protocol and client"),
     ("nats", NatsConfig, "NATS"),
+    ("events", EventPlaneConfig, "Event plane"),
     ("log", LogConfig, "Logging"),
     ("system", SystemConfig, "System status server"),
     ("frontend", FrontendConfig, "Frontend"),
@@ -92,6 +94,7 @@ class Config:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     request_plane: RequestPlaneConfig = field(default_factory=RequestPlaneConfig)
     nats: NatsConfig = field(default_factory=NatsConfig)
+    events: EventPlaneConfig = field(default_factory=EventPlaneConfig)
     log: LogConfig = field(default_factory=LogConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
@@ -134,6 +137,7 @@ class Config:
             discovery=_as(built["discovery"], DiscoveryConfig),
             request_plane=_as(built["request_plane"], RequestPlaneConfig),
             nats=_as(built["nats"], NatsConfig),
+            events=_as(built["events"], EventPlaneConfig),
             log=_as(built["log"], LogConfig),
             system=_as(built["system"], SystemConfig),
             frontend=_as(built["frontend"], FrontendConfig),

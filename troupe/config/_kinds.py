@@ -17,9 +17,16 @@ from collections.abc import Iterable, Mapping
 from fractions import Fraction
 from urllib.parse import SplitResult, urlsplit
 
-from troupe.messages._planes import DISCOVERY_BACKENDS, KV_STORES, PLANES
+from troupe.messages._planes import DISCOVERY_BACKENDS, EVENT_PLANES, KV_STORES, PLANES
 
-__all__ = ["DISCOVERY_BACKENDS", "KV_STORES", "LOG_LEVELS", "PLANES", "redact_urls"]
+__all__ = [
+    "DISCOVERY_BACKENDS",
+    "EVENT_PLANES",
+    "KV_STORES",
+    "LOG_LEVELS",
+    "PLANES",
+    "redact_urls",
+]
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 """Valid levels in ``DYN_LOG`` (``warn`` is stored as ``warning``)."""

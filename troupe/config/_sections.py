@@ -95,6 +95,17 @@ class NatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventPlaneConfig:
+    """The event plane (KV events): its transport, and whether NATS keeps events in a stream."""
+
+    plane: str = "nats"
+    durable: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self, "events")
+
+
+@dataclass(frozen=True, slots=True)
 class EtcdConfig:
     """etcd connection of the ``etcd`` KV store."""
 

@@ -17,6 +17,7 @@ from troupe.config._kinds import (
     _HOST_RE,
     _MASK,
     DISCOVERY_BACKENDS,
+    EVENT_PLANES,
     KV_STORES,
     PLANES,
     _Bool,
@@ -371,6 +372,21 @@ SETTINGS: tuple[Setting, ...] = (
         "request_timeout",
         _TIMEOUT,
         "seconds a NATS request may take",
+    ),
+    # event plane
+    Setting(
+        "DYN_EVENT_PLANE",
+        "events",
+        "plane",
+        _Choice(EVENT_PLANES),
+        "transport of the event plane (KV events): nats, or brokerless zmq (case-insensitive)",
+    ),
+    Setting(
+        "DYN_DURABLE_KV_EVENTS",
+        "events",
+        "durable",
+        _Bool(),
+        "keep events in a JetStream stream, replayable by late subscribers (nats only)",
     ),
     # logging
     Setting("DYN_LOG", "log", "level", _LOG, "log level, then optional <target>=<level> pairs"),

@@ -13,7 +13,14 @@ drop under pressure or on a reconnect). What sits on top recovers (see ``troupe.
 
 Backends implement :class:`EventPlane`: ``nats`` (NATS core subjects, optionally JetStream for a
 durable, replayable stream), ``zmq`` (brokerless: a PUB socket per publisher, registered in
-discovery) and ``memory`` (one process, for tests).
+discovery) and ``memory`` (one process, for tests). Only a durable plane
+(:attr:`EventPlane.durable`) replays (``subscribe(..., from_start=True)`` or
+``after_sequence=N``) and keeps snapshots (:meth:`EventPlane.save_snapshot`); the others refuse
+with a ``ConfigError``.
+
+Every plane counts, per topic, what it published, received, and dropped as malformed
+(:meth:`EventPlane.stats`); a subscription also counts the reconnects of its connection
+(:attr:`EventSubscription.reconnects`: events published meanwhile may be lost).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from typing import Any, Self, TypeVar
 
 import msgspec
 
-from troupe.errors import InvalidName, ProtocolError
+from troupe.errors import ConfigError, InvalidName, ProtocolError
+from troupe.events._metrics import EventMetrics, TopicCounts
 
 __all__ = [
     "Envelope",
@@ -133,14 +141,18 @@ def decode_payload_as(payload: bytes, kind: type[T]) -> T:
 class EventPublisher(ABC):
     """Publishes events on one topic of one scope, numbering them 1, 2, 3, ..."""
 
-    def __init__(self, scope: EventScope, topic: str, publisher_id: str) -> None:
+    def __init__(
+        self, scope: EventScope, topic: str, publisher_id: str, counts: TopicCounts | None = None
+    ) -> None:
         self.scope = scope
         self.topic = validate_topic(topic)
         self.publisher_id = publisher_id
         self._sequence = 0
+        self._counts = counts if counts is not None else TopicCounts()
 
     def _next(self, event: msgspec.Struct | bytes) -> Envelope:
         self._sequence += 1
+        self._counts.published += 1
         payload = event if isinstance(event, bytes) else encode_event(event)
         return Envelope(self.publisher_id, self._sequence, time.time(), self.topic, payload)
 
@@ -168,14 +180,43 @@ class EventSubscription(ABC):
     """Envelopes of one topic of one scope, from every publisher, as an async iterator.
 
     Iteration ends when the subscription or its plane is closed. Bytes that are not an envelope
-    are counted (:attr:`malformed`) and dropped; iteration goes on.
+    of this topic are counted (:attr:`malformed`) and dropped; iteration goes on.
+
+    Attributes:
+        received: envelopes delivered so far.
+        malformed: messages dropped because they were not an envelope of this topic.
+        reconnects: how many times the plane's connection came back after a loss (NATS) while
+            this subscription was open. Events published during the gap may be lost: a reader
+            that keeps state from the events compares it before and after each event (per-
+            publisher sequence gaps catch the rest). Brokerless ``zmq`` and ``memory`` leave it 0.
+        stream_sequence: durable subscriptions only: the stream sequence of the last envelope
+            delivered (0 before the first); save it with a snapshot of what was folded so far,
+            and subscribe with ``after_sequence`` to resume after it.
     """
 
-    def __init__(self, scope: EventScope, topic: str) -> None:
+    def __init__(self, scope: EventScope, topic: str, counts: TopicCounts | None = None) -> None:
         self.scope = scope
         self.topic = validate_topic(topic)
         self.malformed = 0
         self.received = 0
+        self.reconnects = 0
+        self.stream_sequence = 0
+        self._counts = counts if counts is not None else TopicCounts()
+
+    def _accept(self, data: bytes) -> Envelope | None:
+        """Decode and count one message: its envelope, or None (counted malformed) if it is not
+        an envelope of this topic."""
+        try:
+            envelope = decode_envelope(data)
+        except ProtocolError:
+            envelope = None
+        if envelope is None or envelope.topic != self.topic:
+            self.malformed += 1
+            self._counts.malformed += 1
+            return None
+        self.received += 1
+        self._counts.received += 1
+        return envelope
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._iterate()
@@ -200,9 +241,35 @@ class EventSubscription(ABC):
 
 
 class EventPlane(ABC):
-    """One process's access to the event plane: publishers and subscriptions by scope and topic."""
+    """One process's access to the event plane: publishers and subscriptions by scope and topic.
+
+    ``async with plane:`` connects it (:meth:`connect`) and closes it; :meth:`publisher` and
+    :meth:`subscribe` connect it too when needed.
+    """
 
     name: str = ""
+
+    durable: bool = False
+    """Whether the plane keeps events in a stream: replay and snapshots (``nats`` with
+    ``DYN_DURABLE_KV_EVENTS``)."""
+
+    def __init__(self) -> None:
+        self.metrics = EventMetrics()
+
+    def _counts(self, scope: EventScope, topic: str) -> TopicCounts:
+        return self.metrics.topic(scope.namespace, scope.component, validate_topic(topic))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per topic (``"namespace.component.topic"``): events ``published``, ``received``,
+        ``malformed`` and ``dropped`` by this plane's publishers and subscriptions, so far."""
+        return self.metrics.stats()
+
+    async def connect(self) -> None:  # noqa: B027 - a plane without a connection has nothing to do
+        """Open the plane's connection, within its connect timeout; idempotent.
+
+        Raises:
+            TransportError: the plane cannot be reached (the message says how to turn events off).
+        """
 
     @abstractmethod
     async def publisher(self, scope: EventScope, topic: str, publisher_id: str) -> EventPublisher:
@@ -213,18 +280,75 @@ class EventPlane(ABC):
         """
 
     @abstractmethod
-    async def subscribe(self, scope: EventScope, topic: str) -> EventSubscription:
+    async def subscribe(
+        self,
+        scope: EventScope,
+        topic: str,
+        *,
+        from_start: bool = False,
+        after_sequence: int | None = None,
+    ) -> EventSubscription:
         """Subscribe to ``topic`` in ``scope``; events published from now on are received.
+
+        Args:
+            scope: the topic's namespace and component.
+            topic: the topic.
+            from_start: durable planes only: first replay every event the stream still holds.
+            after_sequence: durable planes only: first replay the events after this stream
+                sequence (a snapshot's, see :meth:`load_snapshot`).
 
         Raises:
             TransportError: the plane cannot be reached.
+            ConfigError: replay was asked of a plane that keeps no stream.
+            ReplayUnavailable: the stream no longer holds the events after ``after_sequence``.
         """
+
+    async def save_snapshot(
+        self, scope: EventScope, name: str, data: bytes, *, sequence: int
+    ) -> None:
+        """Store ``data`` (an index folded from the stream) as snapshot ``name`` of ``scope``.
+
+        Args:
+            scope: the namespace (and component) the snapshot belongs to.
+            name: the snapshot's name (``[a-z0-9_-]+``); a later save replaces it.
+            data: the snapshot's bytes.
+            sequence: the stream sequence of the last event folded into ``data``
+                (:attr:`EventSubscription.stream_sequence`).
+
+        Raises:
+            ConfigError: the plane keeps no stream (only durable planes keep snapshots).
+            TransportError: the plane cannot be reached.
+        """
+        raise self._not_durable()
+
+    async def load_snapshot(self, scope: EventScope, name: str) -> tuple[bytes, int] | None:
+        """Snapshot ``name`` of ``scope`` and the stream sequence it covers, or None if absent.
+
+        Raises:
+            ConfigError: the plane keeps no stream (only durable planes keep snapshots).
+            TransportError: the plane cannot be reached.
+        """
+        raise self._not_durable()
+
+    def _not_durable(self) -> ConfigError:
+        return ConfigError(
+            "DYN_DURABLE_KV_EVENTS",
+            False,
+            f"true with DYN_EVENT_PLANE=nats: the {self.name or 'this'} event plane keeps no "
+            "stream to replay or snapshot",
+        )
+
+    def _check_replay(self, from_start: bool, after_sequence: int | None) -> None:
+        """Refuse replay on a plane that keeps no stream."""
+        if (from_start or after_sequence is not None) and not self.durable:
+            raise self._not_durable()
 
     @abstractmethod
     async def close(self) -> None:
         """Close every publisher and subscription of this plane."""
 
     async def __aenter__(self) -> Self:
+        await self.connect()
         return self
 
     async def __aexit__(
@@ -252,14 +376,24 @@ class MemoryEventPlane(EventPlane):
             self.subscribers: dict[tuple[EventScope, str], set[_MemorySubscription]] = {}
 
     def __init__(self, hub: MemoryEventPlane.Hub | None = None) -> None:
+        super().__init__()
         self.hub = hub if hub is not None else MemoryEventPlane.Hub()
         self._subscriptions: set[_MemorySubscription] = set()
 
     async def publisher(self, scope: EventScope, topic: str, publisher_id: str) -> EventPublisher:
-        return _MemoryPublisher(self.hub, scope, topic, publisher_id)
+        counts = self._counts(scope, topic)
+        return _MemoryPublisher(self.hub, scope, topic, publisher_id, counts)
 
-    async def subscribe(self, scope: EventScope, topic: str) -> EventSubscription:
-        subscription = _MemorySubscription(self.hub, scope, topic)
+    async def subscribe(
+        self,
+        scope: EventScope,
+        topic: str,
+        *,
+        from_start: bool = False,
+        after_sequence: int | None = None,
+    ) -> EventSubscription:
+        self._check_replay(from_start, after_sequence)
+        subscription = _MemorySubscription(self.hub, scope, topic, self._counts(scope, topic))
         self.hub.subscribers.setdefault((scope, subscription.topic), set()).add(subscription)
         self._subscriptions.add(subscription)
         return subscription
@@ -272,9 +406,14 @@ class MemoryEventPlane(EventPlane):
 
 class _MemoryPublisher(EventPublisher):
     def __init__(
-        self, hub: MemoryEventPlane.Hub, scope: EventScope, topic: str, publisher_id: str
+        self,
+        hub: MemoryEventPlane.Hub,
+        scope: EventScope,
+        topic: str,
+        publisher_id: str,
+        counts: TopicCounts,
     ) -> None:
-        super().__init__(scope, topic, publisher_id)
+        super().__init__(scope, topic, publisher_id, counts)
         self._hub = hub
         self._closed = False
 
@@ -295,8 +434,10 @@ _CLOSED = object()
 
 
 class _MemorySubscription(EventSubscription):
-    def __init__(self, hub: MemoryEventPlane.Hub, scope: EventScope, topic: str) -> None:
-        super().__init__(scope, topic)
+    def __init__(
+        self, hub: MemoryEventPlane.Hub, scope: EventScope, topic: str, counts: TopicCounts
+    ) -> None:
+        super().__init__(scope, topic, counts)
         self._hub = hub
         self._queue: asyncio.Queue[bytes | object] = asyncio.Queue()
         self._closed = False
@@ -312,13 +453,9 @@ class _MemorySubscription(EventSubscription):
             if item is _CLOSED:
                 return
             assert isinstance(item, bytes)
-            try:
-                envelope = decode_envelope(item)
-            except ProtocolError:
-                self.malformed += 1
-                continue
-            self.received += 1
-            yield envelope
+            envelope = self._accept(item)
+            if envelope is not None:
+                yield envelope
 
     async def close(self) -> None:
         if self._closed:

@@ -5,12 +5,21 @@
 - the instance record a worker registers and the discovery key layout (``/services/...``);
 - endpoint names (``namespace.component.endpoint``) and their validation;
 - the payload codec (msgpack) for request and chunk bodies;
-- the names of the planes and stores (:data:`PLANES`, :data:`KV_STORES`, ...).
+- the names of the planes and stores (:data:`PLANES`, :data:`KV_STORES`, ...);
+- the event-channel record and key layout (``/event_channels/...``) of brokerless event publishers.
 
 It imports nothing of troupe but :mod:`troupe.errors`, so the transports and the discovery
 backends share it without importing each other.
 """
 
+from troupe.messages._channels import (
+    EVENT_CHANNELS_PREFIX,
+    EventChannel,
+    channel_key,
+    channel_prefix,
+    decode_channel,
+    encode_channel,
+)
 from troupe.messages._endpoint import Component, Endpoint, Namespace, parse_endpoint
 from troupe.messages._frames import (
     WIRE_VERSION,
@@ -28,7 +37,7 @@ from troupe.messages._frames import (
     encode_framed,
 )
 from troupe.messages._payload import decode_payload, encode_payload
-from troupe.messages._planes import DISCOVERY_BACKENDS, KV_STORES, PLANES
+from troupe.messages._planes import DISCOVERY_BACKENDS, EVENT_PLANES, KV_STORES, PLANES
 from troupe.messages._records import (
     SERVICES_PREFIX,
     InstanceKey,
@@ -46,6 +55,8 @@ from troupe.messages._records import (
 
 __all__ = [
     "DISCOVERY_BACKENDS",
+    "EVENT_CHANNELS_PREFIX",
+    "EVENT_PLANES",
     "KV_STORES",
     "PLANES",
     "SERVICES_PREFIX",
@@ -56,6 +67,7 @@ __all__ = [
     "End",
     "Endpoint",
     "Error",
+    "EventChannel",
     "Frame",
     "FrameBuffer",
     "InstanceKey",
@@ -64,10 +76,14 @@ __all__ = [
     "Reply",
     "Request",
     "RequestId",
+    "channel_key",
+    "channel_prefix",
     "decode",
+    "decode_channel",
     "decode_payload",
     "decode_record",
     "encode",
+    "encode_channel",
     "encode_framed",
     "encode_payload",
     "encode_record",
