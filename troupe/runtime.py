@@ -34,6 +34,8 @@ from troupe.actors.routing import Resume, Router, spawn_router
 from troupe.config import Config
 from troupe.discovery import KeyValueStore, MemoryKvServer, open_store
 from troupe.errors import TroupeError
+from troupe.events import EventPlane
+from troupe.kv import KvPublisher, open_kv_events
 from troupe.messages import InstanceRecord, encode_record, new_instance_id
 from troupe.messages._endpoint import Endpoint, Namespace, parse_endpoint
 from troupe.transports import NetworkManager, Server, is_resumable
@@ -475,6 +477,13 @@ class Runtime:
             self._failure = error
         _log.debug("worker processes gave up", error=str(error))  # the supervisor logged it
         self._shutdown.set()
+
+    def kv_events(
+        self, endpoint: str | Endpoint, *, block_size: int = 16, plane: EventPlane | None = None
+    ) -> KvPublisher:
+        """Publish this worker's KV-cache events for ``endpoint``'s component and serve its
+        ``kv_events_query`` endpoint (``kv_block_size`` in its record); see docs/kv-events.md."""
+        return open_kv_events(self, endpoint, block_size=block_size, plane=plane)
 
     # --- actors --------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import troupe.messages
 import troupe.transports
 
 
@@ -33,8 +34,6 @@ def test_public_api() -> None:
 
 
 def test_wire_frames_come_from_the_message_catalogue() -> None:
-    import troupe.messages
-
     assert {"Request", "Chunk", "End", "Error", "Cancel", "WIRE_VERSION", "InstanceRecord"} <= set(
         troupe.messages.__all__
     )

@@ -21,7 +21,12 @@ class Policy(Protocol):
 
     ``choose`` runs on the runtime's I/O loop for every attempt of every request (retries and
     migrations included, over the instances that attempt may use); it must be quick and must
-    not block or raise.
+    not block. It may refuse the request by raising :class:`~troupe.errors.Overloaded` (the KV
+    policy's :class:`~troupe.errors.AllWorkersBusy`): the caller gets it, nothing is sent.
+
+    A policy that tracks what it sent may also define ``started(instance_id, request) ->
+    token``, called right after ``choose`` when the attempt is sent, and ``finished(token)``,
+    called once when that attempt ends however it ends.
     """
 
     def choose(

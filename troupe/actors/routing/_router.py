@@ -113,6 +113,9 @@ class Router(_Rerouting, _Bridging):
         self._observer = observer
         self._rng = rng or random.Random()
         self._policy = factory(self._rng)
+        # Optional hooks of a policy that tracks what it sent (the KV policy's active blocks).
+        self._started: Callable[[str, Any], Any] | None = getattr(self._policy, "started", None)
+        self._finished: Callable[[Any], None] | None = getattr(self._policy, "finished", None)
         self._inflight: dict[str, int] = {}  # written only on the I/O loop
         # Instances seen failing, until the actor's snapshot sets them aside (I/O loop only).
         self._down: dict[str, float] = {}
@@ -323,6 +326,23 @@ class Router(_Rerouting, _Bridging):
                 raise self._no_instances(snapshot)
         return self._policy.choose(candidates, self._inflight, request, headers)
 
+    def _begin(self, key: str, request: Any) -> Any:
+        """An attempt is sent to ``key``: count it, and tell a policy that tracks attempts."""
+        inflight = self._inflight
+        inflight[key] = inflight.get(key, 0) + 1
+        return self._started(key, request) if self._started is not None else None
+
+    def _end(self, key: str, token: Any) -> None:
+        """The attempt :meth:`_begin` counted ended, however it ended."""
+        inflight = self._inflight
+        left = inflight[key] - 1
+        if left:
+            inflight[key] = left
+        else:
+            del inflight[key]
+        if self._finished is not None:
+            self._finished(token)
+
     def _without_down(
         self, snapshot: RouterSnapshot, candidates: tuple[RoutedInstance, ...]
     ) -> tuple[RoutedInstance, ...]:
@@ -374,13 +394,12 @@ class Router(_Rerouting, _Bridging):
         held: list[Any] | None = [] if hook and self.migration_limit else None
         sent_received = 0  # what the current attempt's handler is told it may skip
         current = request  # what this attempt sends: the resume hook's rewrite after a move
-        inflight = self._inflight
         while True:
             target = self._pick(instance_id, retry, current, headers, received > 0 and not hook)
             if payload is None:
                 payload = encode_payload(request)
             key = target.instance_id
-            inflight[key] = inflight.get(key, 0) + 1
+            token = self._begin(key, current)
             before = received
             try:
                 try:
@@ -418,8 +437,4 @@ class Router(_Rerouting, _Bridging):
                     attempt += 1
                     current, payload, sent_received = self._resent(request, payload, held, received)
             finally:
-                left = inflight[key] - 1
-                if left:
-                    inflight[key] = left
-                else:
-                    del inflight[key]
+                self._end(key, token)
