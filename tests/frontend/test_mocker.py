@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 import troupe.frontend
+from troupe import RequestContext
 from troupe.demo.mocker import VOCABULARY, generate, make_generate
-from troupe.errors import InvalidRequest
-from troupe.transports import RequestContext
+from troupe.errors import ConfigError, InvalidRequest
 
 
 def request(**fields: Any) -> dict[str, Any]:
@@ -121,7 +121,7 @@ async def test_bad_requests_are_refused(req: Any) -> None:
 
 
 def test_bad_factory_settings() -> None:
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(ConfigError, match="tokens_per_second"):
         make_generate(tokens_per_second=0)
 
 
@@ -133,4 +133,6 @@ def test_frontend_exports() -> None:
         "ModelEntry",
         "ModelRegistry",
         "ModelTable",
+        "Tokenizer",
+        "WordTokenizer",
     }

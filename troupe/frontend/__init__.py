@@ -4,6 +4,8 @@ It watches discovery for instances that declare a model (``metadata["model"]``),
 Router per (model, serving endpoint), and answers ``/v1/models``, ``/v1/chat/completions`` and
 ``/v1/completions`` (streamed as Server-Sent Events or not), plus ``/health``, ``/live`` and
 ``/metrics``. See ``docs/frontend.md`` for the routes, the engine protocol and the errors.
+Prompts are tokenized (:class:`Tokenizer`; :class:`WordTokenizer` unless the settings name
+another) and the ids sent to the worker with the request.
 
     async with Frontend(rt, FrontendSettings(host="127.0.0.1", port=0)) as fe:
         print(fe.url)
@@ -13,6 +15,7 @@ from troupe.frontend._app import FrontendSettings
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelEntry, ModelRegistry, ModelTable
 from troupe.frontend._serve import Frontend
+from troupe.frontend._tokenizer import Tokenizer, WordTokenizer
 
 __all__ = [
     "Frontend",
@@ -21,4 +24,6 @@ __all__ = [
     "ModelEntry",
     "ModelRegistry",
     "ModelTable",
+    "Tokenizer",
+    "WordTokenizer",
 ]

@@ -109,7 +109,7 @@ def _generation(
                 param="model",
                 code="model_not_found",
             )
-        ex = _Exchange(req)
+        ex = _Exchange(req, state.tokenizer)
         try:
             # The one field whose values decoding does not check (e.g. integers over 64 bits).
             # The router encodes the whole request again: it takes objects, not bytes.

@@ -9,7 +9,8 @@ the worker. The HTTP status is chosen only once the first engine chunk (or failu
 a request that fails before streaming gets a proper OpenAI error and status code; a failure after
 the stream started is sent as a last ``data: {"error": ...}`` event followed by ``data: [DONE]``.
 The chunks come through the model's leased router (:func:`_generate`), which chooses the worker
-and retries and migrates as :func:`~troupe.frontend._state.route_options` configured it.
+and retries and migrates as :func:`~troupe.frontend._state.route_options` configured it. The
+request sent carries the prompt's ``token_ids``, tokenized here with the frontend's tokenizer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from troupe.frontend._openai import (
     usage,
 )
 from troupe.frontend._state import FrontendState
+from troupe.frontend._tokenizer import Tokenizer, prompt_text
 
 __all__ = ["CHAT", "COMPLETIONS"]
 
@@ -82,7 +84,9 @@ class _Exchange:
         "texts",
     )
 
-    def __init__(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+    def __init__(
+        self, req: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer
+    ) -> None:
         chat = isinstance(req, ChatCompletionRequest)
         self.kind = "chat" if chat else "completion"
         self.endpoint = CHAT if chat else COMPLETIONS
@@ -91,6 +95,7 @@ class _Exchange:
         self.request_type = "stream" if req.stream else "unary"
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.payload = engine_request(req)
+        self.payload["token_ids"] = tokenizer.encode(prompt_text(self.payload))
         self.rid = new_id("chat" if chat else "completion")
         self.head = ResponseHead(self.rid, int(time.time()), req.model)
         self.started = time.perf_counter()

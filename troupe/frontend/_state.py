@@ -23,6 +23,7 @@ from troupe.actors.routing import Retries
 from troupe.errors import ConfigError
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelRegistry, RouteOptions
+from troupe.frontend._tokenizer import Tokenizer, WordTokenizer
 from troupe.runtime import Runtime
 
 __all__ = ["FrontendSettings", "FrontendState", "resume_request", "route_options"]
@@ -52,6 +53,8 @@ class FrontendSettings:
         overload_pause: seconds before the next round of tries once every worker answered
             ``Overloaded``: doubled at each round, times a random factor in [0.5, 1.5).
         router_idle: seconds a (model, endpoint) router is kept after its last instance left.
+        tokenizer: turns each prompt into the ``token_ids`` sent to the worker; ``None``: the
+            built-in :class:`~troupe.frontend._tokenizer.WordTokenizer`.
     """
 
     host: str = "0.0.0.0"
@@ -64,6 +67,7 @@ class FrontendSettings:
     overload_tries: int = 3
     overload_pause: float = 0.01
     router_idle: float = 30.0
+    tokenizer: Tokenizer | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65_535:
@@ -88,6 +92,8 @@ class FrontendSettings:
             raise ConfigError("overload_pause", self.overload_pause, "seconds >= 0")
         if not self.router_idle > 0:
             raise ConfigError("--router-idle", self.router_idle, "seconds > 0")
+        if self.tokenizer is not None and not callable(getattr(self.tokenizer, "encode", None)):
+            raise ConfigError("tokenizer", self.tokenizer, "an object with encode(text) -> ids")
 
     def retries(self) -> Retries:
         """The routers' retries: ``overload_tries`` and ``overload_pause``, and ``instance_wait``
@@ -164,6 +170,9 @@ class FrontendState:
             settings.max_body_size
             if settings.max_body_size is not None
             else rt.config.request_plane.tcp.max_message_size
+        )
+        self.tokenizer: Tokenizer = (
+            settings.tokenizer if settings.tokenizer is not None else WordTokenizer()
         )
         self.draining = False
         self.inflight = 0
