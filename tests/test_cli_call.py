@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 
-from troupe import Config, Runtime
+from troupe import Config, RequestContext, Runtime
 from troupe.cli import main
-from troupe.transports import RequestContext
 
 
 @pytest.fixture

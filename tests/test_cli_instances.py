@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,14 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
-    return clean | {
-        "DYN_DISCOVERY_BACKEND": "file",
-        "DYN_FILE_KV": str(tmp_path / "kv"),
-        "DYN_LEASE_TTL": "2",
-        "DYN_LOG": "error",
-    }
+def env(env: dict[str, str]) -> dict[str, str]:
+    return env | {"DYN_LEASE_TTL": "2", "DYN_LOG": "error"}
 
 
 def troupe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _procs import Fleet
 
-from troupe import Config, Runtime
+from troupe import Config, RequestContext, Runtime
 from troupe._cli_status import format_rows, gather
 from troupe.discovery import MemoryKvServer
 from troupe.messages import services_prefix
 from troupe.testing import free_port
 from troupe.testing._wait import eventually
-from troupe.transports import RequestContext
 
 ENDPOINT = "demo.backend.words"
 HANDLER = "troupe.demo:words"
@@ -103,35 +103,18 @@ def test_gather_reports_each_endpoint_and_names_the_instances_that_do_not_answer
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
-    return clean | {
-        "DYN_DISCOVERY_BACKEND": "file",
-        "DYN_FILE_KV": str(tmp_path / "kv"),
-        "DYN_TCP_RPC_HOST": "127.0.0.1",
-        "DYN_LEASE_TTL": "2",
-        "DYN_LOG": "warning",
-    }
+def env(env: dict[str, str]) -> dict[str, str]:
+    return env | {"DYN_LEASE_TTL": "2"}
 
 
 @pytest.fixture
-def fleet(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(tmp_path / "fleet.err", "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "troupe", "worker", ENDPOINT, HANDLER, "--workers=3"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=env,
-        )
+def fleet(env: dict[str, str], tmp_path: Path) -> Iterator[Fleet]:
+    """``troupe worker`` with three worker processes; stopped with SIGTERM after the test."""
+    started = Fleet(env, tmp_path, ENDPOINT, HANDLER, "--workers=3")
     try:
-        yield proc
+        yield started
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        started.stop()
 
 
 def _status(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
@@ -150,7 +133,7 @@ def _status(env: dict[str, str], *args: str) -> list[dict[str, Any]]:
 
 @pytest.mark.timeout(120)
 def test_status_of_a_three_worker_fleet_moves_under_load_and_counts_restarts(
-    env: dict[str, str], fleet: subprocess.Popen[bytes]
+    env: dict[str, str], fleet: Fleet
 ) -> None:
     with Runtime(Config.from_env(env), handle_signals=False) as rt:
         router = rt.router(ENDPOINT)
@@ -186,9 +169,7 @@ def test_status_of_a_three_worker_fleet_moves_under_load_and_counts_restarts(
 
 
 @pytest.mark.timeout(60)
-def test_status_watch_redraws_in_place_until_interrupted(
-    env: dict[str, str], fleet: subprocess.Popen[bytes]
-) -> None:
+def test_status_watch_redraws_in_place_until_interrupted(env: dict[str, str], fleet: Fleet) -> None:
     with Runtime(Config.from_env(env), handle_signals=False) as rt:
         router = rt.router(ENDPOINT)
         eventually(lambda: len(router.instance_ids()) == 3, timeout=40, what="3 workers")

@@ -7,55 +7,28 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _procs
 import pytest
 
-from troupe import Config, Runtime
+from troupe import Runtime
 from troupe._handlers import handler_spec, load_handler
 from troupe.demo import words
 from troupe.errors import ConfigError
-from troupe.messages import InstanceRecord, decode_record, endpoint_prefix
-from troupe.messages._payload import decode_payload, encode_payload
+from troupe.messages import InstanceRecord, endpoint_prefix
 from troupe.testing._wait import eventually
 
 PREFIX = endpoint_prefix("demo", "backend", "words")
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
-    return clean | {
-        "DYN_DISCOVERY_BACKEND": "file",
-        "DYN_FILE_KV": str(tmp_path / "kv"),
-        "DYN_TCP_RPC_HOST": "127.0.0.1",
-        "DYN_LEASE_TTL": "1",
-        "DYN_LOG": "warning",
-    }
-
-
-@pytest.fixture
-def rt(env: dict[str, str]) -> Iterator[Runtime]:
-    with Runtime(Config.from_env(env), handle_signals=False) as runtime:
-        yield runtime
-
-
 def records(rt: Runtime) -> list[InstanceRecord]:
-    items, _ = rt.io.run(rt.store.list(PREFIX), timeout=5)
-    return [decode_record(kv.value, key=kv.key) for kv in items]
+    return _procs.records(rt, PREFIX)
 
 
 def call(rt: Runtime, record: InstanceRecord, request: Any) -> list[Any]:
-    address = record.transport["tcp"]
-
-    async def go() -> list[Any]:
-        client = rt.network.client_for(address)
-        stream = await client.request(address, "demo.backend.words", encode_payload(request))
-        return [decode_payload(c) async for c in stream]
-
-    return rt.io.run(go(), timeout=10)
+    return _procs.call(rt, record, "demo.backend.words", request)
 
 
 def start_worker(env: dict[str, str], *extra: str) -> subprocess.Popen[str]:

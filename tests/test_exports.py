@@ -59,6 +59,22 @@ EXPECTED = {
         "TerminateChild",
         "WhichChildren",
     },
+    "troupe.testing.conformance": {
+        "STORE_CHECKS",
+        "TRANSPORT_CHECKS",
+        "WORKER_ENDPOINTS",
+        "Check",
+        "NotApplicable",
+        "PortSetting",
+        "StoreUnderTest",
+        "TransportUnderTest",
+        "UnreachableStore",
+        "WatchReader",
+        "WorkerProcess",
+        "check_store",
+        "check_transport",
+        "parametrize",
+    },
 }
 
 
@@ -83,3 +99,11 @@ def test_the_public_face_shows_public_paths() -> None:
     for name in ("Runtime", "Router", "RequestContext", "Config", "resumable"):
         assert getattr(troupe, name).__module__ == "troupe", name
     assert repr(troupe.Runtime) == "<class 'troupe.Runtime'>"
+
+
+def test_the_conformance_kits_show_public_paths() -> None:
+    kits = importlib.import_module("troupe.testing.conformance")
+    for name in kits.__all__:
+        value = getattr(kits, name)
+        if isinstance(value, type) or callable(value):
+            assert value.__module__ == "troupe.testing.conformance", name

@@ -488,7 +488,7 @@ def test_workers_stop_by_themselves_when_their_parent_is_killed(
 def test_a_second_signal_does_not_cut_a_shutdown_short(env: dict[str, str]) -> None:
     with Runtime(Config.from_env(env), handle_signals=False) as rt:
         with pytest.raises(SystemExit):
-            rt._on_signal(signal.SIGTERM, None)  # nobody waits: the main thread unwinds
-        rt._on_signal(signal.SIGTERM, None)  # already shutting down: ignored
-        rt._on_signal(signal.SIGINT, None)
+            rt._shutdown._on_signal(signal.SIGTERM, None)  # nobody waits: the main thread unwinds
+        rt._shutdown._on_signal(signal.SIGTERM, None)  # already shutting down: ignored
+        rt._shutdown._on_signal(signal.SIGINT, None)
         assert rt.wait_for_shutdown(timeout=0) is True

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from troupe._fleet import LABEL_FLAG, parse_label
 from troupe._handlers import load_handler
 from troupe._readiness import READY_FD_FLAG, Draining, Failed, ParentLink, Serving, one_line
+from troupe._shutdown import SignalHandlers
 from troupe._support._logging import get_logger
 from troupe.actors import ActorRef, Router, WhichChildren
 from troupe.actors._process import ProcessStatus, Status
@@ -177,7 +177,7 @@ def _serve_supervised(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-class _SignalPolicy:
+class _SignalPolicy(SignalHandlers):
     """SIGINT/SIGTERM in a supervised worker.
 
     Before it serves, the first signal exits at once and quietly (the parent is stopping the
@@ -187,22 +187,12 @@ class _SignalPolicy:
     """
 
     def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
+        super().__init__()
         self._stop: Callable[[], None] | None = None
         self._exiting = False
 
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-
     def serving(self, stop: Callable[[], None]) -> None:
         self._stop = stop
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
         if self._stop is not None:

@@ -12,7 +12,6 @@ status server's health report) is computed in :mod:`troupe._runtime_status`.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import types
 from collections.abc import Callable
@@ -21,7 +20,10 @@ from typing import Any, TypeVar
 from troupe._fleet import WorkerFleet
 from troupe._handlers import handler_spec
 from troupe._introspect import STATUS_ENDPOINT, ProcessLabel, status_handler
+from troupe._kv_routing import kv_router
+from troupe._runtime_events import open_runtime_event_plane
 from troupe._runtime_status import describe_process, health_report
+from troupe._shutdown import Shutdown
 from troupe._status import StatusServer
 from troupe._support._clock import Clock, SystemClock
 from troupe._support._ioloop import IOLoop
@@ -30,7 +32,8 @@ from troupe._support._metrics import RuntimeMetrics
 from troupe.actors import Actor, ActorRef, ActorSystem, Backoff, Intensity
 from troupe.actors._lease import LeaseActor, Register, Unregister
 from troupe.actors._worker import Health, WorkerActor
-from troupe.actors.routing import Resume, Router, spawn_router
+from troupe.actors.routing import Policy, Resume, Router, spawn_router
+from troupe.actors.routing._kv import KvRouterSettings
 from troupe.config import Config
 from troupe.discovery import KeyValueStore, MemoryKvServer, open_store
 from troupe.errors import TroupeError
@@ -45,8 +48,6 @@ __all__ = ["Runtime"]
 M = TypeVar("M")
 
 _log = get_logger("troupe.runtime")
-
-_SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Runtime:
@@ -76,6 +77,7 @@ class Runtime:
         """16 lower-case hex digits, stable for the life of the runtime (the process)."""
         self._memory_server = memory_server
         self._store: KeyValueStore | None = None
+        self._event_plane: EventPlane | None = None
         self._lease: ActorRef[Any] | None = None
         self._network: NetworkManager | None = None
         self._server: Server | None = None
@@ -93,9 +95,7 @@ class Runtime:
         self.metrics = RuntimeMetrics(now=self.clock.now)
         """This runtime's Prometheus metrics (its own registry)."""
         self._handle_signals = handle_signals
-        self._previous_handlers: dict[int, Any] = {}
-        self._shutdown = threading.Event()
-        self._waiting = False
+        self._shutdown = Shutdown()
         self._state = "new"
         self._lock = threading.Lock()
 
@@ -133,9 +133,8 @@ class Runtime:
                     self._state = "closed"
                 raise
             self.status = status  # it logs "status server listening" itself, once
-        if self._handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in _SHUTDOWN_SIGNALS:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        if self._handle_signals:
+            self._shutdown.install()
         if self.config.unknown:
             _log.warning(
                 "ignoring unknown DYN_* variables (typos?)",
@@ -151,33 +150,28 @@ class Runtime:
                 return
             was_running = self._state == "running"
             self._state = "closed"
-        self._shutdown.set()
+        self._shutdown.request()
         if was_running:
             for router in self._routers:
                 router.close(timeout=timeout)
             self.system.shutdown(timeout=timeout)  # workers drain; the LeaseActor revokes
-            if self.status is not None:
-                try:
-                    self.io.run(self.status.close(), timeout=timeout)
-                except (TroupeError, TimeoutError) as exc:
-                    _log.warning("status server did not close cleanly", error=str(exc))
-            for closing in (self._server, self._network):
-                if closing is not None:
+            closing: tuple[tuple[str, Any], ...] = (
+                ("status server", self.status),
+                ("event plane", self._event_plane),
+                ("request plane", self._server),
+                ("request plane", self._network),
+                ("discovery store", self._store),
+            )
+            for what, part in closing:
+                if part is not None:
                     try:
-                        self.io.run(closing.close(), timeout=timeout)
+                        self.io.run(part.close(), timeout=timeout)
                     except (TroupeError, TimeoutError) as exc:
-                        _log.warning("request plane did not close cleanly", error=str(exc))
-            if self._store is not None:
-                try:
-                    self.io.run(self._store.close(), timeout=timeout)
-                except (TroupeError, TimeoutError) as exc:
-                    _log.warning("discovery store did not close cleanly", error=str(exc))
+                        _log.warning(f"{what} did not close cleanly", error=str(exc))
             self.io.stop(timeout=timeout)
         if self._owns_clock:
             self.clock.close()
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
+        self._shutdown.restore()
         _log.debug("runtime closed")
 
     def __enter__(self) -> Runtime:
@@ -195,7 +189,7 @@ class Runtime:
 
     def request_shutdown(self) -> None:
         """Ask a :meth:`wait_for_shutdown` caller to return (thread-safe)."""
-        self._shutdown.set()
+        self._shutdown.request()
 
     def wait_for_shutdown(self, timeout: float | None = None) -> bool:
         """Block until SIGINT/SIGTERM, :meth:`request_shutdown` or :meth:`close`.
@@ -205,27 +199,10 @@ class Runtime:
         Raises:
             SupervisorEscalation: the supervisor of :meth:`spawn_workers` gave up.
         """
-        self._waiting = True
-        try:
-            requested = self._shutdown.wait(timeout)
-        finally:
-            self._waiting = False
+        requested = self._shutdown.wait(timeout)
         if self._failure is not None:
             raise self._failure
         return requested
-
-    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self._shutdown.is_set():  # unwinding again would cut close() short, threads left
-            _log.info("signal received, already shutting down", signal=name)
-            return
-        _log.info("signal received, shutting down", signal=name)
-        self._shutdown.set()
-        if not self._waiting:
-            # Nobody waits on the event: unwind the main thread so the ``with`` block exits.
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
 
     # --- discovery ---------------------------------------------------------------------------
 
@@ -246,6 +223,17 @@ class Runtime:
             self.io.run(store.connect())
             self._store = store
         return self._store
+
+    @property
+    def event_plane(self) -> EventPlane:
+        """The event plane (``DYN_EVENT_PLANE``), connected on first use (docs/events.md).
+        Raises ConnectionLost when NATS cannot be reached."""
+        self._require_running()
+        with self._lock:
+            if self._event_plane is None:  # the lock: one connection, however many callers
+                lease = self._lease_actor() if self.config.events.plane == "zmq" else None
+                self._event_plane = open_runtime_event_plane(self, lease)
+            return self._event_plane
 
     def _lease_actor(self) -> ActorRef[Any]:
         if self._lease is None or not self._lease.is_alive():
@@ -383,16 +371,19 @@ class Runtime:
         self,
         endpoint: str | Endpoint,
         *,
-        policy: str = "round_robin",
+        policy: str | Policy = "round_robin",
         migration_limit: int = 0,
         set_aside_for: float = 5.0,
         instance_filter: Callable[[InstanceRecord], bool] | None = None,
         resume: Resume | None = None,
+        kv: KvRouterSettings | None = None,
     ) -> Router:
         """A router over the live instances of ``endpoint``, fed by a WatcherActor.
 
-        Policies: ``round_robin``, ``random``, ``least_loaded``; ``generate(...,
-        instance_id=...)`` sends to one instance directly. An instance that refuses or fails
+        Policies: ``round_robin``, ``random``, ``least_loaded``, ``kv`` (KV-aware, tuned by
+        ``kv``; it follows the workers' KV events unless ``kv.approximate``: see docs/routing.md)
+        or a :class:`~troupe.actors.routing.Policy`; ``generate(..., instance_id=...)`` sends
+        to one instance directly. An instance that refuses or fails
         a connection or breaks a stream is set aside for ``set_aside_for`` seconds; one that
         answers ``Overloaded`` before any chunk is skipped for the next. With
         ``migration_limit=k`` a broken request is re-sent to another instance up to k times; a
@@ -402,6 +393,16 @@ class Runtime:
         the router to the records it accepts (e.g. one model's instances). See docs/routing.md.
         """
         self._require_running()
+        if policy == "kv":
+            return kv_router(
+                self,
+                parse_endpoint(endpoint),
+                kv,
+                migration_limit=migration_limit,
+                set_aside_for=set_aside_for,
+                instance_filter=instance_filter,
+                resume=resume,
+            )
         router = spawn_router(
             self.system,
             self.store,
@@ -476,7 +477,7 @@ class Runtime:
                 return
             self._failure = error
         _log.debug("worker processes gave up", error=str(error))  # the supervisor logged it
-        self._shutdown.set()
+        self._shutdown.request()
 
     def kv_events(
         self, endpoint: str | Endpoint, *, block_size: int = 16, plane: EventPlane | None = None

@@ -150,3 +150,14 @@ def test_bad_settings_are_refused() -> None:
         KvRouterSettings(temperature=-1)
     with pytest.raises(ConfigError):
         KvRouterSettings(busy_threshold=0)
+
+
+def test_concurrent_requests_are_tracked_apart() -> None:
+    policy = _policy()
+    (worker,) = _instances(1)
+    tokens = [policy.started(worker.instance_id, _request(i, 2)) for i in range(3)]
+    assert len(set(tokens)) == 3
+    assert policy.active_blocks == {worker.instance_id: 6}
+    for token in tokens:
+        policy.finished(token)
+    assert policy.active_blocks == {}

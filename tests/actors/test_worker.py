@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 
-from troupe import Config, Runtime
+from troupe import Config, RequestContext, Runtime
 from troupe.actors._worker import Health
 from troupe.config import DiscoveryConfig, RequestPlaneConfig, TcpConfig, WorkerConfig
 from troupe.discovery import MemoryKvServer
 from troupe.errors import ConfigError, Overloaded
-from troupe.messages import decode_record
-from troupe.messages._payload import decode_payload, encode_payload
+from troupe.messages import decode_payload, decode_record, encode_payload
 from troupe.testing._wait import eventually
-from troupe.transports import RequestContext
 
 CONFIG = Config(
     discovery=DiscoveryConfig(kv_store="memory"),

@@ -1,9 +1,10 @@
-"""Fixtures of the discovery tests: stores of each backend, a unique key root, watch readers,
-and pods of the kubernetes backend on the fake API server."""
+"""Fixtures of the discovery tests: each backend as the store conformance kit's subject, a unique
+key root, watch readers, and pods of the kubernetes backend on the fake API server."""
 
 from __future__ import annotations
 
 import itertools
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,9 +22,10 @@ from troupe.discovery import (
     NatsStore,
     Watch,
 )
+from troupe.testing.conformance import StoreUnderTest, UnreachableStore
 from troupe.testing.fake_kubernetes import FakeKubernetes
 
-from ._helpers import StoreFactory, WatchReader
+from ._helpers import WatchReader
 from ._kubernetes_helpers import Pods
 
 BACKENDS = ("memory", "file", "etcd", "nats", "kubernetes")
@@ -33,6 +35,12 @@ KV_BACKENDS = ("memory", "file", "etcd", "nats")
 """The stores with one key space and TTL leases. Not ``kubernetes``: its keys live in one
 resource per pod (so ``create`` is atomic only within a pod) and its only lease is the pod's
 life (nothing expires by TTL). Tests of those two properties are parametrized over these."""
+
+BACKEND_LACKS: dict[str, frozenset[str]] = {
+    "kubernetes": frozenset({"atomic_create", "ttl_leases", "shared_revisions"}),
+}
+"""What each backend lacks of the store conformance kit's optional properties (the
+``StoreUnderTest`` flags): a watch of the kubernetes store numbers its own events, too."""
 
 
 @pytest.fixture
@@ -46,11 +54,46 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when this returns: nothing listens
+
+
+def _unreachable(backend: str, tmp_path: Path) -> UnreachableStore:
+    """A store of ``backend`` whose server does not answer (or whose directory cannot be)."""
+    if backend == "etcd":
+        url = f"http://127.0.0.1:{_closed_port()}"
+        return UnreachableStore(EtcdStore(EtcdConfig(endpoints=(url,), connect_timeout=1.0)), url)
+    if backend == "nats":
+        url = f"nats://127.0.0.1:{_closed_port()}"
+        return UnreachableStore(NatsStore(NatsConfig(server=url, connect_timeout=1.0)), url)
+    if backend == "kubernetes":
+        url = f"http://127.0.0.1:{_closed_port()}"
+        kubeconfig = tmp_path / "unreachable-kubeconfig"
+        kubeconfig.write_text(
+            '{"apiVersion": "v1", "kind": "Config", "current-context": "c",'
+            f' "clusters": [{{"name": "c", "cluster": {{"server": "{url}"}}}}],'
+            ' "users": [{"name": "u", "user": {"token": "t"}}],'
+            ' "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}'
+        )
+        config = KubernetesConfig(kubeconfig=str(kubeconfig), connect_timeout=1.0)
+        return UnreachableStore(KubernetesStore(config), url)
+    if backend == "file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        path = str(blocker / "kv")
+        return UnreachableStore(FileStore(FileKvConfig(path=path)), path)
+    server = MemoryKvServer(name="memory://unreachable")
+    server.set_available(False)
+    return UnreachableStore(MemoryStore(server), "memory://unreachable")
+
+
 @pytest.fixture
-async def stores(
+def store_under_test(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[StoreFactory]:
-    """A factory of connected stores of one backend that see each other (closed at teardown)."""
+) -> StoreUnderTest:
+    """The store conformance kit's subject for ``backend``: stores that see each other."""
     make: Callable[[], KeyValueStore]
     if backend == "memory":
         server = MemoryKvServer()
@@ -78,17 +121,15 @@ async def stores(
         nats = request.getfixturevalue("nats_server")
         nats_config = NatsConfig(server=nats.url)
         make = lambda: NatsStore(nats_config, bucket="conformance")  # noqa: E731
-    opened: list[KeyValueStore] = []
-
-    async def factory() -> KeyValueStore:
-        store = make()
-        await store.connect()
-        opened.append(store)
-        return store
-
-    yield factory
-    for store in opened:
-        await store.close()
+    lacks = BACKEND_LACKS.get(backend, frozenset())
+    return StoreUnderTest(
+        store=make,
+        backend=backend,
+        ttl_leases="ttl_leases" not in lacks,
+        atomic_create="atomic_create" not in lacks,
+        shared_revisions="shared_revisions" not in lacks,
+        unreachable=lambda: _unreachable(backend, tmp_path),
+    )
 
 
 @pytest.fixture

@@ -175,18 +175,6 @@ async def test_losing_the_api_server_ends_the_watch_with_discovery_unavailable(
     assert (await again.snapshot()).items == ()
 
 
-async def test_closing_the_store_ends_open_watches(pods: Pods) -> None:
-    observer = await pods.store()
-    watch = observer.watch(PREFIX)
-    assert isinstance(await anext(watch), Snapshot)
-    pending = asyncio.ensure_future(anext(watch))
-    await asyncio.sleep(0.05)
-    await observer.close()
-    with pytest.raises(StopAsyncIteration):
-        await asyncio.wait_for(pending, 5.0)
-    await watch.aclose()
-
-
 # --- through the actors: the same Joined/Left as every backend ---------------------------------
 
 

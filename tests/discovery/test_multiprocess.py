@@ -95,8 +95,9 @@ async def test_a_killed_worker_leaves_within_ttl(
             record = decode_record(joined.kv.value, key=joined.key)
             assert isinstance(record, InstanceRecord)
             assert record.pid == proc.pid
-            # The worker keeps its key alive past several TTLs.
-            await asyncio.sleep(2 * TTL)
+            # The worker keeps its key alive past several TTLs: no Delete of it meanwhile.
+            until = asyncio.get_running_loop().time() + 2 * TTL
+            await watch.none_until(lambda e: isinstance(e, Delete), until)
             assert await store.get(joined.key) is not None
         finally:
             proc.kill()

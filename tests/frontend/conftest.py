@@ -18,6 +18,8 @@ from troupe.discovery import MemoryKvServer
 from troupe.frontend import Frontend, FrontendSettings
 from troupe.testing import eventually_async
 
+from ._http import FAST
+
 PLANE = RequestPlaneConfig(plane="tcp", tcp=TcpConfig(host="127.0.0.1", connect_timeout=0.5))
 CONFIG = Config(
     discovery=DiscoveryConfig(kv_store="memory"),
@@ -101,6 +103,13 @@ async def http(frontend: Frontend) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=frontend.url, limits=limits, timeout=10) as client:
         yield client
+
+
+@pytest.fixture
+async def mock(frontend: Frontend, workers: Workers) -> None:
+    """The fast mock engine serves model ``mock``, and the frontend lists it."""
+    await workers.serve("demo.mocker.generate", FAST, model="mock")
+    await wait_for_model(frontend, "mock")
 
 
 async def wait_for_model(fe: Frontend, model: str, *, present: bool = True) -> None:

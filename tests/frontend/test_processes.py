@@ -3,7 +3,6 @@ processes on file discovery; the demo that ``make demo`` runs."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,15 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
-    return clean | {
-        "DYN_DISCOVERY_BACKEND": "file",
-        "DYN_FILE_KV": str(tmp_path / "kv"),
-        "DYN_TCP_RPC_HOST": "127.0.0.1",
-        "DYN_LEASE_TTL": "2",
-        "DYN_LOG": "warning",
-    }
+def env(env: dict[str, str]) -> dict[str, str]:
+    return env | {"DYN_LEASE_TTL": "2"}
 
 
 def troupe(env: dict[str, str], *args: str) -> subprocess.Popen[str]:

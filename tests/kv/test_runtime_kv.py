@@ -17,7 +17,7 @@ from troupe import Config, Runtime
 from troupe.config import DiscoveryConfig, NatsConfig, RequestPlaneConfig, TcpConfig
 from troupe.discovery import MemoryKvServer
 from troupe.errors import ConfigError, RemoteError
-from troupe.events import EventPlane, EventPublisher, EventScope, NatsEventPlane, ZmqEventPlane
+from troupe.events import EventPublisher, EventScope, NatsEventPlane, ZmqEventPlane
 from troupe.kv import (
     KvFollower,
     KvPublisher,
@@ -168,15 +168,11 @@ def test_the_query_endpoint_answers_ranges_and_dumps(cluster: Cluster) -> None:
         ask({"first": "x"})
 
 
-def test_one_publisher_per_component_and_an_event_plane_is_needed(cluster: Cluster) -> None:
+def test_one_publisher_per_component(cluster: Cluster) -> None:
     _, _ = cluster.worker()
     rt, _ = next(iter(cluster.workers.values()))
     with pytest.raises(ConfigError, match="one KV event publisher per component"):
         rt.kv_events("ns.comp.other", plane=cluster.plane)
-    plane: EventPlane | None = getattr(rt, "event_plane", None)
-    if plane is None:
-        with pytest.raises(ConfigError, match="event plane"):
-            rt.kv_events("ns.other.generate")
 
 
 def test_over_the_brokerless_zeromq_plane(cluster: Cluster) -> None:

@@ -12,7 +12,7 @@ import sys
 
 import zmq
 
-from troupe.messages._frames import Request, encode
+from troupe.messages import Request, encode
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """A worker process for the multi-process transport tests.
 
-Usage: ``python _worker.py PLANE [NATS_URL]``. Serves the test endpoints on PLANE (loopback
-only), prints its address on one line, and runs until stdin closes or it is killed.
+Usage: ``python _worker.py PLANE [NATS_URL]``. Serves the conformance kit's worker endpoints
+(``echo``, ``forever``) and ``count`` on PLANE (loopback only), prints its address on one line,
+and runs until stdin closes or it is killed.
 """
 
 from __future__ import annotations
@@ -10,22 +11,15 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator
 
+from troupe import RequestContext
 from troupe.config import HttpConfig, NatsConfig, RequestPlaneConfig, TcpConfig
-from troupe.transports import NetworkManager, RequestContext
-
-
-async def echo(payload: bytes, ctx: RequestContext) -> bytes:
-    return payload
+from troupe.testing.conformance import WORKER_ENDPOINTS
+from troupe.transports import NetworkManager
 
 
 async def count(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
     for i in range(int(payload)):
         yield str(i).encode()
-
-
-async def forever(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-    yield b"first"
-    await asyncio.Event().wait()
 
 
 async def main(plane: str, nats_url: str | None) -> None:
@@ -37,9 +31,9 @@ async def main(plane: str, nats_url: str | None) -> None:
     nats = NatsConfig(server=nats_url) if nats_url else NatsConfig()
     manager = NetworkManager(config, nats)
     server = manager.create_server()
-    server.add_endpoint("echo", echo)
+    for name, handler in WORKER_ENDPOINTS.items():
+        server.add_endpoint(name, handler)
     server.add_endpoint("count", count)
-    server.add_endpoint("forever", forever)
     await server.start()
     print(server.address, flush=True)
     # Serve until the parent closes our stdin.

@@ -1,8 +1,9 @@
 """The plane table: every transport the conformance and fuzz suites run against.
 
 Adding a plane is one entry in ``PLANES``: how to build its settings (loopback only), how to
-open a raw connection to a server for the fuzz suite, and which server port variable the
-port-in-use test checks. A plane whose module is not written yet is skipped, not failed.
+open a raw connection to a server for the fuzz suite (``_raw.py``), and which server port
+variable the port-in-use check uses. :meth:`Plane.under_test` describes a plane to the
+transport conformance kit (``troupe.testing.conformance``).
 """
 
 from __future__ import annotations
@@ -19,140 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from troupe.config import HttpConfig, NatsConfig, RequestPlaneConfig, TcpConfig
-from troupe.errors import ProtocolError
-from troupe.messages import Chunk, End, Request, encode
-from troupe.messages._frames import decode_message
+from troupe.testing.conformance import PortSetting, TransportUnderTest
 from troupe.transports import (
     Client,
+    InprocClient,
     InprocRegistry,
-    InprocServer,
     NetworkManager,
     Server,
     TransportSettings,
 )
 
+from ._raw import HttpRawPeer, InprocRawPeer, NatsRawPeer, RawPeer, ZmqRawPeer
+
 WORKER_SCRIPT = Path(__file__).with_name("_worker.py")
 # The largest request the conformance planes accept (kept small so limit tests stay cheap).
 TEST_LIMIT = 1024 * 1024
-
-
-class RawPeer:
-    """Sends bytes straight at a server, bypassing the client (fuzz suite)."""
-
-    async def send(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def send_parts(self, parts: list[bytes]) -> None:
-        """Send several frames as one transport message, where the transport has such a thing."""
-        for part in parts:
-            await self.send(part)
-
-    async def roundtrip(self, request_id: int, timeout: float = 10.0) -> None:
-        """Send a valid echo request and wait for its End: everything sent before was read."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-def _ends(data: bytes, request_id: int) -> bool:
-    try:
-        frames = decode_message(data)  # one frame, or a batch of them (tcp)
-    except ProtocolError:
-        return False
-    return any(
-        (isinstance(frame, End) or (isinstance(frame, Chunk) and frame.end))
-        and frame.id == request_id
-        for frame in frames
-    )
-
-
-class _InprocRawPeer(RawPeer):
-    def __init__(self, server: Server) -> None:
-        assert isinstance(server, InprocServer)
-        self._server = server
-        self.replies: list[bytes] = []
-        self._arrived = asyncio.Event()
-
-    def _reply(self, data: bytes) -> bool:
-        self.replies.append(data)
-        self._arrived.set()
-        return True
-
-    async def send(self, data: bytes) -> None:
-        self._server.feed(data, self, self._reply)
-
-    async def roundtrip(self, request_id: int, timeout: float = 10.0) -> None:
-        await self.send(encode(Request(request_id, "echo", b"")))
-        async with asyncio.timeout(timeout):
-            while not any(_ends(reply, request_id) for reply in self.replies):
-                self._arrived.clear()
-                await self._arrived.wait()
-
-    async def close(self) -> None:
-        return None
-
-
-class _ZmqRawPeer(RawPeer):
-    """A plain DEALER socket used from the test's loop thread only."""
-
-    def __init__(self, address: str) -> None:
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        self._sock.connect(address)
-
-    async def send(self, data: bytes) -> None:
-        await self.send_parts([data])
-
-    async def send_parts(self, parts: list[bytes]) -> None:
-        for _ in range(1000):
-            try:
-                self._sock.send_multipart(parts, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                await asyncio.sleep(0.001)
-        raise AssertionError("raw peer could not send for 1 s")
-
-    async def roundtrip(self, request_id: int, timeout: float = 10.0) -> None:
-        await self.send(encode(Request(request_id, "echo", b"")))
-        async with asyncio.timeout(timeout):
-            while True:
-                while self._sock.poll(0):
-                    if any(_ends(part, request_id) for part in self._sock.recv_multipart()):
-                        return
-                await asyncio.sleep(0.001)
-
-    async def close(self) -> None:
-        self._sock.close(0)
-        await asyncio.to_thread(self._ctx.term)
-
-
-class _HttpRawPeer(RawPeer):
-    """POSTs arbitrary bodies at the worker's endpoint route over HTTP/2."""
-
-    def __init__(self, address: str) -> None:
-        import httpx  # noqa: PLC0415 - only the http plane needs it
-
-        self._url = address + "/fuzz"
-        self._http = httpx.AsyncClient(http1=False, http2=True, timeout=10.0, trust_env=False)
-
-    async def send(self, data: bytes) -> None:
-        response = await self._http.post(self._url, content=data)
-        assert response.status_code < 500, response.status_code
-
-    async def roundtrip(self, request_id: int, timeout: float = 10.0) -> None:
-        response = await self._http.post(
-            self._url, content=encode(Request(request_id, "echo", b"")), timeout=timeout
-        )
-        assert response.status_code == 200
-
-    async def close(self) -> None:
-        await self._http.aclose()
 
 
 @dataclass
@@ -164,6 +48,7 @@ class Plane:
         settings: loopback-only settings for servers and clients built by :meth:`server`.
         port_variable: the environment variable of the server port (port-in-use test).
         request_limit: the largest request its clients send (``None``: not enforced here).
+        reply_limit: the largest chunk its servers send.
         raw: opens a :class:`RawPeer` to a started server (fuzz suite); ``None`` if not written.
         remote: whether workers can run in another process (subprocess tests).
         fuzz_cases: how many malformed inputs the fuzz suite sends.
@@ -174,6 +59,7 @@ class Plane:
     settings: TransportSettings
     port_variable: str | None = None
     request_limit: int | None = None
+    reply_limit: int | None = None
     raw: Callable[[Server], Awaitable[RawPeer]] | None = None
     remote: bool = True
     fuzz_cases: int = 3000
@@ -208,6 +94,59 @@ class Plane:
             )
         raise AssertionError(f"plane {self.name} has no port")
 
+    def with_request_timeout(self, seconds: float) -> TransportSettings:
+        """Settings whose clients wait at most ``seconds`` for the next reply frame."""
+        rp, nats = self.settings.request_plane, self.settings.nats
+        if self.name == "tcp":
+            tcp = replace(rp.tcp, request_timeout=seconds)
+            return replace(self.settings, request_plane=replace(rp, tcp=tcp))
+        if self.name == "http":
+            http = replace(rp.http, request_timeout=seconds)
+            return replace(self.settings, request_plane=replace(rp, http=http))
+        if self.name == "nats":
+            return replace(self.settings, nats=replace(nats, request_timeout=seconds))
+        raise AssertionError(f"plane {self.name} has no request timeout setting")
+
+    def timed_client(self, seconds: float) -> Client:
+        """A client whose request timeout is ``seconds``."""
+        registry = self.settings.inproc
+        if registry is not None:  # inproc: the timeout is the registry's, for all its clients
+            client = InprocClient(
+                registry, max_message_size=registry.max_message_size, request_timeout=seconds
+            )
+            self._closers.append(client.close)
+            return client
+        return self.client(self.with_request_timeout(seconds))
+
+    async def worker(self) -> WorkerProcess:
+        """A worker process serving on this plane (``_worker.py``), ready."""
+        worker = WorkerProcess(self.name, self.worker_args)
+        try:
+            await worker.ready()
+        except BaseException:
+            worker.close()
+            raise
+        return worker
+
+    def under_test(self) -> TransportUnderTest:
+        """This plane as the transport conformance kit's subject."""
+        port = None
+        if self.port_variable is not None:
+
+            def on_port(number: int) -> Server:
+                return self.manager(self.with_port(number)).create_server(self.name)
+
+            port = PortSetting(self.port_variable, on_port)
+        return TransportUnderTest(
+            server=lambda: self.manager().create_server(self.name),
+            client=self.client,
+            timed_client=self.timed_client,
+            request_limit=self.request_limit,
+            reply_limit=self.reply_limit,
+            port=port,
+            worker=self.worker if self.remote else None,
+        )
+
     async def aclose(self) -> None:
         for closer in reversed(self._closers):
             await closer()
@@ -223,7 +162,7 @@ def _loopback_plane_config(plane: str) -> RequestPlaneConfig:
 
 def _inproc(request: pytest.FixtureRequest) -> Plane:
     async def raw(server: Server) -> RawPeer:
-        return _InprocRawPeer(server)
+        return InprocRawPeer(server)
 
     return Plane(
         "inproc",
@@ -233,6 +172,7 @@ def _inproc(request: pytest.FixtureRequest) -> Plane:
             InprocRegistry(max_message_size=TEST_LIMIT),
         ),
         request_limit=TEST_LIMIT,
+        reply_limit=TEST_LIMIT,
         raw=raw,
         remote=False,
     )
@@ -240,13 +180,14 @@ def _inproc(request: pytest.FixtureRequest) -> Plane:
 
 def _tcp(request: pytest.FixtureRequest) -> Plane:
     async def raw(server: Server) -> RawPeer:
-        return _ZmqRawPeer(server.address)
+        return ZmqRawPeer(server.address)
 
     return Plane(
         "tcp",
         TransportSettings(_loopback_plane_config("tcp")),
         "DYN_TCP_RPC_PORT",
         request_limit=TEST_LIMIT,
+        reply_limit=TEST_LIMIT,
         raw=raw,
     )
 
@@ -255,13 +196,14 @@ def _http(request: pytest.FixtureRequest) -> Plane:
     from troupe.transports.http2 import DEFAULT_MAX_MESSAGE_SIZE  # noqa: PLC0415
 
     async def raw(server: Server) -> RawPeer:
-        return _HttpRawPeer(server.address)
+        return HttpRawPeer(server.address)
 
     return Plane(
         "http",
         TransportSettings(_loopback_plane_config("http")),
         "DYN_HTTP_RPC_PORT",
         request_limit=DEFAULT_MAX_MESSAGE_SIZE,  # no DYN_HTTP_* variable sets it
+        reply_limit=DEFAULT_MAX_MESSAGE_SIZE,
         raw=raw,
         # Each case is a whole HTTP/2 request (milliseconds of httpx); test_http2.py fuzzes more.
         fuzz_cases=2000,
@@ -276,64 +218,10 @@ def _nats(request: pytest.FixtureRequest) -> Plane:
     server: Any = request.getfixturevalue("nats_server")
     nats = NatsConfig(server=server.url, connect_timeout=2.0, request_timeout=10.0)
 
-    class NatsRawPeer(RawPeer):
-        """Publishes bytes on the worker's subject, with replies to an inbox of its own."""
-
-        def __init__(self, nc: Any, subject: str) -> None:
-            self._nc = nc
-            self._subject = subject
-            self._inbox = nc.new_inbox()
-            self._sent = 0
-            self.replies: list[bytes] = []
-            self._arrived = asyncio.Event()
-
-        async def start(self) -> None:
-            async def on_reply(msg: Any) -> None:
-                self.replies.append(msg.data)
-                self._arrived.set()
-
-            await self._nc.subscribe(self._inbox + ".*", cb=on_reply)
-
-        async def send(self, data: bytes) -> None:
-            self._sent += 1
-            if len(data) > self._nc.max_payload:
-                await self._send_oversized(data)
-                return
-            reply = f"{self._inbox}.{self._sent}" if self._sent % 3 else ""
-            await self._nc.publish(self._subject, data, reply=reply)
-
-        async def _send_oversized(self, data: bytes) -> None:
-            # nats-py refuses to publish it, so speak the protocol on a socket of its own: the
-            # broker answers -ERR and drops that connection; the worker never sees the message.
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            try:
-                await reader.readline()  # INFO
-                head = f"CONNECT {{}}\r\nPUB {self._subject} {len(data)}\r\n".encode()
-                with contextlib.suppress(OSError):
-                    writer.write(head + data + b"\r\n")
-                    await writer.drain()
-                    await asyncio.wait_for(reader.read(), 5)
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-
-        async def roundtrip(self, request_id: int, timeout: float = 10.0) -> None:
-            await self._nc.publish(
-                self._subject,
-                encode(Request(request_id, "echo", b"")),
-                reply=f"{self._inbox}.rt{request_id}",
-            )
-            async with asyncio.timeout(timeout):
-                while not any(_ends(reply, request_id) for reply in self.replies):
-                    self._arrived.clear()
-                    await self._arrived.wait()
-
-        async def close(self) -> None:
-            await self._nc.close()
-
     async def raw(target: Server) -> RawPeer:
-        peer = NatsRawPeer(await nats_py.connect(server.url), subject_of(target.address))
+        peer = NatsRawPeer(
+            await nats_py.connect(server.url), subject_of(target.address), server.port
+        )
         await peer.start()
         return peer
 
@@ -342,6 +230,7 @@ def _nats(request: pytest.FixtureRequest) -> Plane:
         TransportSettings(_loopback_plane_config("nats"), nats),
         # The session's server keeps nats-server's default max_payload: 1 MiB.
         request_limit=TEST_LIMIT,
+        reply_limit=TEST_LIMIT,
         raw=raw,
         worker_args=[server.url],
     )
@@ -421,6 +310,7 @@ class WorkerProcess:
         return self.address
 
     def kill(self) -> None:
+        """SIGKILL: the worker says no goodbye."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -434,6 +324,10 @@ class WorkerProcess:
         self.kill()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
 
 
 @pytest.fixture

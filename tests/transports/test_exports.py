@@ -12,6 +12,7 @@ def test_public_api() -> None:
             "PLANES",
             "Client",
             "Handler",
+            "HandlerAdapter",
             "InprocClient",
             "InprocRegistry",
             "InprocServer",

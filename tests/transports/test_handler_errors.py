@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from troupe import Config, Runtime
+from troupe import Config, RequestContext, Runtime
 from troupe._support._logging import configure_logging
 from troupe.config import (
     DiscoveryConfig,
@@ -22,7 +22,6 @@ from troupe.config import (
     TcpConfig,
 )
 from troupe.errors import RemoteError
-from troupe.transports import RequestContext
 
 from .conftest import Plane
 

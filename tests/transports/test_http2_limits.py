@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import pytest
 from _rawh2 import RawH2
 
+from troupe import RequestContext
 from troupe.config import HttpConfig
 from troupe.errors import Overloaded
-from troupe.messages._frames import Cancel, Error, FrameBuffer, Request, encode
+from troupe.messages import Cancel, Error, FrameBuffer, Request, encode
 from troupe.testing import eventually_async
-from troupe.transports import RequestContext
 from troupe.transports.http2 import CANCEL_PATH, Http2Client, Http2Server
 
 LOOPBACK = HttpConfig(host="127.0.0.1", port=0)

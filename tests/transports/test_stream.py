@@ -8,6 +8,7 @@ import pytest
 
 from troupe.errors import RequestTimeout
 from troupe.messages import Chunk
+from troupe.testing import eventually_async
 from troupe.transports import ResponseStream
 from troupe.transports._base import TimeoutSweep
 
@@ -48,8 +49,8 @@ async def test_an_answered_wait_leaves_the_sweep_and_the_sweep_stops() -> None:
     assert sweep._waiting == {}
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
-    await asyncio.sleep(0.15)  # a sweep finding nothing waiting does not re-arm
-    assert sweep._timer is None
+    # The sweep armed for the wait runs once, finds nothing waiting and does not re-arm.
+    await eventually_async(lambda: sweep._timer is None, timeout=2.0, what="the sweep stopped")
     assert cancels == []
     sweep.close()
 
@@ -60,8 +61,7 @@ async def test_a_closed_sweep_hands_waiting_streams_their_own_timers() -> None:
     cancels: list[int] = []
     stream = _stream(sweep, cancels, 0.8)
     waiting = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0.05)
-    assert stream in sweep._waiting
+    await eventually_async(lambda: stream in sweep._waiting, what="the stream waits in the sweep")
     sweep.close()
     assert sweep._waiting == {}
     assert stream._timer is not None

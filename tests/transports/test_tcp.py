@@ -13,31 +13,20 @@ import msgspec
 import pytest
 import zmq
 
+from troupe import RequestContext
 from troupe._support._net import advertised_host, format_hostport, split_address
 from troupe.config import TcpConfig
 from troupe.errors import (
     ConnectionRefused,
     ConnectTimeout,
     InvalidRequest,
-    MessageTooLarge,
     ProtocolError,
-    RequestTimeout,
     StreamBroken,
-    TransportClosed,
     TransportError,
 )
-from troupe.messages import encode
-from troupe.messages._frames import (
-    BATCH_MAX_BYTES,
-    Chunk,
-    End,
-    Error,
-    Request,
-    decode_message,
-    encode_batch,
-)
+from troupe.messages import Chunk, End, Error, Request, encode
+from troupe.messages._frames import BATCH_MAX_BYTES, decode_message, encode_batch
 from troupe.testing import free_port
-from troupe.transports import RequestContext
 from troupe.transports.tcp import TcpClient, TcpServer
 from troupe.transports.tcp._pump import _batch_bytes, _next_message
 
@@ -83,11 +72,6 @@ async def test_localhost_is_resolved_for_binding() -> None:
         assert server.address.startswith("tcp://127.0.0.1:")
     finally:
         await server.close()
-
-
-async def test_unstarted_server_has_no_address() -> None:
-    with pytest.raises(TransportError, match="not started"):
-        _ = TcpServer(CONFIG).address
 
 
 async def test_connect_timeout_when_the_peer_never_answers_the_handshake() -> None:
@@ -149,43 +133,6 @@ async def test_streams_fail_at_once_when_the_worker_goes_away() -> None:
             await client.request(server.address, "slow", b"")
     finally:
         await client.close()
-
-
-async def test_request_timeout_cancels_the_silent_handler(server: TcpServer) -> None:
-    cancelled = asyncio.Event()
-
-    async def silent(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        yield b""
-
-    server.add_endpoint("silent", silent)
-    client = TcpClient(replace(CONFIG, request_timeout=0.3))
-    try:
-        with pytest.raises(RequestTimeout):
-            await call(client, server.address, "silent", b"")
-        await asyncio.wait_for(cancelled.wait(), 5)
-    finally:
-        await client.close()
-
-
-async def test_oversized_reply_becomes_an_error_and_the_connection_survives(
-    server: TcpServer, client: TcpClient
-) -> None:
-    async def huge(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        yield b"small"
-        yield b"x" * (LIMIT + 1)
-
-    server.add_endpoint("huge", huge)
-    stream = await client.request(server.address, "huge", b"")
-    assert await anext(stream) == b"small"
-    with pytest.raises(MessageTooLarge) as info:
-        await anext(stream)
-    assert info.value.limit == LIMIT
-    assert await call(client, server.address, "echo", b"after") == [b"after"]
 
 
 async def test_oversized_message_from_a_raw_peer_harms_no_one_else(
@@ -252,51 +199,6 @@ async def test_back_pressure_with_tiny_buffers() -> None:
         await server.close()
 
 
-async def test_closed_client_fails_streams_and_refuses_requests(server: TcpServer) -> None:
-    async def block(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        yield b"first"
-        await asyncio.Event().wait()
-
-    server.add_endpoint("block", block)
-    client = TcpClient(CONFIG)
-    stream = await client.request(server.address, "block", b"")
-    assert await anext(stream) == b"first"
-    await client.close()
-    with pytest.raises(TransportClosed):
-        await anext(stream)
-    with pytest.raises(TransportClosed):
-        await client.request(server.address, "echo", b"")
-    await client.close()  # idempotent
-
-
-async def test_dropped_stream_is_cancelled_on_its_next_chunk(
-    server: TcpServer, client: TcpClient
-) -> None:
-    stopped = asyncio.Event()
-    reasons: list[str | None] = []
-    tick = asyncio.Event()
-
-    async def ticker(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        try:
-            yield b"first"
-            await tick.wait()
-            while True:
-                yield b"more"
-                await asyncio.sleep(0.01)
-        finally:
-            reasons.append(ctx.stop_reason)
-            stopped.set()
-
-    server.add_endpoint("ticker", ticker)
-    stream = await client.request(server.address, "ticker", b"")
-    assert await anext(stream) == b"first"
-    del stream  # the caller forgets the stream without closing it
-    gc.collect()
-    tick.set()
-    await asyncio.wait_for(stopped.wait(), 5)
-    assert reasons == ["cancelled"]
-
-
 async def test_requests_to_a_malformed_address_fail_clearly(client: TcpClient) -> None:
     with pytest.raises(TransportError, match="malformed tcp address"):
         await client.request("tcp://no-port", "echo", b"")
@@ -309,18 +211,6 @@ def test_address_helpers() -> None:
     assert format_hostport("10.0.0.1", 5) == "10.0.0.1:5"
     assert split_address("tcp://[::1]:7", "tcp") == ("::1", 7)
     assert advertised_host("127.0.0.1") == "127.0.0.1"
-
-
-async def test_server_start_and_close_are_idempotent() -> None:
-    server = TcpServer(CONFIG)
-    await server.start()
-    address = server.address
-    await server.start()
-    assert server.address == address
-    await server.close()
-    await server.close()
-    with pytest.raises(TransportClosed):
-        await server.start()
 
 
 def test_works_on_uvloop() -> None:
@@ -361,31 +251,6 @@ def test_works_on_uvloop() -> None:
         loop.run_until_complete(asyncio.wait_for(scenario(), 30))
     finally:
         loop.close()
-
-
-async def test_closing_the_client_stops_a_silent_handler_at_once(server: TcpServer) -> None:
-    # The handler yields nothing while it waits, so only a Cancel can tell it the caller left.
-    started, stopped = asyncio.Event(), asyncio.Event()
-    reasons: list[str | None] = []
-
-    async def silent(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-            yield b"never"
-        finally:
-            reasons.append(ctx.stop_reason)
-            stopped.set()
-
-    server.add_endpoint("silent", silent)
-    client = TcpClient(CONFIG)
-    stream = await client.request(server.address, "silent", b"")
-    await asyncio.wait_for(started.wait(), 5)
-    await client.close()
-    await asyncio.wait_for(stopped.wait(), 2)
-    assert reasons == ["cancelled"]
-    with pytest.raises(TransportClosed):
-        await anext(stream)
 
 
 async def test_server_closing_right_after_a_cancel_does_not_wait_for_its_grace() -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import zmq
 
+from troupe import RequestContext
 from troupe.config import TcpConfig
-from troupe.messages._frames import Request, encode
+from troupe.messages import Request, encode
 from troupe.testing import eventually_async
-from troupe.transports import RequestContext
 from troupe.transports.tcp import TcpClient, TcpServer
 
 HAMMER = Path(__file__).with_name("_hammer.py")

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import msgspec
@@ -34,15 +33,13 @@ from troupe.actors._actor import Actor, ExitReason
 from troupe.errors import Overloaded, TroupeError
 from troupe.messages._endpoint import Endpoint
 from troupe.messages._payload import decode_payload, encode_payload
-from troupe.transports import RequestContext, Server
+from troupe.transports import HandlerAdapter, RequestContext, Server
 
 __all__ = ["Health", "WorkerActor", "WorkerState"]
 
 WorkerState = Literal["starting", "serving", "draining", "stopped"]
 
 _log = get_logger("troupe.actors.worker")
-
-_DONE = object()
 
 
 class Health(msgspec.Struct, frozen=True, tag=True):
@@ -104,16 +101,19 @@ class WorkerActor(Actor[Health]):
         self.state: WorkerState = "starting"
         self._inflight = 0  # touched only on the I/O loop
         self._drained: asyncio.Event | None = None
-        self._kind = _handler_kind(handler)
+        # The one handler adapter (the request runner uses it too); the sync kinds get the pool
+        # once the actor starts.
+        self._adapter = HandlerAdapter(handler)
         self._metrics = metrics
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     def started(self) -> None:
-        if self._kind in ("sync_gen", "sync"):
+        if self._adapter.blocking:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self._threads, thread_name_prefix=f"{self.name}-pool"
             )
+            self._adapter = HandlerAdapter(self._handler, self._pool)
         self._io.run(self._install(), timeout=10)
         self._registration = self._register(self.endpoint, self._server.address)
         self.state = "serving"
@@ -174,12 +174,8 @@ class WorkerActor(Actor[Health]):
         self._inflight += 1
         try:
             request = decode_payload(payload)
-            # An async generator handler is iterated directly: one generator layer less per item.
-            items: AsyncIterator[Any] = (
-                self._handler(request, ctx)
-                if self._kind == "async_gen"
-                else self._invoke(request, ctx)
-            )
+            # An async generator handler is iterated as it is: no generator layer per item.
+            items = self._adapter.items(request, ctx)
             if metrics is None:
                 async for item in items:
                     yield encode_payload(item)
@@ -204,29 +200,6 @@ class WorkerActor(Actor[Health]):
             if self._inflight == 0 and self._draining() and self._drained is not None:
                 self._drained.set()
 
-    async def _invoke(self, request: Any, ctx: RequestContext) -> AsyncIterator[Any]:
-        handler = self._handler
-        if self._kind == "async_gen":
-            async for item in handler(request, ctx):
-                yield item
-        elif self._kind == "async":
-            yield await handler(request, ctx)
-        elif self._kind == "sync":
-            loop = asyncio.get_running_loop()
-            yield await loop.run_in_executor(self._pool, handler, request, ctx)
-        else:
-            loop = asyncio.get_running_loop()
-            gen: Iterator[Any] = await loop.run_in_executor(self._pool, handler, request, ctx)
-            try:
-                while (
-                    item := await loop.run_in_executor(self._pool, next, gen, _DONE)
-                ) is not _DONE:
-                    yield item
-            finally:
-                close = getattr(gen, "close", None)
-                if close is not None:
-                    await loop.run_in_executor(self._pool, close)
-
     # --- helpers -------------------------------------------------------------------------------
 
     def _refused(self, request_bytes: int) -> None:
@@ -249,17 +222,3 @@ class WorkerActor(Actor[Health]):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-def _handler_kind(handler: Callable[..., Any]) -> str:
-    # A callable object's kind is that of its __call__ method.
-    target = handler if inspect.isroutine(handler) else type(handler).__call__
-    if inspect.isasyncgenfunction(handler) or inspect.isasyncgenfunction(target):
-        return "async_gen"
-    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(target):
-        return "async"
-    if inspect.isgeneratorfunction(handler) or inspect.isgeneratorfunction(target):
-        return "sync_gen"
-    if callable(handler):
-        return "sync"
-    raise TypeError(f"handler {handler!r} is not callable")

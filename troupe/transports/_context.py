@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
@@ -146,15 +146,18 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 Handler: TypeAlias = Callable[
-    [bytes, RequestContext], AsyncIterator[bytes] | Awaitable[bytes | None]
+    [bytes, RequestContext],
+    AsyncIterator[bytes] | Awaitable[bytes | None] | Iterator[bytes] | bytes | None,
 ]
 """An endpoint handler: ``handler(payload, ctx)``.
 
 Usually an async generator function; each yielded ``bytes`` becomes one response chunk, in order,
 and returning ends the stream. A coroutine function is accepted too: its result (unless ``None``)
-is sent as the only chunk. An exception raised by the handler is sent to the caller as an error
-carrying the exception's class name and message; raise a troupe error (``Overloaded``,
-``DeadlineExceeded``, ...) to have the caller re-raise that same type.
+is sent as the only chunk. So are a sync generator function and a plain function, like them but
+run on the event loop's default executor, so that they may block. An exception raised by the
+handler is sent to the caller as an error carrying the exception's class name and message; raise
+a troupe error (``Overloaded``, ``DeadlineExceeded``, ...) to have the caller re-raise that same
+type.
 """
 
 

@@ -9,7 +9,9 @@ handler exceptions turned into :class:`~troupe.messages._frames.Error` frames an
 their traceback (:mod:`troupe.transports._failures`), in-flight accounting and a graceful
 close. Each request runs as its own task, so a slow request never blocks the next; the task runs
 the handler through the pump (:mod:`troupe.transports._pump`, which also defines
-:data:`SendReply`, re-exported here).
+:data:`SendReply`, re-exported here). A handler of any kind is accepted
+(:class:`~troupe.transports._adapt.HandlerAdapter`): a sync one runs on the loop's default
+executor.
 
 Admission: the runner holds at most ``max_inflight`` requests at once, and at most
 ``max_inflight_per_caller`` for one caller (``DYN_WORKER_MAX_INFLIGHT``,
@@ -24,15 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import Callable, Hashable
 from typing import Final
 
+from troupe._support._logging import get_logger
 from troupe._support._metrics import ServerMetrics
 from troupe.config import WorkerConfig
 from troupe.errors import ConfigError, InvalidName, Overloaded
 from troupe.messages._frames import End, Error, Request, RequestId
+from troupe.transports._adapt import HandlerAdapter
 from troupe.transports._context import Handler, RequestContext, StopReason
 from troupe.transports._failures import FailureReporter, TracebackBudget, error_frame
 from troupe.transports._pump import _NEEDS_END, SendReply, pump
@@ -41,7 +44,7 @@ __all__ = ["RequestRunner", "SendReply", "error_frame"]
 
 _DEFAULTS: Final = WorkerConfig()
 
-_log = logging.getLogger("troupe.transports")
+_log = get_logger("troupe.transports")
 
 _MAX_SHOWN: Final = 200
 
@@ -94,7 +97,7 @@ class RequestRunner:
         tracebacks: TracebackBudget | None = None,
     ) -> None:
         self._name = name
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, HandlerAdapter] = {}
         self._active: dict[Hashable, _Active] = {}
         # Requests held per caller (only callers holding some are listed).
         self._callers: dict[Hashable, int] = {}
@@ -157,7 +160,7 @@ class RequestRunner:
             raise ConfigError("endpoint handler", handler, "a callable handler(payload, ctx)")
         if name in self._handlers:
             raise ConfigError("endpoint", name, "an endpoint not already served by this server")
-        self._handlers[name] = handler
+        self._handlers[name] = HandlerAdapter(handler)
 
     def remove_endpoint(self, name: str) -> None:
         """Stop serving ``name`` to new requests; running ones finish. Unknown names are ignored."""
@@ -302,7 +305,7 @@ class RequestRunner:
         if active is not None and active.task is task:  # cancelled before it ran
             self._release(key, active.ctx)
         if not task.cancelled() and task.exception() is not None:
-            _log.error("request task %s failed", task.get_name(), exc_info=task.exception())
+            _log.error("request task failed", task=task.get_name(), exc_info=task.exception())
         if not self._active and self._idle is not None:
             self._idle.set()
 
@@ -325,7 +328,7 @@ class RequestRunner:
     async def _serve(
         self,
         key: Hashable,
-        handler: Handler,
+        handler: HandlerAdapter,
         request: Request,
         ctx: RequestContext,
         send: SendReply,

@@ -1,25 +1,25 @@
 """The handler pump: run one request's handler and send what it yields, on the hot path.
 
-:func:`pump` calls an endpoint handler for a request the
-:class:`~troupe.transports._dispatch.RequestRunner` admitted and sends what it yields through the
-transport's :data:`SendReply`: a coroutine handler's result as one final chunk, an async
-generator's items as chunks. The first item is held back while the handler's next step runs as far
-as it gets without waiting, so a one-chunk reply is one frame (``Chunk(end=True)``). A send
-cancelled while it waits for room hands the cancellation to the handler where it waits, as
-``Task.cancel`` would have (:class:`_Resume`). The runner owns everything around it: admission,
-deadlines, refusals, errors and the final ``End``.
+:func:`pump` starts an endpoint handler (through its
+:class:`~troupe.transports._adapt.HandlerAdapter`, whatever its kind) for a request the
+:class:`~troupe.transports._dispatch.RequestRunner` admitted and sends what it produces through
+the transport's :data:`SendReply`: a one-result handler's result as one final chunk (``None``:
+no chunk), a generator's items as chunks. The first item is held back while the handler's next
+step runs as far as it gets without waiting, so a one-chunk reply is one frame
+(``Chunk(end=True)``). A send cancelled while it waits for room hands the cancellation to the
+handler where it waits, as ``Task.cancel`` would have (:class:`_Resume`). The runner owns
+everything around it: admission, deadlines, refusals, errors and the final ``End``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Final, TypeAlias, cast
 
 from troupe.messages._frames import Chunk, Reply, Request, RequestId
-from troupe.transports._context import Handler, RequestContext
+from troupe.transports._adapt import HandlerAdapter, is_result
+from troupe.transports._context import RequestContext
 
 __all__ = ["SendReply", "pump"]
 
@@ -40,7 +40,7 @@ def _as_bytes(item: object) -> bytes:
 async def _send_value(
     value: object, rid: RequestId, ctx: RequestContext, send: SendReply
 ) -> object:
-    """Answer a coroutine handler's result: one final chunk, or a bare End for ``None``."""
+    """Answer a one-result handler's result: one final chunk, or a bare End for ``None``."""
     if value is None:
         return _NEEDS_END
     if not await send(Chunk(rid, _as_bytes(value), True)):
@@ -246,19 +246,19 @@ async def _send_rest(
             return _NEEDS_END
 
 
-async def pump(handler: Handler, request: Request, ctx: RequestContext, send: SendReply) -> object:
-    """Run the handler, sending what it yields.
+async def pump(
+    handler: HandlerAdapter, request: Request, ctx: RequestContext, send: SendReply
+) -> object:
+    """Run the handler, sending what it produces.
 
     Returns:
         ``_NEEDS_END`` when the stream still needs its ``End``; ``_ENDED`` when the last
         chunk carried it; ``_GONE`` when the caller went away.
     """
     rid = request.id
-    result = handler(request.payload, ctx)
-    # An async generator (the usual handler) is recognised by its exact type: cheaper than
-    # inspect.isawaitable on every request.
-    if type(result) is not types.AsyncGeneratorType and inspect.isawaitable(result):
-        return await _send_value(await result, rid, ctx, send)
+    result = handler.start(request.payload, ctx)
+    if is_result(result):
+        return await _send_value(await cast(Awaitable[object], result), rid, ctx, send)
     stream = cast(AsyncIterator[object], result)
     try:
         # The first item is held back while the handler's next step runs, as far as it

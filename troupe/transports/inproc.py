@@ -9,13 +9,11 @@ event loop. Meant for tests and for users testing their own handlers (``troupe.t
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
-import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Final, TypeAlias
 
+from troupe._support._logging import get_logger
 from troupe.errors import (
     ConfigError,
     ConnectionLost,
@@ -24,19 +22,10 @@ from troupe.errors import (
     TransportClosed,
     TransportError,
 )
-from troupe.messages._frames import (
-    Cancel,
-    Chunk,
-    End,
-    Error,
-    Reply,
-    Request,
-    decode,
-    encode,
-    encode_request,
-)
+from troupe.messages._frames import Cancel, Error, Reply, Request, decode, encode
 from troupe.transports._base import Client, ResponseStream, Server, TransportSettings
 from troupe.transports._dispatch import SendReply
+from troupe.transports._session import CallerSession, SessionStream
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -53,7 +42,7 @@ SCHEME: Final = "inproc"
 DEFAULT_MAX_MESSAGE_SIZE: Final = 32 * 1024 * 1024
 _PREFIX: Final = "inproc://"
 
-_log = logging.getLogger("troupe.transports.inproc")
+_log = get_logger("troupe.transports.inproc")
 
 ReplySink: TypeAlias = Callable[[bytes], bool]
 """How a server hands an encoded reply frame back to its caller; ``False`` = caller gone."""
@@ -158,19 +147,19 @@ class InprocServer(Server):
         if self._closed or self._name is None:
             return
         if len(data) > self._max:
-            _log.debug("dropping %d-byte frame over the %d-byte limit", len(data), self._max)
+            _log.debug("dropping a frame over the size limit", size=len(data), limit=self._max)
             return
         try:
             frame = decode(data)
         except ProtocolError as exc:
-            _log.debug("dropping undecodable frame: %s", exc)
+            _log.debug("dropping an undecodable frame", error=str(exc))
             return
         if type(frame) is Request:
             self._runner.dispatch((peer, frame.id), frame, self._sender(reply, frame))
         elif type(frame) is Cancel:
             self._runner.cancel((peer, frame.id))
         else:
-            _log.debug("dropping unexpected %s frame from a caller", type(frame).__name__)
+            _log.debug("dropping an unexpected frame from a caller", frame=type(frame).__name__)
 
     def _sender(self, reply: ReplySink, request: Request) -> SendReply:
         limit = self._max
@@ -214,9 +203,10 @@ class InprocClient(Client):
         self._registry = registry
         self._max = max_message_size
         self._timeout = request_timeout
-        self._ids = itertools.count(1)
-        self._streams: weakref.WeakValueDictionary[int, ResponseStream] = (
-            weakref.WeakValueDictionary()
+        # A Cancel costs nothing here (the reply sink answers False), so none is remembered:
+        # every chunk nobody reads stops its handler.
+        self._session: CallerSession[SessionStream] = CallerSession(
+            self._cancel, cancel_memory=0, log=_log
         )
         self._closed = False
 
@@ -239,64 +229,51 @@ class InprocClient(Client):
         server = self._registry.lookup(address[len(_PREFIX) :])
         if server is None:
             raise ConnectionLost(f"no in-process server listening at {address}", address=address)
-        rid = next(self._ids)
-        data = encode_request(
-            rid,
+        session = self._session
+        rid, data = session.ids.encode(
+            address,
             endpoint,
             payload,
             deadline=deadline,
             headers=headers,
             attempt=attempt,
             received=received,
+            limit=self._max,
         )
-        if len(data) > self._max:
-            raise MessageTooLarge(len(data), self._max, address=address)
-
-        def cancel() -> None:
-            target = self._registry.lookup(address[len(_PREFIX) :])
-            if target is not None:
-                target.feed(encode(Cancel(rid)), self, self._on_reply)
-
-        stream = ResponseStream(
-            rid,
-            address=address,
-            endpoint=endpoint,
-            cancel=cancel,
-            request_timeout=self._timeout,
-            deadline=deadline,
-            on_finish=functools.partial(self._forget, rid),
+        stream = session.open(
+            SessionStream(
+                rid,
+                address=address,
+                endpoint=endpoint,
+                request_timeout=self._timeout,
+                deadline=deadline,
+            )
         )
-        self._streams[rid] = stream
         server.feed(data, self, self._on_reply)
         return stream
 
-    def _forget(self, rid: int) -> None:
-        self._streams.pop(rid, None)
+    def _cancel(self, stream: SessionStream, cancel: Cancel) -> None:
+        """The session's hook: tell the server of ``stream`` to stop its request."""
+        target = self._registry.lookup(stream.address[len(_PREFIX) :])
+        if target is not None:
+            target.feed(encode(cancel), self, self._on_reply)
 
     def _on_reply(self, data: bytes) -> bool:
         if self._closed:
             return False
-        try:
-            frame = decode(data)
-        except ProtocolError as exc:
-            _log.debug("dropping undecodable reply: %s", exc)
-            return True
-        if not isinstance(frame, Chunk | End | Error):
-            return True
-        stream = self._streams.get(frame.id) if type(frame.id) is int else None
-        if stream is None:
-            return False  # the caller dropped the stream: stop the handler
-        stream.deliver(frame)
-        return True
+        # A Cancel for the reply means nobody reads the stream any more: stop the handler.
+        return self._session.receive_data(data) is None
 
     async def close(self) -> None:
-        """Fail open streams with ``TransportClosed``."""
+        """Fail open streams with ``TransportClosed`` and tell their servers to stop them."""
         if self._closed:
             return
         self._closed = True
-        for stream in list(self._streams.values()):
-            stream.fail(TransportClosed("in-process client closed", address=stream.address))
-        self._streams.clear()
+        for stream, cancel in self._session.cancel_open():
+            self._cancel(stream, cancel)
+        self._session.fail_all(
+            lambda stream: TransportClosed("in-process client closed", address=stream.address)
+        )
 
 
 def create_server(settings: TransportSettings) -> InprocServer:

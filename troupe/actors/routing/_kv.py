@@ -25,6 +25,7 @@ was sent to, for ``approx_ttl`` seconds.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -114,6 +115,8 @@ class KvPolicy:
         clock: monotonic seconds (approximate mode's expiry).
     """
 
+    name = "kv"
+
     def __init__(
         self,
         settings: KvRouterSettings | None = None,
@@ -131,6 +134,7 @@ class KvPolicy:
         self._clock = clock
         self._active_blocks: dict[str, int] = {}
         self._active: dict[int, _Active] = {}
+        self._tokens_issued = itertools.count()
         # The request choose() last saw, and its hashes: started() follows choose() at once.
         self._last: tuple[Any, list[int], int] | None = None
         # Approximate mode: when each (worker, block) was last routed, and in what order.
@@ -140,6 +144,9 @@ class KvPolicy:
         self.predicted_hit_blocks = 0
         self.requested_blocks = 0
         self.last_overlap: dict[str, int] = {}
+        """Overlap per worker of the last request chosen for (workers holding none absent)."""
+        self.last_sent: str | None = None
+        """The worker the last request was sent to."""
 
     # --- the Policy seam ------------------------------------------------------------------------
 
@@ -182,7 +189,8 @@ class KvPolicy:
             hashes = self._hasher(tokens, self.settings.block_size) if tokens else []
             blocks = math.ceil(len(tokens) / self.settings.block_size) if tokens else 0
         self._last = None
-        token = id(object())
+        self.last_sent = instance_id
+        token = next(self._tokens_issued)
         self._active[token] = _Active(instance_id, blocks)
         self._active_blocks[instance_id] = self._active_blocks.get(instance_id, 0) + blocks
         if self.settings.approximate and hashes:

@@ -106,7 +106,9 @@ class Router(_Rerouting, _Bridging):
         self._network = network
         self._io = io
         self.endpoint = endpoint
-        self.policy = policy if isinstance(policy, str) else type(policy).__name__
+        self.policy = (
+            policy if isinstance(policy, str) else getattr(policy, "name", type(policy).__name__)
+        )
         self.migration_limit = migration_limit
         self.retries = retries if retries is not None else Retries()
         self._resume = resume
@@ -136,6 +138,12 @@ class Router(_Rerouting, _Bridging):
     def snapshot(self) -> RouterSnapshot:
         """The current snapshot (no mailbox hop)."""
         return self._holder.current
+
+    @property
+    def policy_object(self) -> Policy:
+        """The :class:`Policy` that chooses (its state, e.g. a KV policy's index, is readable
+        on the I/O loop)."""
+        return self._policy
 
     @property
     def load(self) -> dict[str, int]:

@@ -1,14 +1,14 @@
 """The caller's side of one HTTP/2 request: the sink its connection feeds the response into.
 
-``_Call`` turns a response body into the frames of the request's
-:class:`~troupe.transports.ResponseStream`; ``_IGNORE`` drops the answers to cancel messages.
+``_Call`` turns a response body into reply frames and hands them to the client's
+:class:`~troupe.transports._session.CallerSession`, which delivers them to the request's stream
+(:class:`_Http2Stream`); ``_IGNORE`` drops the answers to cancel messages.
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from troupe.errors import (
     MessageTooLarge,
@@ -19,7 +19,7 @@ from troupe.errors import (
     UnknownEndpoint,
 )
 from troupe.messages._frames import Chunk, End, Error, FrameBuffer
-from troupe.transports._base import ResponseStream
+from troupe.transports._session import CallerSession, SessionStream
 from troupe.transports.http2._wire import FRAMES_CONTENT_TYPE
 
 # Bytes of a non-frame error body kept for the error message.
@@ -55,11 +55,19 @@ _IGNORE: Final = _Sink()
 """The sink of cancel messages: their ``204`` answer is read and dropped."""
 
 
-class _Call(_Sink):
-    """The caller's side of one request: turns its response body into the stream's frames.
+class _Http2Stream(SessionStream):
+    """A stream that knows its call (which sends its ``Cancel`` on the call's connection)."""
 
-    It holds its :class:`ResponseStream` weakly, like the other planes: a stream the caller drops
-    without closing is cancelled when its next frame arrives.
+    __slots__ = ("call",)
+
+    call: _Call
+
+
+class _Call(_Sink):
+    """The caller's side of one request: turns its response body into reply frames.
+
+    Its stream is found through the session, which holds it weakly, like the other planes: a
+    stream the caller drops without closing is cancelled when its next frame arrives.
     """
 
     __slots__ = (
@@ -74,10 +82,10 @@ class _Call(_Sink):
         "preview",
         "request_id",
         "reset_timer",
+        "session",
         "started",
         "status",
         "stream_id",
-        "stream_ref",
         "uploaded",
     )
 
@@ -87,6 +95,7 @@ class _Call(_Sink):
         address: str,
         endpoint: str,
         *,
+        session: CallerSession[Any],
         started: asyncio.Future[None],
         max_size: int,
         cancel_path: bytes,
@@ -94,7 +103,7 @@ class _Call(_Sink):
         self.request_id = request_id
         self.address = address
         self.endpoint = endpoint
-        self.stream_ref: weakref.ref[ResponseStream] | None = None
+        self.session = session
         self.started = started  # resolved once the response headers arrived, or on failure
         self.cancel_path = cancel_path
         self.error: TroupeError | None = None
@@ -108,9 +117,9 @@ class _Call(_Sink):
         self.cancelled = False
         self.reset_timer: asyncio.TimerHandle | None = None
 
-    def _stream(self) -> ResponseStream | None:
-        ref = self.stream_ref
-        return None if ref is None else ref()
+    def _stream(self) -> SessionStream | None:
+        stream: SessionStream | None = self.session.get(self.request_id)
+        return stream
 
     def fail(self, exc: TroupeError) -> None:
         """Report ``exc`` to whoever waits: the ``request`` call, else the stream's reader."""
@@ -120,6 +129,8 @@ class _Call(_Sink):
         stream = self._stream()
         if stream is not None:
             stream.fail(exc)
+        else:
+            self.session.forget(self.request_id)  # dropped unclosed: nothing more comes for it
 
     def on_headers(self, status: int, content_type: bytes) -> None:
         self.status = status
@@ -133,24 +144,26 @@ class _Call(_Sink):
             if len(self.preview) < _ERROR_BODY_PREVIEW:
                 self.preview += data[: _ERROR_BODY_PREVIEW - len(self.preview)]
             return
-        stream = self._stream()
-        if stream is None:
-            self.cancel()  # dropped without being closed: nobody reads this any more
-            return
-        if stream.finished:
-            return  # abandoned or failed: the rest is only drained
+        session = self.session
+        rid = self.request_id
+        if rid not in session:
+            return  # finished, abandoned or failed: the rest is only drained
         try:
             received = self.frames.feed(data)
         except (ProtocolError, MessageTooLarge) as exc:
             exc.address = self.address
-            stream.fail(exc)
+            self.fail(exc)
             return
         for frame in received:
             if type(frame) is Chunk or type(frame) is End or type(frame) is Error:
-                stream.deliver(frame)
+                # The body is this request's, whatever id its frames carry.
+                if session.receive(frame, rid) is not None:
+                    self.cancel()  # dropped without being closed: nobody reads this any more
+                    return
             else:
                 message = f"unexpected {type(frame).__name__} frame in a response"
-                stream.fail(ProtocolError(message, address=self.address))
+                self.fail(ProtocolError(message, address=self.address))
+                return
 
     def on_end(self) -> None:
         self.stop_reset_timer()
@@ -166,6 +179,7 @@ class _Call(_Sink):
             return
         stream = self._stream()
         if stream is None or stream.finished:
+            self.session.forget(self.request_id)  # dropped unclosed: nothing more comes for it
             return
         try:
             self.frames.close()
@@ -182,7 +196,8 @@ class _Call(_Sink):
         self.fail(kind(message, address=self.address))
 
     def cancel(self) -> None:
-        """The caller gave up (the stream's ``cancel`` callback): tell the worker; never blocks."""
+        """The caller gave up, or nobody reads the stream any more: tell the worker (once);
+        never blocks."""
         if not self.cancelled and self.conn is not None:
             self.cancelled = True
             self.conn.cancel(self)

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import secrets
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Final
 from urllib.parse import quote, urlsplit
 
+from troupe._support._logging import get_logger
 from troupe._support._net import format_hostport, split_address
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
@@ -35,14 +34,14 @@ from troupe.errors import (
     ConnectionLost,
     ConnectTimeout,
     DeadlineExceeded,
-    MessageTooLarge,
     RequestTimeout,
     TransportClosed,
     TransportError,
 )
-from troupe.messages._frames import encode_request
+from troupe.messages._frames import Cancel
 from troupe.transports._base import Client, ResponseStream, TransportSettings
-from troupe.transports.http2._call import _Call
+from troupe.transports._session import CallerSession, RequestIds
+from troupe.transports.http2._call import _Call, _Http2Stream
 from troupe.transports.http2._connection import _CONNECTING, _Connection
 from troupe.transports.http2._wire import (
     CANCEL_PATH,
@@ -53,6 +52,8 @@ from troupe.transports.http2._wire import (
 
 # Seconds Http2Client.close waits for its sockets to close.
 _CLOSE_WAIT: Final = 2.0
+
+_log = get_logger("troupe.transports.http2")
 
 
 class _Pool:
@@ -124,8 +125,10 @@ class Http2Client(Client):
         self._http2 = http2 if http2 is not None else Http2Config()
         self._max = max_message_size
         self._connect_timeout = connect_timeout
-        self._prefix = secrets.token_hex(6) + "-"  # request ids unique across callers
-        self._ids = itertools.count(1)
+        # The open requests, by id; ids carry a random prefix: unique across callers.
+        self._session: CallerSession[_Http2Stream] = CallerSession(
+            self._cancel, ids=RequestIds(secrets.token_hex(6) + "-"), log=_log
+        )
         self._targets: dict[str, _Target] = {}
         self._pools: dict[tuple[str, int], _Pool] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -228,18 +231,18 @@ class Http2Client(Client):
         if self._closed:
             raise TransportClosed("HTTP/2 client is closed", address=address)
         target = self._target(address)
-        rid = f"{self._prefix}{next(self._ids)}"
-        data = encode_request(
-            rid,
+        session = self._session
+        rid, data = session.ids.encode(
+            address,
             endpoint,
             payload,
             deadline=deadline,
             headers=headers,
             attempt=attempt,
             received=received,
+            limit=self._max,
         )
-        if len(data) > self._max:
-            raise MessageTooLarge(len(data), self._max, address=address)
+        assert isinstance(rid, str)  # a prefix makes string ids
         timeout = self._config.request_timeout
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
@@ -247,19 +250,20 @@ class Http2Client(Client):
             rid,
             address,
             endpoint,
+            session=session,
             started=started,
             max_size=self._max,
             cancel_path=target.cancel_path,
         )
-        stream = ResponseStream(
+        stream = _Http2Stream(
             rid,
             address=address,
             endpoint=endpoint,
-            cancel=call.cancel,
             request_timeout=timeout,
             deadline=deadline,
         )
-        call.stream_ref = weakref.ref(stream)
+        stream.call = call
+        session.open(stream)
         limit = timeout if deadline is None else min(timeout, deadline - time.time())
         path = target.prefix + quote(endpoint, safe="").encode()
         waiting = asyncio.timeout(max(limit, 0.0))
@@ -269,30 +273,43 @@ class Http2Client(Client):
                 await conn.send_request(call, path, data)
                 await started
         except TransportError as exc:  # before TimeoutError: ConnectTimeout is one too
-            call.cancel()
+            self._abandon(call)
             if exc.address is None:
                 exc.address = address
             raise
         except TimeoutError:
             if not waiting.expired():
                 raise
-            call.cancel()
+            self._abandon(call)
             if deadline is not None and time.time() >= deadline:
                 message = f"deadline passed waiting for {endpoint!r} at {address}"
                 raise DeadlineExceeded(message, address=address) from None
             raise RequestTimeout(address, timeout) from None
         except asyncio.CancelledError:
-            call.cancel()
+            self._abandon(call)
             raise
         if call.error is not None:
+            session.forget(rid)
             raise call.error
         return stream
+
+    def _abandon(self, call: _Call) -> None:
+        """The request fails before its stream is returned: stop it, forget it."""
+        call.cancel()
+        self._session.forget(call.request_id)
+
+    def _cancel(self, stream: _Http2Stream, cancel: Cancel) -> None:
+        """The session's hook: a caller gave up its stream; its call tells the worker."""
+        stream.call.cancel()
 
     async def close(self) -> None:
         """Fail open streams with ``TransportClosed`` and close every connection."""
         if self._closed:
             return
         self._closed = True
+        self._session.fail_all(
+            lambda stream: TransportClosed("HTTP/2 client closed", address=stream.address)
+        )
         conns = [conn for pool in self._pools.values() for conn in pool.live]
         for conn in conns:
             conn.abort((TransportClosed, "HTTP/2 client closed"))

@@ -20,6 +20,7 @@ from typing import Final, cast
 from hypercorn.config import Config as HypercornConfig
 
 from troupe._support._hypercorn import Served, StartFailed, launch
+from troupe._support._logging import get_logger
 from troupe._support._net import advertised_host, detect_host, format_hostport
 from troupe.config import Http2Config, HttpConfig
 from troupe.errors import (
@@ -44,7 +45,7 @@ from troupe.transports.http2._exchange import (
 )
 from troupe.transports.http2._wire import DEFAULT_MAX_MESSAGE_SIZE, SCHEME
 
-_log = logging.getLogger("troupe.transports.http2")
+_log = get_logger("troupe.transports.http2")
 
 # hypercorn closes an HTTP/2 connection after keep_alive_max_requests requests (default 1,000).
 _UNLIMITED_REQUESTS: Final = sys.maxsize
@@ -225,7 +226,7 @@ class Http2Server(Server):
             raise TransportClosed("HTTP/2 server was closed while starting")
         host = format_hostport(advertised_host(bound), port)
         self._address = f"{SCHEME}://{host}{self._root}"
-        _log.debug("HTTP/2 server listening on %s (bound %s)", self._address, bound)
+        _log.debug("HTTP/2 server listening", address=self._address, bound=bound)
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop serving: running requests get ``grace`` seconds, then callers get StreamBroken."""

@@ -13,6 +13,8 @@ Failures, all typed:
   no subscription left, so NATS answers 503 and every open stream to it fails with
   :class:`~troupe.errors.StreamBroken`. One probe per worker per tick, whatever the number of
   streams; no timer per message.
+- A stream dropped without closing it, or still open when the client closes: ``Cancel`` to its
+  worker (at once for a dropped one, when it is garbage-collected), as on every plane.
 - Broker outage: the caller's open streams fail with ``StreamBroken`` when its connection drops,
   and new requests fail at once with ``ConnectionLost`` (nothing is buffered) until nats-py has
   reconnected, which it keeps trying forever.
@@ -26,8 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
-import weakref
 from collections.abc import Mapping
 from typing import Final
 
@@ -35,22 +35,23 @@ import nats.errors
 from nats.aio.client import Client as _Nats
 from nats.aio.msg import Msg
 
+from troupe._support._logging import get_logger
 from troupe.config import NatsConfig
 from troupe.errors import (
     ConfigError,
     ConnectionLost,
     MessageTooLarge,
-    ProtocolError,
     StreamBroken,
     TransportClosed,
     TransportError,
 )
-from troupe.messages._frames import Cancel, Chunk, End, Error, decode, encode, encode_request
+from troupe.messages._frames import Cancel, encode
 from troupe.transports._base import Client, ResponseStream, TimeoutSweep, TransportSettings
+from troupe.transports._session import CallerSession, SessionStream, StreamRef, collect_on
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
 from troupe.transports.nats._subjects import _CONTROL, subject_of
 
-_log = logging.getLogger("troupe.transports.nats")
+_log = get_logger("troupe.transports.nats")
 
 DEFAULT_PROBE_INTERVAL: Final = 0.25
 """Seconds between liveness probes of the workers a client has open streams with."""
@@ -81,10 +82,12 @@ class NatsRpcClient(Client):
         self._nc: _Nats | None = None
         self._inbox = ""  # "<inbox>." : the reply subject of request N is "<inbox>.N"
         self._connect_lock = asyncio.Lock()
-        self._ids = itertools.count(1)
-        # request id -> a weak reference to its stream (a stream its caller dropped is
-        # collected; plain weakrefs in a plain dict cost less than a WeakValueDictionary).
-        self._streams: dict[int, weakref.ref[ResponseStream]] = {}
+        # The open requests, by id. A stream its caller dropped without closing it is
+        # collected, and _dropped (on the loop) forgets it and sends Cancel.
+        self._session: CallerSession[SessionStream] = CallerSession(
+            self._cancel, on_collected=self._on_collected, log=_log
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sweep: TimeoutSweep | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._prober: asyncio.Task[None] | None = None
@@ -124,41 +127,37 @@ class NatsRpcClient(Client):
                 f"request to {address} not sent",
                 address=address,
             )
-        rid = next(self._ids)
-        data = encode_request(
-            rid,
+        limit = nc.max_payload
+        rid, data = self._session.ids.encode(
+            address,
             endpoint,
             payload,
             deadline=deadline,
             headers=headers,
             attempt=attempt,
             received=received,
+            limit=limit,
+            variable="max_payload of nats-server",
         )
-        limit = nc.max_payload
-        if len(data) > limit:
-            raise MessageTooLarge(
-                len(data), limit, address=address, variable="max_payload of nats-server"
-            )
         reply = self._inbox + str(rid)
         sweep = self._sweep
         if sweep is None:
-            sweep = self._sweep = TimeoutSweep(asyncio.get_running_loop())
-        stream = _NatsStream(
-            rid,
-            address=address,
-            endpoint=endpoint,
-            request_timeout=self._timeout,
-            deadline=deadline,
-            sweep=sweep,
+            self._loop = asyncio.get_running_loop()
+            sweep = self._sweep = TimeoutSweep(self._loop)
+        stream = self._session.open(
+            SessionStream(
+                rid,
+                address=address,
+                endpoint=endpoint,
+                request_timeout=self._timeout,
+                deadline=deadline,
+                sweep=sweep,
+            )
         )
-        stream.client = self
-        stream.subject = subject
-        stream.reply = reply
-        self._streams[rid] = weakref.ref(stream)
         try:
             await nc.publish(subject, data, reply=reply)
         except nats.errors.Error as exc:
-            self._streams.pop(rid, None)
+            self._session.forget(rid)
             raise self._publish_error(exc, address, len(data), limit) from exc
         prober = self._prober
         if prober is None or prober.done():
@@ -207,17 +206,6 @@ class NatsRpcClient(Client):
             self._nc = nc
             return nc
 
-    def _live_streams(self) -> list[ResponseStream]:
-        """The open streams (forgetting those their callers dropped)."""
-        live: list[ResponseStream] = []
-        for rid, ref in list(self._streams.items()):
-            stream = ref()
-            if stream is None:
-                del self._streams[rid]
-            else:
-                live.append(stream)
-        return live
-
     async def _on_reply(self, msg: Msg) -> None:
         data = msg.data
         if not data:
@@ -225,31 +213,15 @@ class NatsRpcClient(Client):
             if headers and headers.get(_STATUS) == _NO_RESPONDERS:
                 self._no_responders(msg.subject[len(self._inbox) :])
             return
-        try:
-            frame = decode(data)
-        except ProtocolError as exc:
-            _log.debug("dropping undecodable reply on %s: %s", msg.subject, exc)
-            return
-        kind = type(frame)
-        if kind is Chunk or kind is End or kind is Error:
-            assert isinstance(frame, Chunk | End | Error)
-            rid = frame.id
-            if type(rid) is not int:
-                return
-            ref = self._streams.get(rid)
-            if ref is not None:
-                stream = ref()
-                if stream is not None:
-                    stream.deliver(frame)
-                else:
-                    del self._streams[rid]  # its caller dropped it
+        # A Cancel for a reply nobody reads is not sent (see __init__).
+        self._session.receive_data(data)
 
     def _no_responders(self, token: str) -> None:
         if token.startswith(_PROBE_TAG):
             address = self._probes.get(token) or self._last_probes.get(token)
             if address is None:
                 return
-            broken = [s for s in self._live_streams() if s.address == address]
+            broken = [s for s in self._session.live() if s.address == address]
             for stream in broken:
                 stream.fail(
                     StreamBroken(
@@ -262,8 +234,7 @@ class NatsRpcClient(Client):
             rid = int(token)
         except ValueError:
             return
-        ref = self._streams.get(rid)
-        pending = None if ref is None else ref()
+        pending = self._session.get(rid)
         if pending is not None:
             pending.fail(
                 ConnectionLost(
@@ -276,66 +247,86 @@ class NatsRpcClient(Client):
     async def _probe_workers(self) -> None:
         """While streams are open, probe each worker they use once per interval."""
         interval = self._probe_interval
-        while self._live_streams() and not self._closed:
+        while self._session.live() and not self._closed:
             await asyncio.sleep(interval)
             nc = self._nc
             if nc is None or not nc.is_connected:
                 continue
-            addresses = {stream.address for stream in self._live_streams()}
+            addresses = {stream.address for stream in self._session.live()}
             probes = {f"{_PROBE_TAG}{next(self._probe_ids)}": address for address in addresses}
             self._last_probes, self._probes = self._probes, probes
             for token, address in probes.items():
                 try:
                     await nc.publish(subject_of(address) + _CONTROL, b"", reply=self._inbox + token)
                 except nats.errors.Error as exc:
-                    _log.debug("cannot probe %s: %r", address, exc)
+                    _log.debug("cannot probe a worker", address=address, error=repr(exc))
                     break
 
-    def _cancel(self, subject: str, reply: str, rid: int) -> None:
+    def _cancel(self, stream: SessionStream, cancel: Cancel) -> None:
+        """The session's hook: a caller gave up its stream; tell its worker (never blocks)."""
+        self._send_cancel(stream.address, cancel)
+
+    def _on_collected(self, ref: StreamRef[SessionStream]) -> None:
+        """The session's hook for a stream dropped unclosed (any thread): see :func:`collect_on`."""
+        loop = self._loop
+        if loop is not None:
+            collect_on(loop, self._dropped)(ref)
+
+    def _dropped(self, ref: StreamRef[SessionStream]) -> None:
+        cancel = self._session.collected(ref)
+        if cancel is not None:
+            self._send_cancel(ref.address, cancel)
+
+    def _send_cancel(self, address: str, cancel: Cancel) -> None:
+        """Publish ``cancel`` to the control subject of the worker at ``address``, with the
+        request's reply subject (together with the id, that names the request there)."""
         nc = self._nc
         if nc is None or self._closed or not nc.is_connected:
             return
         task = asyncio.get_running_loop().create_task(
-            self._send_cancel(nc, subject + _CONTROL, reply, rid),
-            name=f"NatsRpcClient-cancel-{rid}",
+            self._publish_cancel(nc, address, self._inbox + str(cancel.id), cancel),
+            name=f"NatsRpcClient-cancel-{cancel.id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _send_cancel(nc: _Nats, control: str, reply: str, rid: int) -> None:
+    async def _publish_cancel(nc: _Nats, address: str, reply: str, cancel: Cancel) -> None:
+        control = subject_of(address) + _CONTROL
         try:
-            await nc.publish(control, encode(Cancel(rid)), reply=reply)
+            await nc.publish(control, encode(cancel), reply=reply)
         except nats.errors.Error as exc:
-            _log.debug("cannot send Cancel(%d) to %s: %r", rid, control, exc)
+            _log.debug("cannot send a Cancel", id=cancel.id, subject=control, error=repr(exc))
 
     async def _on_disconnected(self) -> None:
         if self._closed:
             return
-        streams = self._live_streams()
-        if streams:
-            _log.warning(
-                "lost the NATS connection; failing %d open request stream(s)", len(streams)
+        servers = _servers_text(self._config)
+        failed = self._session.fail_all(
+            lambda stream: StreamBroken(
+                f"lost the NATS connection to {servers} mid-stream", address=stream.address
             )
-        for stream in streams:
-            stream.fail(
-                StreamBroken(
-                    f"lost the NATS connection to {_servers_text(self._config)} mid-stream",
-                    address=stream.address,
-                )
-            )
+        )
+        if failed:
+            _log.warning("lost the NATS connection; failed the open request streams", count=failed)
 
     async def _on_reconnected(self) -> None:
-        _log.info("NATS connection restored (%s)", _servers_text(self._config))
+        _log.info("NATS connection restored", servers=_servers_text(self._config))
 
     async def close(self) -> None:
         """Fail open streams with ``TransportClosed`` and close the connection. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        for stream in self._live_streams():
-            stream.fail(TransportClosed("nats client closed", address=stream.address))
-        self._streams.clear()
+        nc = self._nc
+        if nc is not None and nc.is_connected:
+            # Tell the workers now rather than leave silent handlers running (the connection
+            # flushes what is queued when it closes, below).
+            for stream, cancel in self._session.cancel_open():
+                await self._publish_cancel(nc, stream.address, self._inbox + str(cancel.id), cancel)
+        self._session.fail_all(
+            lambda stream: TransportClosed("nats client closed", address=stream.address)
+        )
         if self._sweep is not None:
             self._sweep.close()
         tasks = list(self._tasks)
@@ -349,22 +340,6 @@ class NatsRpcClient(Client):
             nc, self._nc = self._nc, None
         if nc is not None:
             await _close_quietly(nc)
-
-
-class _NatsStream(ResponseStream):
-    """A stream that cancels and forgets itself through its client (no closures)."""
-
-    __slots__ = ("client", "reply", "subject")
-
-    client: NatsRpcClient
-    subject: str
-    reply: str
-
-    def _send_cancel(self) -> None:
-        self.client._cancel(self.subject, self.reply, self.request_id)  # type: ignore[arg-type]
-
-    def _finished(self) -> None:
-        self.client._streams.pop(self.request_id, None)  # type: ignore[arg-type]
 
 
 def create_client(settings: TransportSettings) -> NatsRpcClient:

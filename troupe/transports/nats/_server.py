@@ -7,13 +7,13 @@ it serves again without a restart.
 
 from __future__ import annotations
 
-import logging
 import secrets
 
 import nats.errors
 from nats.aio.client import Client as _Nats
 from nats.aio.msg import Msg
 
+from troupe._support._logging import get_logger
 from troupe.config import NatsConfig
 from troupe.errors import (
     ConfigError,
@@ -29,7 +29,7 @@ from troupe.transports._dispatch import SendReply
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
 from troupe.transports.nats._subjects import _CONTROL, _PREFIX, _SUBJECT_RE, SUBJECT_PREFIX
 
-_log = logging.getLogger("troupe.transports.nats")
+_log = get_logger("troupe.transports.nats")
 
 
 class NatsRpcServer(Server):
@@ -124,12 +124,12 @@ class NatsRpcServer(Server):
     async def _on_request(self, msg: Msg) -> None:
         reply = msg.reply
         if not reply:
-            _log.debug("dropping a message without reply subject on %s", self._subject)
+            _log.debug("dropping a message without reply subject", subject=self._subject)
             return
         try:
             frame = decode(msg.data)
         except ProtocolError as exc:
-            _log.debug("dropping undecodable request on %s: %s", self._subject, exc)
+            _log.debug("dropping an undecodable request", subject=self._subject, error=str(exc))
             return
         kind = type(frame)
         if kind is Request:
@@ -148,7 +148,7 @@ class NatsRpcServer(Server):
         elif kind is Cancel:
             self._runner.cancel((reply, frame.id))
         else:
-            _log.debug("dropping unexpected %s frame on %s", kind.__name__, self._subject)
+            _log.debug("dropping an unexpected frame", frame=kind.__name__, subject=self._subject)
 
     async def _on_control(self, msg: Msg) -> None:
         data = msg.data
@@ -157,7 +157,7 @@ class NatsRpcServer(Server):
         try:
             frame = decode(data)
         except ProtocolError as exc:
-            _log.debug("dropping undecodable control message: %s", exc)
+            _log.debug("dropping an undecodable control message", error=str(exc))
             return
         if type(frame) is Cancel and msg.reply:
             self._runner.cancel((msg.reply, frame.id))
@@ -179,7 +179,7 @@ class NatsRpcServer(Server):
             try:
                 await nc.publish(reply, data)
             except nats.errors.Error as exc:
-                _log.debug("cannot publish a reply to %s: %r", reply, exc)
+                _log.debug("cannot publish a reply", subject=reply, error=repr(exc))
                 return False
             return delivered
 
@@ -188,7 +188,9 @@ class NatsRpcServer(Server):
     async def _on_disconnected(self) -> None:
         if self._closed or self._nc is None:
             return
-        _log.warning("worker %s lost its NATS connection; stopping its requests", self._subject)
+        _log.warning(
+            "worker lost its NATS connection; stopping its requests", subject=self._subject
+        )
         broken = self._broken
 
         def collect(key: object) -> bool:
@@ -203,13 +205,13 @@ class NatsRpcServer(Server):
         broken, self._broken = self._broken, []
         if nc is None or self._closed:
             return
-        _log.info("worker %s reconnected to NATS", self._subject)
+        _log.info("worker reconnected to NATS", subject=self._subject)
         for reply, rid in broken:
             frame = Error(rid, "StreamBroken", "the worker lost its NATS connection mid-request")
             try:
                 await nc.publish(reply, encode(frame))
             except nats.errors.Error as exc:
-                _log.debug("cannot tell %s its stream broke: %r", reply, exc)
+                _log.debug("cannot tell a caller its stream broke", subject=reply, error=repr(exc))
                 return
 
     async def close(self, grace: float = 0.0) -> None:

@@ -8,7 +8,6 @@ It refuses an oversized or malformed request before sending it.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Mapping
 from typing import Final
 
@@ -16,10 +15,10 @@ import zmq
 
 from troupe._support._net import split_address
 from troupe.config import TcpConfig
-from troupe.errors import MessageTooLarge, TransportClosed
-from troupe.messages._frames import encode_request
+from troupe.errors import TransportClosed
 from troupe.transports._base import Client, ResponseStream, TimeoutSweep, TransportSettings
-from troupe.transports.tcp._connection import _Connection, _StreamRef, _TcpStream
+from troupe.transports._session import RequestIds, SessionStream
+from troupe.transports.tcp._connection import _Connection
 from troupe.transports.tcp._pump import SCHEME
 
 # A caller opens another connection to the same worker (up to DYN_TCP_POOL_SIZE) once every
@@ -40,7 +39,7 @@ class TcpClient(Client):
         self.config = config if config is not None else TcpConfig()
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self._pools: dict[str, list[_Connection]] = {}
-        self._ids = itertools.count(1)
+        self._ids = RequestIds()  # shared by the connections' sessions
         self._sweep: TimeoutSweep | None = None
         self._closed = False
 
@@ -51,7 +50,7 @@ class TcpClient(Client):
         best: _Connection | None = None
         load = 0
         for conn in pool:
-            conn_load = len(conn.streams) + conn.waiting
+            conn_load = len(conn.session) + conn.waiting
             if best is None or conn_load < load:
                 best, load = conn, conn_load
         if best is not None and (
@@ -60,7 +59,7 @@ class TcpClient(Client):
             return best
         if self._ctx is None:
             self._ctx = zmq.Context(io_threads=1)
-        conn = _Connection(self, self._ctx, address, host)
+        conn = _Connection(self, self._ctx, address, host, self._ids)
         pool.append(conn)
         return conn
 
@@ -98,21 +97,17 @@ class TcpClient(Client):
             raise TransportClosed("TCP client is closed", address=address)
         pool = self._pools.get(address)
         host = pool[0].host if pool else split_address(address, SCHEME)[0]
-        rid = next(self._ids)
-        data = encode_request(
-            rid,
+        rid, data = self._ids.encode(
+            address,
             endpoint,
             payload,
             deadline=deadline,
             headers=headers,
             attempt=attempt,
             received=received,
+            limit=self.config.max_message_size,
+            variable="DYN_TCP_MAX_MESSAGE_SIZE",
         )
-        limit = self.config.max_message_size
-        if len(data) > limit:
-            raise MessageTooLarge(
-                len(data), limit, address=address, variable="DYN_TCP_MAX_MESSAGE_SIZE"
-            )
         conn = self._connection(address, host)
         if conn.state == "connecting":
             # A burst from a fresh client spreads over the pool as it would once connected
@@ -125,22 +120,22 @@ class TcpClient(Client):
         sweep = self._sweep
         if sweep is None:
             sweep = self._sweep = TimeoutSweep(asyncio.get_running_loop())
-        stream = _TcpStream(
-            rid,
-            address=address,
-            endpoint=endpoint,
-            request_timeout=self.config.request_timeout,
-            deadline=deadline,
-            sweep=sweep,
+        stream = conn.session.open(
+            SessionStream(
+                rid,
+                address=address,
+                endpoint=endpoint,
+                request_timeout=self.config.request_timeout,
+                deadline=deadline,
+                sweep=sweep,
+            )
         )
-        stream.conn = conn
-        conn.streams[rid] = _StreamRef(stream, conn.on_collected, rid)
         if conn.try_send(data):
             return stream
         try:
             await conn.send(data)
         except BaseException:
-            conn.forget(rid)
+            conn.session.forget(rid)
             raise
         return stream
 

@@ -1,9 +1,11 @@
 """The caller side of the TCP plane, per socket: one DEALER to one worker, many requests on it.
 
-Requests are multiplexed on the socket by request id. A frame the caller cannot decode fails that
-one stream. A stream its caller drops without closing it is forgotten when it is collected, and
-the worker is told to stop (``Cancel``). A socket monitor reports handshakes (connect timeout)
-and disconnects (a dead worker fails its open streams with ``StreamBroken`` at once).
+Requests are multiplexed on the socket by request id; the bookkeeping is the connection's
+:class:`~troupe.transports._session.CallerSession` (a frame the caller cannot decode fails that
+one stream; a reply nobody reads is answered with ``Cancel``). A stream its caller drops without
+closing it is forgotten when it is collected, and the worker is told to stop (``Cancel``) at once.
+A socket monitor reports handshakes (connect timeout) and disconnects (a dead worker fails its
+open streams with ``StreamBroken`` at once).
 """
 
 from __future__ import annotations
@@ -11,26 +13,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import operator
-import weakref
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import zmq
 
+from troupe._support._logging import get_logger
 from troupe.config import TcpConfig
 from troupe.errors import (
     ConnectionLost,
     ConnectionRefused,
     ConnectTimeout,
-    ProtocolError,
     RequestTimeout,
     StreamBroken,
     TransportError,
 )
-from troupe.messages._frames import Cancel, Chunk, End, Error, Undecodable, decode_message, encode
-from troupe.transports._base import ResponseStream
+from troupe.messages._frames import Cancel, RequestId, encode
+from troupe.transports._session import (
+    CallerSession,
+    RequestIds,
+    SessionStream,
+    StreamRef,
+    collect_on,
+)
 from troupe.transports.tcp._pump import (
     _HEARTBEAT_IVL_MS,
     _HEARTBEAT_TIMEOUT_MS,
@@ -42,10 +48,8 @@ from troupe.transports.tcp._pump import (
 if TYPE_CHECKING:
     from troupe.transports.tcp._client import TcpClient
 
-_log = logging.getLogger("troupe.transports.tcp")
+_log = get_logger("troupe.transports.tcp")
 
-# Cancels remembered per connection, so late chunks of a cancelled stream send no new Cancel.
-_CANCELLED_MEMORY: Final = 1024
 # While connecting, these mean the attempt failed: libzmq would retry in silence until the connect
 # timeout; a caller wants the refusal (a dead worker's port) at once, to go elsewhere.
 _CONNECT_FAILED: Final = frozenset(
@@ -64,28 +68,6 @@ _MONITOR_EVENTS: Final = functools.reduce(
 )
 
 
-class _StreamRef(weakref.ref[ResponseStream]):
-    """A weak reference to a stream that remembers its request id, for the callback that runs
-    when the stream is collected (its caller dropped it without closing it)."""
-
-    __slots__ = ("rid",)
-
-    rid: int
-
-    def __new__(
-        cls, stream: ResponseStream, callback: Callable[[_StreamRef], None], rid: int
-    ) -> _StreamRef:
-        self = super().__new__(cls, stream, callback)
-        self.rid = rid
-        return self
-
-    def __init__(
-        self, stream: ResponseStream, callback: Callable[[_StreamRef], None], rid: int
-    ) -> None:
-        # ref.__init__ takes (ob, callback); typeshed does not declare it.
-        super().__init__(stream, callback)  # type: ignore[call-arg]
-
-
 class _Connection:
     """One DEALER socket to one worker, carrying many requests."""
 
@@ -95,21 +77,23 @@ class _Connection:
         ctx: zmq.Context[zmq.Socket[bytes]],
         address: str,
         host: str,
+        ids: RequestIds,
     ) -> None:
         config = client.config
         self.client = client
         self.address = address
         self.host = host
         self.loop = asyncio.get_running_loop()
-        # request id -> a weak reference to its stream: a stream its caller dropped without
-        # closing it is collected, and the reference's callback has the loop forget it and send
-        # Cancel (weakrefs in a plain dict: WeakValueDictionary's Python-level bookkeeping cost
-        # more per request). Its next frame, should it come first, does the same.
-        self.streams: dict[int, _StreamRef] = {}
-        self.on_collected = self._on_collected
+        # The requests open on this socket. A stream its caller dropped without closing it is
+        # collected, and _dropped (on the loop) forgets it and sends Cancel.
+        self.session: CallerSession[SessionStream] = CallerSession(
+            self._send_cancel,
+            ids=ids,
+            on_collected=collect_on(self.loop, self._dropped),
+            log=_log.bind(address=address),
+        )
         self.state = "connecting"
         self.waiting = 0  # requests waiting for the handshake: they count as this one's load
-        self._cancelled: dict[int, None] = {}
         self.ready: asyncio.Future[None] = self.loop.create_future()
         self.ready.add_done_callback(_consume_exception)
         sock, monitor = _open_dealer(ctx, config, address, host)
@@ -178,10 +162,8 @@ class _Connection:
         reply (a handler that is silent for a while would keep a closing worker waiting)."""
         if self.state != "ready":
             return
-        for rid, ref in list(self.streams.items()):
-            stream = ref()
-            if stream is not None and not stream.finished and rid not in self._cancelled:
-                self.pump.put(b"", encode(Cancel(rid)))
+        for _, cancel in self.session.cancel_open():
+            self.pump.put(b"", encode(cancel))
         if self.pump.backlog(b""):
             self.pump.flush_now()
 
@@ -199,11 +181,7 @@ class _Connection:
         if not self.ready.done():
             self.ready.set_exception(exc)
         self.client._forget_connection(self)
-        streams = [ref() for ref in self.streams.values()]
-        self.streams.clear()
-        for stream in streams:
-            if stream is not None:
-                stream.fail(exc)
+        self.session.fail_all(exc)
         with contextlib.suppress(zmq.ZMQError):
             self.pump.sock.disable_monitor()
         self.monitor.close()
@@ -217,7 +195,7 @@ class _Connection:
         if self.state != "ready" or pump.backlog(b"") >= pump.limit:
             return False
         # Alone on the connection: send now rather than at the end of the loop iteration.
-        pump.put(b"", data, now=len(self.streams) <= 1)
+        pump.put(b"", data, now=len(self.session) <= 1)
         return True
 
     async def send(self, data: bytes) -> None:
@@ -235,102 +213,31 @@ class _Connection:
         if self.state != "ready":
             raise ConnectionLost(f"connection to {self.address} closed", address=self.address)
         # Alone on the connection: send now rather than at the end of the loop iteration.
-        pump.put(b"", data, now=len(self.streams) <= 1)
+        pump.put(b"", data, now=len(self.session) <= 1)
 
-    def send_cancel(self, rid: int) -> None:
-        """Tell the worker to stop ``rid``; never blocks."""
-        cancelled = self._cancelled
-        cancelled[rid] = None
-        if len(cancelled) > _CANCELLED_MEMORY:
-            del cancelled[next(iter(cancelled))]
+    @property
+    def streams(self) -> Mapping[RequestId, StreamRef[SessionStream]]:
+        """The requests open on this connection (the session's table)."""
+        return self.session.streams
+
+    def _send_cancel(self, stream: SessionStream, cancel: Cancel) -> None:
+        """Tell the worker to stop a request whose caller gave up; never blocks."""
         if self.state == "ready":
-            self.pump.put(b"", encode(Cancel(rid)))
+            self.pump.put(b"", encode(cancel))
 
-    def forget(self, rid: int) -> None:
-        """The stream ``rid`` expects no more frames."""
-        self.streams.pop(rid, None)
-
-    def _on_collected(self, ref: _StreamRef) -> None:
-        """The weakref callback of a stream collected while still registered (dropped unclosed).
-
-        Runs wherever the garbage collector runs: any thread, possibly in the middle of loop
-        code that iterates :attr:`streams`. So it only schedules :meth:`_dropped` on the loop.
-        """
-        loop = self.loop
-        if loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
-            loop.call_soon_threadsafe(self._dropped, ref)
-
-    def _dropped(self, ref: _StreamRef) -> None:
+    def _dropped(self, ref: StreamRef[SessionStream]) -> None:
         """Forget a collected stream and tell the worker to stop (on the loop)."""
-        rid = ref.rid
-        if self.streams.get(rid) is not ref:
-            return  # already forgotten (a frame for it arrived first, or the connection closed)
-        del self.streams[rid]
-        if rid not in self._cancelled:
-            self.send_cancel(rid)
+        cancel = self.session.collected(ref)
+        if cancel is not None and self.state == "ready":
+            self.pump.put(b"", encode(cancel))
 
     def _on_message(self, parts: list[bytes]) -> None:
-        streams = self.streams
+        session = self.session
         for data in parts:
-            try:
-                frames = decode_message(data)
-            except ProtocolError as exc:
-                _log.debug("dropping an undecodable reply from %s: %s", self.address, exc)
-                continue
-            for frame in frames:
-                kind = type(frame)
-                if kind is not Chunk and kind is not End and kind is not Error:
-                    if kind is Undecodable:
-                        assert isinstance(frame, Undecodable)
-                        self._on_undecodable(frame)
-                    continue
-                assert isinstance(frame, Chunk | End | Error)
-                rid = frame.id
-                if type(rid) is not int:
-                    continue  # this client's ids are ints
-                ref = streams.get(rid)
-                stream = None if ref is None else ref()
-                if stream is not None:
-                    stream.deliver(frame)
-                    continue
-                if ref is not None:
-                    del streams[rid]  # its caller dropped it without closing it
-                if type(frame) is Chunk and not frame.end and rid not in self._cancelled:
-                    self.send_cancel(rid)  # nobody reads this stream any more
-
-    def _on_undecodable(self, frame: Undecodable) -> None:
-        """Fail the one stream an undecodable reply belongs to, when its id can be read."""
-        rid = frame.id
-        _log.debug("undecodable reply from %s (id %r): %s", self.address, rid, frame.error)
-        if not isinstance(rid, int):
-            return  # this client's ids are ints
-        ref = self.streams.pop(rid, None)
-        stream = None if ref is None else ref()
-        if stream is None:
-            return
-        stream.fail(
-            ProtocolError(
-                f"undecodable reply from {self.address}: {frame.error}", address=self.address
-            )
-        )
-        if frame.tag == "chunk" and rid not in self._cancelled:
-            self.send_cancel(rid)  # the worker may go on sending: stop it
-
-
-class _TcpStream(ResponseStream):
-    """A stream that cancels and forgets itself through its connection (no closures)."""
-
-    __slots__ = ("conn",)
-
-    conn: _Connection
-
-    def _send_cancel(self) -> None:
-        self.conn.send_cancel(self.request_id)  # type: ignore[arg-type]  # ints on tcp
-
-    def _finished(self) -> None:
-        self.conn.streams.pop(self.request_id, None)  # type: ignore[arg-type]  # ints on tcp
+            cancels = session.receive_message(data)
+            if cancels and self.state == "ready":
+                for cancel in cancels:
+                    self.pump.put(b"", encode(cancel))
 
 
 def _open_dealer(

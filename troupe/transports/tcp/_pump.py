@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Final
 
 import zmq
 from zmq.backend import Socket as _ZmqSocket
 
+from troupe._support._logging import get_logger
 from troupe.config import TcpConfig
 from troupe.messages._frames import BATCH_MAX_BYTES, BATCH_OVERHEAD, encode_batch
 
 SCHEME: Final = "tcp"
 
-_log = logging.getLogger("troupe.transports.tcp")
+_log = get_logger("troupe.transports.tcp")
 
 # ZMTP heartbeats: a peer silent for _HEARTBEAT_TIMEOUT_MS is disconnected (a crashed process is
 # normally seen at once through its closed socket; heartbeats catch frozen hosts and cut links).
@@ -335,7 +335,7 @@ class _Pump:
                     if sock.closed or exc.errno in (zmq.ENOTSOCK, zmq.ETERM):
                         return
                     if exc.errno != zmq.EHOSTUNREACH:
-                        _log.warning("send failed: %s", exc)
+                        _log.warning("send failed", error=str(exc))
                     frames.clear()
                     unroutable.append(dest)
                     break

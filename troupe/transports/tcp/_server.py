@@ -17,12 +17,12 @@ import asyncio
 import errno
 import ipaddress
 import itertools
-import logging
 import socket
 from typing import Final
 
 import zmq
 
+from troupe._support._logging import get_logger
 from troupe._support._net import WILDCARD_HOSTS, advertised_host, detect_host, format_hostport
 from troupe.config import TcpConfig
 from troupe.errors import (
@@ -52,7 +52,7 @@ from troupe.transports.tcp._pump import (
     _Pump,
 )
 
-_log = logging.getLogger("troupe.transports.tcp")
+_log = get_logger("troupe.transports.tcp")
 
 # Callers remembered as disconnected, so replies still produced for them are dropped at once.
 _GONE_MEMORY: Final = 4096
@@ -161,7 +161,7 @@ class TcpServer(Server):
             batch_bytes=_batch_bytes(config),
         )
         self._address = f"tcp://{format_hostport(advertised_host(host), port)}"
-        _log.debug("TCP server listening on %s (bound %s)", self._address, bound)
+        _log.debug("TCP server listening", address=self._address, bound=bound)
 
     def _on_message(self, parts: list[bytes]) -> None:
         if len(parts) < 2:
@@ -172,7 +172,7 @@ class TcpServer(Server):
             try:
                 frames = decode_message(data)
             except ProtocolError as exc:
-                _log.debug("dropping an undecodable message: %s", exc)
+                _log.debug("dropping an undecodable message", error=str(exc))
                 continue
             for frame in frames:
                 kind = type(frame)
@@ -191,15 +191,15 @@ class TcpServer(Server):
                     assert isinstance(frame, Undecodable)
                     self._refuse(identity, frame)
                 else:
-                    _log.debug("dropping an unexpected %s frame from a caller", kind.__name__)
+                    _log.debug("dropping an unexpected frame from a caller", frame=kind.__name__)
 
     def _refuse(self, identity: bytes, frame: Undecodable) -> None:
         """Answer an undecodable request with a ``ProtocolError`` when its id can be read (its
         caller fails at once instead of timing out); drop anything else."""
         if frame.tag != "req" or frame.id is None:
-            _log.debug("dropping an undecodable frame from a caller: %s", frame.error)
+            _log.debug("dropping an undecodable frame from a caller", error=str(frame.error))
             return
-        _log.debug("refusing an undecodable request %r: %s", frame.id, frame.error)
+        _log.debug("refusing an undecodable request", id=frame.id, error=str(frame.error))
         self._runner.metrics.add_refused("undecodable")
         self._post(identity, Error(frame.id, "ProtocolError", str(frame.error)))
 
