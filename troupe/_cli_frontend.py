@@ -8,9 +8,10 @@ import dataclasses
 import signal
 from collections.abc import Callable
 
+from troupe.actors.routing import KvRouterSettings
 from troupe.config import Config
 from troupe.errors import ConfigError
-from troupe.frontend import Frontend, FrontendSettings
+from troupe.frontend import ROUTER_MODES, Frontend, FrontendSettings
 from troupe.runtime import Runtime
 
 __all__ = ["add_arguments", "cmd_frontend"]
@@ -30,8 +31,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--router-mode",
         default="round_robin",
-        choices=("round_robin", "random", "least_loaded"),
-        help="how to pick a worker for each request (default: round_robin)",
+        choices=ROUTER_MODES,
+        help="how to pick a worker for each request (default: round_robin; kv: the worker "
+        "that holds most of the prompt's prefix in its KV cache, weighed against its load)",
+    )
+    kv = parser.add_argument_group("KV-aware routing (--router-mode kv)")
+    kv.add_argument(
+        "--kv-cache-block-size",
+        type=int,
+        default=16,
+        metavar="TOKENS",
+        help="tokens per KV block; must match the workers' (default 16)",
+    )
+    kv.add_argument(
+        "--kv-overlap-score-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of prefill cost (uncached blocks) against decode load (default 1.0)",
+    )
+    kv.add_argument(
+        "--router-temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="0: always the cheapest worker; > 0: sample by softmax of the costs (default 0)",
+    )
+    kv.add_argument(
+        "--active-decode-blocks-threshold",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="skip a worker whose active blocks exceed this fraction of its KV capacity; "
+        "all busy: 503 with Retry-After (default: none)",
+    )
+    kv.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="approximate mode: predict caches from routing decisions; opens no event plane "
+        "(NATS is never contacted)",
+    )
+    kv.add_argument(
+        "--router-replica-sync",
+        action="store_true",
+        help="share active requests with the other frontends' routers over the event plane, "
+        "so each counts the others' load (best effort)",
+    )
+    kv.add_argument(
+        "--durable-kv-events",
+        action="store_true",
+        help="KV events kept in a NATS JetStream stream (DYN_DURABLE_KV_EVENTS): a router "
+        "started later replays them",
     )
     parser.add_argument(
         "--migration-limit",
@@ -93,6 +143,29 @@ async def _serve(rt: Runtime, settings: FrontendSettings) -> None:
             loop.remove_signal_handler(sig)
 
 
+def _kv_settings(args: argparse.Namespace) -> KvRouterSettings:
+    try:
+        return KvRouterSettings(
+            block_size=args.kv_cache_block_size,
+            overlap_weight=args.kv_overlap_score_weight,
+            temperature=args.router_temperature,
+            busy_threshold=args.active_decode_blocks_threshold,
+            approximate=args.no_kv_events,
+            replica_sync=args.router_replica_sync,
+        )
+    except ConfigError as exc:
+        flag = _KV_FLAGS.get(str(exc.variable), str(exc.variable))
+        raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
+
+
+_KV_FLAGS = {
+    "block_size": "--kv-cache-block-size",
+    "overlap_weight": "--kv-overlap-score-weight",
+    "temperature": "--router-temperature",
+    "busy_threshold": "--active-decode-blocks-threshold",
+}
+
+
 def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; then drain (``--grace``) and exit 0."""
     listen = config.frontend
@@ -112,7 +185,12 @@ def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
         max_body_size=args.max_body_size,
         overload_tries=args.overload_tries,
         router_idle=args.router_idle,
+        kv=_kv_settings(args) if args.router_mode == "kv" else None,
     )
+    if args.durable_kv_events:
+        config = dataclasses.replace(
+            config, events=dataclasses.replace(config.events, durable=True)
+        )
     with (
         Runtime(config, handle_signals=False) as rt,
         asyncio.Runner(loop_factory=_loop_factory()) as runner,

@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from troupe import _cli_discovery, _cli_frontend, _cli_serve, _cli_status
+from troupe import _cli_discovery, _cli_frontend, _cli_mocker, _cli_serve, _cli_status
 from troupe._version import __version__
 from troupe.config import Config, format_table
 from troupe.errors import ConfigError, InvalidRequest, RemoteError, TroupeError
@@ -72,6 +72,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cli_frontend.cmd_frontend,
         _cli_frontend.add_arguments,
         "serve the OpenAI-compatible HTTP API over the models registered in discovery",
+    ),
+    "mocker": (
+        _cli_mocker.cmd_mocker,
+        _cli_mocker.add_arguments,
+        "serve the mock LLM engine with a simulated KV cache, publishing its KV events",
     ),
 }
 

@@ -10,6 +10,7 @@ import pytest
 
 from troupe.actors.routing import RoutedInstance
 from troupe.actors.routing._kv import KvPolicy, KvRouterSettings, request_tokens
+from troupe.actors.routing._kv_sync import ActiveAdded, ActiveFreed, ReplicaSync
 from troupe.errors import AllWorkersBusy, ConfigError
 from troupe.messages import InstanceRecord
 
@@ -161,3 +162,17 @@ def test_concurrent_requests_are_tracked_apart() -> None:
     for token in tokens:
         policy.finished(token)
     assert policy.active_blocks == {}
+
+
+def test_replica_sync_forgets_a_silent_replicas_requests() -> None:
+    now = [0.0]
+    sync = ReplicaSync(stale_after=10.0, clock=lambda: now[0])
+    sync.apply("a", ActiveAdded(1, "w", 4))
+    sync.apply("b", ActiveAdded(1, "w", 2))  # same token, another replica: a separate request
+    assert sync.remote_blocks == {"w": 6}
+    sync.apply("b", ActiveFreed(1))
+    sync.apply("b", ActiveFreed(1))  # twice: ignored
+    assert sync.remote_blocks == {"w": 4}
+    now[0] = 11.0
+    sync.apply("c", ActiveAdded(7, "v", 3))  # a's request is stale by now
+    assert sync.remote_blocks == {"v": 3}

@@ -133,6 +133,7 @@ def test_frontend_exports() -> None:
         "ModelEntry",
         "ModelRegistry",
         "ModelTable",
+        "ROUTER_MODES",
         "Tokenizer",
         "WordTokenizer",
     }

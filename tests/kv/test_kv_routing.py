@@ -191,3 +191,33 @@ def test_approximate_mode_needs_no_event_plane() -> None:
         assert rt._event_plane is None  # nothing asked for the event plane
     finally:
         cluster.close()
+
+
+def test_router_replicas_count_each_others_load(cluster: Cluster) -> None:
+    slow = MockerConfig(
+        block_size=BLOCK,
+        num_gpu_blocks=CAPACITY,
+        tokens_per_second=5.0,
+        time_to_first_token=0.0,
+        output_tokens=200,
+        prefill_tokens_per_second=1e6,
+    )
+    workers = sorted(cluster.worker(slow) for _ in range(2))
+    settings = KvRouterSettings(block_size=BLOCK, replica_sync=True)
+    rt_a, rt_b = cluster.runtime(), cluster.runtime()
+    router_a = rt_a.router(ENDPOINT, policy="kv", kv=settings)
+    router_b = rt_b.router(ENDPOINT, policy="kv", kv=settings)
+    for router in (router_a, router_b):
+        _wait(lambda r=router: r.instance_ids() == workers, "two workers")  # type: ignore[misc]
+    busy = workers[0]
+    stream = router_a.generate_sync({"token_ids": _prompt(50, 10)}, instance_id=busy)
+    next(stream)
+    sync_b = _policy(router_b).sync
+    assert sync_b is not None
+    _wait(lambda: sync_b.remote_blocks.get(busy) == 10, "router b counts router a's request")
+    # Router b has sent nothing, yet routes a fresh prompt away from the worker a keeps busy.
+    for seed in range(3):
+        list(router_b.generate_sync({"token_ids": _prompt(60 + seed, 2), "max_tokens": 1}))
+        assert _last_choice(router_b) == workers[1]
+    stream.close()
+    _wait(lambda: busy not in sync_b.remote_blocks, "freed when router a's request ended")

@@ -15,9 +15,11 @@ from troupe.frontend._app import FrontendSettings
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelEntry, ModelRegistry, ModelTable
 from troupe.frontend._serve import Frontend
+from troupe.frontend._state import ROUTER_MODES
 from troupe.frontend._tokenizer import Tokenizer, WordTokenizer
 
 __all__ = [
+    "ROUTER_MODES",
     "Frontend",
     "FrontendMetrics",
     "FrontendSettings",

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 
 from troupe.errors import (
     ActorError,
+    AllWorkersBusy,
     Cancelled,
     InvalidRequest,
     MessageTooLarge,
@@ -48,6 +49,8 @@ class ErrorReply:
     code: str
     message: str
     param: str | None = None
+    retry_after: int | None = None
+    """Seconds for a ``Retry-After`` header (the client should come back, not go elsewhere)."""
 
     def body(self) -> dict[str, Any]:
         """The OpenAI error object."""
@@ -59,6 +62,14 @@ def error_reply(exc: TroupeError) -> ErrorReply:
     if isinstance(exc, NoInstances):
         return ErrorReply(
             503, "service_unavailable_error", "no_instances", "no worker serves this model now"
+        )
+    if isinstance(exc, AllWorkersBusy):
+        return ErrorReply(
+            503,
+            "service_unavailable_error",
+            "all_workers_busy",
+            "every worker of this model is busy; retry later",
+            retry_after=1,
         )
     if isinstance(exc, Overloaded):
         return ErrorReply(

@@ -246,7 +246,7 @@ class _EngineResponse(Response):
                 error_type=type(exc).__name__,
                 error=str(exc),  # the detail the client is not shown
             )
-            await self._fail(send, reply.status, reply.body())
+            await self._fail(send, reply.status, reply.body(), retry_after=reply.retry_after)
         except Exception as exc:  # noqa: BLE001 - the documented catch-all: JSON 500, no traceback
             _log.error("unexpected error in a generation", id=ex.rid, exc_info=exc)
             await self._fail(
@@ -257,7 +257,9 @@ class _EngineResponse(Response):
             metrics.input_tokens.labels(ex.model).observe(ex.prompt_tokens)
             metrics.output_tokens.labels(ex.model).observe(ex.completion_tokens)
 
-    async def _fail(self, send: Send, status: int, body: dict[str, Any]) -> None:
+    async def _fail(
+        self, send: Send, status: int, body: dict[str, Any], *, retry_after: int | None = None
+    ) -> None:
         ex = self._ex
         self._state.metrics.error(ex.model, ex.endpoint, ex.request_type, status)
         if self._started:
@@ -269,11 +271,16 @@ class _EngineResponse(Response):
                 }
             )
         else:
-            await self._send_json(send, status, body)
+            await self._send_json(send, status, body, retry_after=retry_after)
 
-    async def _send_json(self, send: Send, status: int, body: dict[str, Any]) -> None:
+    async def _send_json(
+        self, send: Send, status: int, body: dict[str, Any], *, retry_after: int | None = None
+    ) -> None:
         self._started = True
-        await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+        headers = _JSON_HEADERS
+        if retry_after is not None:
+            headers = [*headers, (b"retry-after", str(retry_after).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": _ENCODE(body), "more_body": False})
 
     async def _stream(self, chunks: AsyncGenerator[Any, None], send: Send) -> None:

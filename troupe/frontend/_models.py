@@ -37,7 +37,9 @@ from typing import Any
 
 import msgspec
 
+from troupe._kv_routing import KvFeeds, open_kv_feeds
 from troupe._support._clock import TimerHandle
+from troupe._support._ioloop import IOLoop
 from troupe._support._logging import get_logger
 from troupe.actors import (
     Actor,
@@ -49,7 +51,15 @@ from troupe.actors import (
     Subscribe,
     WatcherActor,
 )
-from troupe.actors.routing import Resume, Retries, RouteObserver, spawn_router
+from troupe.actors.routing import (
+    KvPolicy,
+    KvRouterSettings,
+    Policy,
+    Resume,
+    Retries,
+    RouteObserver,
+    spawn_router,
+)
 from troupe.errors import ConfigError, NoInstances, TroupeError
 from troupe.messages import SERVICES_PREFIX, InstanceRecord, decode_record
 from troupe.runtime import Runtime
@@ -123,13 +133,21 @@ class Routing:
     registry's lock.
     """
 
-    __slots__ = ("model", "path", "router", "users")
+    __slots__ = ("feeds", "model", "path", "router", "users")
 
-    def __init__(self, model: str, path: str, router: Router) -> None:
+    def __init__(self, model: str, path: str, router: Router, feeds: KvFeeds | None = None) -> None:
         self.model = model
         self.path = path
         self.router = router
+        self.feeds = feeds
+        """What feeds a ``kv`` router's policy (its event follower, replica sync), or None."""
         self.users = 0
+
+    def close(self, io: IOLoop, timeout: float = 5.0) -> None:
+        """Close the router and its feeds."""
+        self.router.close(timeout=timeout)
+        if self.feeds is not None:
+            io.submit(self.feeds.close())
 
     def __repr__(self) -> str:
         return f"<Routing {self.model} on {self.path} users={self.users}>"
@@ -273,7 +291,10 @@ class ModelRegistry:
 
     Args:
         rt: a running runtime (its store, actor system and network are used).
-        policy: the routers' policy (``round_robin``, ``random``, ``least_loaded``).
+        policy: the routers' policy (``round_robin``, ``random``, ``least_loaded``, ``kv``).
+        kv: the KV policy's settings when ``policy`` is ``kv``: each router gets its own
+            :class:`~troupe.actors.routing.KvPolicy`, fed by the workers' KV events (a follower
+            per router, closed with it) unless ``kv.approximate``.
         idle: seconds a pair's router is kept after its last instance left.
         options: migration, retries and observers of the routers (none by default).
 
@@ -288,11 +309,13 @@ class ModelRegistry:
         policy: str = "round_robin",
         idle: float = 30.0,
         options: RouteOptions | None = None,
+        kv: KvRouterSettings | None = None,
     ) -> None:
         if not idle > 0:
             raise ConfigError("router_idle", idle, "seconds > 0")
         self._rt = rt
         self.policy = policy
+        self.kv = kv
         self.options = options if options is not None else RouteOptions()
         self.idle = idle
         self.table = ModelTable()
@@ -332,7 +355,7 @@ class ModelRegistry:
             routings = list(self._routers.values())
             self._routers = types.MappingProxyType({})
         for routing in routings:
-            routing.router.close(timeout=timeout)
+            routing.close(self._rt.io, timeout=timeout)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -404,13 +427,14 @@ class ModelRegistry:
         rt, options = self._rt, self.options
         # spawn_router rather than rt.router: the runtime keeps every router it makes until it
         # closes, and this registry releases its routers (it closes the ones it holds itself).
+        policy, feeds = self._policy(path)
         router = spawn_router(
             rt.system,
             rt.store,  # raises TroupeError once the runtime is closing
             rt.network,
             rt.io,
             path,
-            policy=self.policy,
+            policy=policy,
             instance_filter=_declares(model),
             migration_limit=options.migration_limit,
             resume=options.resume,
@@ -419,8 +443,15 @@ class ModelRegistry:
         )
         with self._use_lock:
             routers = dict(self._routers)
-            routers[(model, path)] = Routing(model, path, router)
+            routers[(model, path)] = Routing(model, path, router, feeds)
             self._routers = types.MappingProxyType(routers)
+
+    def _policy(self, path: str) -> tuple[str | Policy, KvFeeds | None]:
+        """The policy of a new router of ``path``, and what feeds it (kv only)."""
+        if self.policy != "kv":
+            return self.policy, None
+        policy = KvPolicy(self.kv)
+        return policy, open_kv_feeds(self._rt, path, policy)
 
     def _release_router(self, model: str, path: str) -> bool:
         """Close the router of (model, path) unless a request holds it; whether it is gone."""
@@ -433,5 +464,5 @@ class ModelRegistry:
             routers = dict(self._routers)
             del routers[(model, path)]
             self._routers = types.MappingProxyType(routers)
-        routing.router.close()  # no request holds it; new ones find no router (NoInstances)
+        routing.close(self._rt.io)  # no request holds it; new ones find no router (NoInstances)
         return True

@@ -66,6 +66,7 @@ class Frontend:
         self.registry = ModelRegistry(
             rt,
             policy=self.settings.router_mode,
+            kv=self.settings.kv,
             idle=self.settings.router_idle,
             options=route_options(self.settings, self.metrics),
         )
@@ -116,6 +117,11 @@ class Frontend:
         """
         if self._task is not None or self._closed:
             raise TroupeError("the frontend was already started")
+        settings = self.settings
+        kv = settings.kv
+        if settings.router_mode == "kv" and (kv is None or not kv.approximate or kv.replica_sync):
+            # KV events: reach the event plane now, so an unreachable NATS is a start-up error.
+            await asyncio.to_thread(lambda: self.rt.event_plane)
         await asyncio.to_thread(self.registry.start)  # opens the store once (blocking)
         try:
             if self._closed:

@@ -19,14 +19,17 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from troupe.actors.routing import Retries
+from troupe.actors.routing import KvRouterSettings, Retries
 from troupe.errors import ConfigError
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelRegistry, RouteOptions
 from troupe.frontend._tokenizer import Tokenizer, WordTokenizer
 from troupe.runtime import Runtime
 
-__all__ = ["FrontendSettings", "FrontendState", "resume_request", "route_options"]
+__all__ = ["ROUTER_MODES", "FrontendSettings", "FrontendState", "resume_request", "route_options"]
+
+ROUTER_MODES = ("round_robin", "random", "least_loaded", "kv")
+"""The frontend's ``--router-mode`` values."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +39,11 @@ class FrontendSettings:
     Attributes:
         host: address to bind (``0.0.0.0``: every interface).
         port: port to bind; ``0`` lets the OS pick (see ``Frontend.port``).
-        router_mode: the routers' policy: ``round_robin``, ``random`` or ``least_loaded``.
+        router_mode: the routers' policy: ``round_robin``, ``random``, ``least_loaded`` or
+            ``kv`` (KV-aware: each request to the worker that holds most of its prefix, weighed
+            against load; see docs/routing.md).
+        kv: the ``kv`` policy's settings (block size, overlap weight, temperature, busy
+            threshold, approximate mode: ``--no-kv-events``); None: the defaults.
         migration_limit: how many times a generation whose worker fails is resumed on another.
         grace: seconds in-flight requests get to finish on shutdown (``/health`` is 503 then).
         instance_wait: seconds a request waits for a just-discovered model's router to see its
@@ -68,14 +75,15 @@ class FrontendSettings:
     overload_pause: float = 0.01
     router_idle: float = 30.0
     tokenizer: Tokenizer | None = None
+    kv: KvRouterSettings | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65_535:
             raise ConfigError("--port", self.port, "a port number 0..65535 (0 = OS-assigned)")
-        if self.router_mode not in ("round_robin", "random", "least_loaded"):
-            raise ConfigError(
-                "--router-mode", self.router_mode, choices=("round_robin", "random", "least_loaded")
-            )
+        if self.router_mode not in ROUTER_MODES:
+            raise ConfigError("--router-mode", self.router_mode, choices=ROUTER_MODES)
+        if self.kv is not None and not isinstance(self.kv, KvRouterSettings):
+            raise ConfigError("kv", self.kv, "a KvRouterSettings")
         if not isinstance(self.migration_limit, int) or self.migration_limit < 0:
             raise ConfigError("--migration-limit", self.migration_limit, "an integer >= 0")
         if not self.grace >= 0:

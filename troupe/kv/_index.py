@@ -18,9 +18,8 @@ Not thread-safe: one owner (the router, on its I/O loop) applies events and look
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import compress
+from itertools import compress, islice
 from operator import ne
 
 from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored
@@ -29,6 +28,7 @@ from troupe.kv._sink import KvSink
 __all__ = ["KvIndex"]
 
 _DEFAULT_MAX_BLOCKS = 1 << 20
+_CHUNK = 32
 
 
 class KvIndex(KvSink):
@@ -52,7 +52,7 @@ class KvIndex(KvSink):
             raise ValueError("prune_to must be in (0, 1]")
         self._owners: dict[int, int] = {}
         # Per worker: its hashes in insertion order (oldest first), for pruning and removal.
-        self._blocks: dict[str, OrderedDict[int, None]] = {}
+        self._blocks: dict[str, dict[int, None]] = {}
         self._slot: dict[str, int] = {}
         self._worker_of_slot: dict[int, str] = {}
         self._free_slots: list[int] = []
@@ -71,7 +71,7 @@ class KvIndex(KvSink):
         slot = self._free_slots.pop() if self._free_slots else self._take_slot()
         self._slot[worker] = slot
         self._worker_of_slot[slot] = worker
-        self._blocks[worker] = OrderedDict()
+        self._blocks[worker] = {}
 
     def _take_slot(self) -> int:
         slot = self._next_slot
@@ -142,9 +142,11 @@ class KvIndex(KvSink):
                 else:
                     del owners[block]
 
-    def _prune(self, worker: str, blocks: OrderedDict[int, None], bit: int) -> None:
+    def _prune(self, worker: str, blocks: dict[int, None], bit: int) -> None:
         excess = len(blocks) - self._keep
-        oldest = [blocks.popitem(last=False)[0] for _ in range(excess)]
+        oldest = list(islice(blocks, excess))  # a dict keeps insertion order: oldest first
+        for block in oldest:
+            del blocks[block]
         self._drop(self._slot[worker], oldest)
         self.pruned += excess
 
@@ -162,11 +164,20 @@ class KvIndex(KvSink):
 
     def find_matches(self, block_hashes: Sequence[int]) -> dict[str, int]:
         """Leading blocks of ``block_hashes`` each worker holds; workers holding none are absent."""
-        masks = list(map(self._owners.get, block_hashes))
-        try:
-            held = masks.index(None)
-        except ValueError:
-            held = len(masks)
+        get = self._owners.get
+        masks: list[int | None] = []
+        # Chunks of hashes at C speed; the first unheld hash ends the walk (most prompts share a
+        # prefix with some worker, then diverge: the rest need not be looked up).
+        for start in range(0, len(block_hashes), _CHUNK):
+            chunk = list(map(get, block_hashes[start : start + _CHUNK]))
+            try:
+                cut = chunk.index(None)
+            except ValueError:
+                masks += chunk
+                continue
+            masks += chunk[:cut]
+            break
+        held = len(masks)
         if not held:
             return {}
         # Runs of equal masks, found at C speed: a worker's depth changes only at a run's start.

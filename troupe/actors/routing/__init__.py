@@ -16,6 +16,7 @@ Modules, one per role:
 - ``_actor``: :class:`RouterActor`, the instance table of one endpoint, and its messages
   (:class:`SetAside`, :data:`RouterMessage`).
 - ``_policies``: the :class:`Policy` seam and the policies of :data:`POLICIES`.
+- ``_kv``: :class:`KvPolicy`, KV-aware routing on that seam (:class:`KvRouterSettings`).
 - ``_retries``: when a request tries again: :class:`Retries`, :class:`RouteObserver`,
   :data:`Resume`, :data:`MIGRATABLE`, and the retry and migration decisions of the handle.
 - ``_bridge``: the bridge between a caller on another thread or event loop and the I/O loop.
@@ -24,6 +25,7 @@ Modules, one per role:
 """
 
 from troupe.actors.routing._actor import RouterActor, RouterMessage, SetAside
+from troupe.actors.routing._kv import KvPolicy, KvRouterSettings
 from troupe.actors.routing._policies import POLICIES, Policy
 from troupe.actors.routing._retries import MIGRATABLE, Resume, Retries, RouteObserver
 from troupe.actors.routing._router import Router
@@ -40,6 +42,8 @@ __all__ = [
     "ADDRESS_PREFERENCE",
     "MIGRATABLE",
     "POLICIES",
+    "KvPolicy",
+    "KvRouterSettings",
     "Policy",
     "Resume",
     "Retries",
@@ -57,6 +61,8 @@ __all__ = [
 
 # Reprs and tracebacks show the public path (troupe.actors.routing.RouterActor).
 for _public in (
+    KvPolicy,
+    KvRouterSettings,
     Policy,
     Retries,
     RouteObserver,

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from troupe.actors.routing._kv_sync import ReplicaSync
 from troupe.actors.routing._snapshot import RoutedInstance
 from troupe.errors import AllWorkersBusy, ConfigError
 from troupe.kv._index import KvIndex
@@ -59,6 +60,8 @@ class KvRouterSettings:
             (``--no-kv-events``).
         approx_ttl: seconds a routed request's blocks count as cached in approximate mode.
         max_blocks_per_worker: cap on one worker's blocks in the index (pruned past it).
+        replica_sync: share active requests with the other routers of the endpoint's component
+            over the event plane (``--router-replica-sync``), so they count each other's load.
     """
 
     block_size: int = 16
@@ -68,6 +71,7 @@ class KvRouterSettings:
     approximate: bool = False
     approx_ttl: float = 120.0
     max_blocks_per_worker: int = 1 << 20
+    replica_sync: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -147,6 +151,8 @@ class KvPolicy:
         """Overlap per worker of the last request chosen for (workers holding none absent)."""
         self.last_sent: str | None = None
         """The worker the last request was sent to."""
+        self.sync: ReplicaSync | None = None
+        """Replica sync, once started (``settings.replica_sync``): the other routers' load."""
 
     # --- the Policy seam ------------------------------------------------------------------------
 
@@ -167,7 +173,7 @@ class KvPolicy:
         usable = self._not_busy(candidates)
         costs = [
             settings.overlap_weight * (request_blocks - overlaps.get(c.instance_id, 0))
-            + self._active_blocks.get(c.instance_id, 0)
+            + self._load(c.instance_id)
             for c in usable
         ]
         chosen = usable[self._select(usable, costs)]
@@ -193,6 +199,8 @@ class KvPolicy:
         token = next(self._tokens_issued)
         self._active[token] = _Active(instance_id, blocks)
         self._active_blocks[instance_id] = self._active_blocks.get(instance_id, 0) + blocks
+        if self.sync is not None:
+            self.sync.added(token, instance_id, blocks)
         if self.settings.approximate and hashes:
             now = self._clock()
             routed_at = self._routed_at
@@ -207,6 +215,8 @@ class KvPolicy:
         active = self._active.pop(token, None)
         if active is None:
             return
+        if self.sync is not None:
+            self.sync.freed(token)
         left = self._active_blocks.get(active.instance_id, 0) - active.blocks
         if left > 0:
             self._active_blocks[active.instance_id] = left
@@ -248,7 +258,13 @@ class KvPolicy:
         capacity = candidate.record.metadata.get("kv_total_blocks")
         if not isinstance(capacity, int) or capacity <= 0:
             return False
-        return self._active_blocks.get(candidate.instance_id, 0) > threshold * capacity
+        return self._load(candidate.instance_id) > threshold * capacity
+
+    def _load(self, instance_id: str) -> int:
+        """Active blocks on ``instance_id``: this router's, plus the other replicas'."""
+        own = self._active_blocks.get(instance_id, 0)
+        sync = self.sync
+        return own + sync.remote_blocks.get(instance_id, 0) if sync is not None else own
 
     def _select(self, usable: tuple[RoutedInstance, ...], costs: list[float]) -> int:
         if len(usable) == 1:
