@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from troupe.actors.routing import Router
 from troupe.actors.routing._kv import KvPolicy, KvRouterSettings
+from troupe.actors.routing._kv_metrics import KvRouterCollector
 from troupe.actors.routing._kv_sync import ReplicaSync
 from troupe.errors import TroupeError
 from troupe.events import EventScope
@@ -47,13 +48,17 @@ class KvFeeds:
                 await sync.close()
 
 
-def open_kv_feeds(rt: Runtime, endpoint: str | Endpoint, policy: KvPolicy) -> KvFeeds:
-    """Start the follower and the replica sync ``policy.settings`` ask for (blocking).
+def open_kv_feeds(
+    rt: Runtime, endpoint: str | Endpoint, policy: KvPolicy, *, model: str = ""
+) -> KvFeeds:
+    """Start the follower and the replica sync ``policy.settings`` ask for (blocking), and
+    report the policy's ``troupe_router_kv_*`` series on ``rt.metrics``.
 
     Raises:
         ConnectionLost: the event plane (NATS) cannot be reached.
     """
     settings = policy.settings
+    rt.metrics.collector(KvRouterCollector).add(policy, parse_endpoint(endpoint).path, model)
     follower = None
     if not settings.approximate:
         follower = follow_kv_events(rt, endpoint, sink=policy.index)

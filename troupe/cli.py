@@ -13,7 +13,14 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from troupe import _cli_discovery, _cli_frontend, _cli_mocker, _cli_serve, _cli_status
+from troupe import (
+    _cli_discovery,
+    _cli_events,
+    _cli_frontend,
+    _cli_mocker,
+    _cli_serve,
+    _cli_status,
+)
 from troupe._version import __version__
 from troupe.config import Config, format_table
 from troupe.errors import ConfigError, InvalidRequest, RemoteError, TroupeError
@@ -67,6 +74,11 @@ _COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], s
         _cli_discovery.cmd_instances,
         _cli_discovery.add_arguments,
         "list (or --watch) the instances registered in discovery",
+    ),
+    "events": (
+        _cli_events.cmd_events,
+        _cli_events.add_arguments,
+        "print the events of a component's topic (KV events by default) as JSON lines",
     ),
     "frontend": (
         _cli_frontend.cmd_frontend,

@@ -26,7 +26,7 @@ from troupe.events import (
     ZmqPublisher,
     ZmqSubscription,
 )
-from troupe.events._plane import _MemorySubscription
+from troupe.events._memory import _MemorySubscription
 from troupe.messages import EventChannel, channel_key, encode_channel, new_instance_id
 from troupe.testing import eventually_async
 

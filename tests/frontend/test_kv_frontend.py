@@ -194,3 +194,28 @@ async def test_events_with_nats_unreachable_fail_at_start_naming_no_kv_events() 
                 pass
     finally:
         await asyncio.to_thread(cluster.close)
+
+
+async def test_the_router_reports_its_decisions_as_metrics(zmq_cluster: Cluster) -> None:
+    await zmq_cluster.worker()
+    async with frontend(zmq_cluster, KvRouterSettings(block_size=BLOCK)) as fe:
+        await _wait_workers(fe, 1)
+        async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+            for _ in range(3):
+                assert (await _complete(http, PROMPT)).status_code == 200
+            await eventually_async(
+                lambda: _policy(fe).index.block_count(_policy(fe).last_sent or "") >= 10,
+                timeout=5,
+                what="indexed",
+            )
+            assert (await _complete(http, PROMPT)).status_code == 200
+            text = (await http.get("/metrics")).text
+    labels = 'endpoint="demo.llm.generate",model="mock"'
+    assert f"troupe_router_kv_decisions_total{{{labels}}} 4.0" in text
+    assert f"troupe_router_kv_index_workers{{{labels}}} 1.0" in text
+    rate = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("troupe_router_kv_predicted_hit_rate{")
+    )
+    assert 0.2 < float(rate.split()[-1]) < 1.0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import msgspec
 
 from troupe.errors import TransportError
-from troupe.events import Envelope, EventPublisher, MemoryEventPlane
+from troupe.events import Envelope, EventPublisher
 from troupe.kv import KvCacheEvent, KvPublisher, KvView, KvWorkerDirectory, LocalKvIndexer
 from troupe.kv._query import KvQueryAnswer, decode_answer, query_handler
 
@@ -71,26 +70,6 @@ class Lossy(EventPublisher):
         await self.inner.close()
 
 
-class LoopSafeMemoryPlane(MemoryEventPlane):
-    """A memory plane whose subscriptions take deliveries from any thread's event loop.
-
-    Several runtimes in one process each run their own I/O loop; the memory plane delivers on
-    the publisher's loop, so this hops each delivery onto the subscriber's loop.
-    """
-
-    async def subscribe(self, scope: Any, topic: str, **kwargs: Any) -> Any:
-        subscription = await super().subscribe(scope, topic, **kwargs)
-        loop = asyncio.get_running_loop()
-        deliver = subscription.deliver
-
-        def hop(data: bytes) -> None:
-            with contextlib.suppress(RuntimeError):  # the subscriber's loop is closed
-                loop.call_soon_threadsafe(deliver, data)
-
-        subscription.deliver = hop  # type: ignore[method-assign]
-        return subscription
-
-
 def rebuilt(publisher: KvPublisher) -> set[int]:
     """What the worker's dump rebuilds: what a follower must hold for it."""
     events, _ = publisher.indexer.dump()
@@ -100,4 +79,4 @@ def rebuilt(publisher: KvPublisher) -> set[int]:
     return view.blocks("w")
 
 
-__all__ = ["FakeDirectory", "LoopSafeMemoryPlane", "Lossy", "TransportError", "rebuilt"]
+__all__ = ["FakeDirectory", "Lossy", "TransportError", "rebuilt"]

@@ -166,8 +166,8 @@ async def test_malformed_payloads_are_counted_and_the_follower_keeps_going(
 async def test_garbage_that_is_not_an_envelope_is_counted_in_the_totals(setup: Setup) -> None:
     a = await setup.worker(A)
     await setup.synced(A)
-    for subscription in setup.plane.hub.subscribers[(SCOPE, KV_EVENTS_TOPIC)]:
-        subscription.deliver(b"garbage")  # type: ignore[attr-defined]
+    for subscription in setup.plane.hub.subscribers(SCOPE, KV_EVENTS_TOPIC):
+        subscription.deliver(b"garbage")
     store(a, 3, 3, 3, 3)
     await setup.synced(A)
     assert setup.follower.counters().malformed == 1

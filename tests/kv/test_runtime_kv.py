@@ -6,18 +6,31 @@ discovery server and one in-process event plane; queries travel over the TCP req
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import pytest
 
-from tests.kv._helpers import LoopSafeMemoryPlane, Lossy, rebuilt
+from tests.kv._helpers import Lossy, rebuilt
 from troupe import Config, Runtime
-from troupe.config import DiscoveryConfig, NatsConfig, RequestPlaneConfig, TcpConfig
+from troupe.config import (
+    DiscoveryConfig,
+    EventPlaneConfig,
+    NatsConfig,
+    RequestPlaneConfig,
+    TcpConfig,
+)
 from troupe.discovery import MemoryKvServer
-from troupe.errors import ConfigError, RemoteError
-from troupe.events import EventPublisher, EventScope, NatsEventPlane, ZmqEventPlane
+from troupe.errors import ConfigError, ConnectionLost, RemoteError
+from troupe.events import (
+    EventPublisher,
+    EventScope,
+    MemoryEventPlane,
+    NatsEventPlane,
+    ZmqEventPlane,
+)
 from troupe.kv import (
     KvFollower,
     KvPublisher,
@@ -26,13 +39,14 @@ from troupe.kv import (
     follow_kv_events,
     query_endpoint,
 )
+from troupe.testing import free_port
 
 ENDPOINT = "ns.comp.generate"
 PLANE = RequestPlaneConfig(plane="tcp", tcp=TcpConfig(host="127.0.0.1", connect_timeout=0.5))
 CONFIG = Config(discovery=DiscoveryConfig(kv_store="memory"), request_plane=PLANE)
 
 
-class DroppingPlane(LoopSafeMemoryPlane):
+class DroppingPlane(MemoryEventPlane):
     """Loses the events whose ids are in ``drop[publisher_id]``."""
 
     def __init__(self) -> None:
@@ -173,6 +187,44 @@ def test_one_publisher_per_component(cluster: Cluster) -> None:
     rt, _ = next(iter(cluster.workers.values()))
     with pytest.raises(ConfigError, match="one KV event publisher per component"):
         rt.kv_events("ns.comp.other", plane=cluster.plane)
+
+
+def test_without_a_plane_the_runtimes_own_event_plane_is_used() -> None:
+    """``DYN_EVENT_PLANE=zmq``: the worker publishes and the router follows on ``rt.event_plane``
+    (brokerless: events sent before the router's connection is up are recovered)."""
+    kv = MemoryKvServer()
+    config = dataclasses.replace(CONFIG, events=EventPlaneConfig(plane="zmq"))
+    with (
+        Runtime(config, handle_signals=False, memory_server=kv) as worker,
+        Runtime(config, handle_signals=False, memory_server=kv) as router,
+    ):
+        publisher = worker.kv_events(ENDPOINT, block_size=4)
+        follower = follow_kv_events(router, ENDPOINT)
+        assert isinstance(worker.event_plane, ZmqEventPlane)
+        view = follower.sink
+        assert isinstance(view, KvView)
+        me = worker.instance_id
+
+        def converged() -> bool:
+            return follower.synced(me) and view.blocks(me) == rebuilt(publisher)
+
+        fill(publisher, 5, salt=7)
+        for probe in range(200):  # each probe event shows the follower what it missed, if any
+            if router.io.run(follower.wait_for(converged, timeout=0.05), timeout=5):
+                break
+            publisher.stored(token_ids=[9, 9, 9, probe])
+        else:
+            pytest.fail(f"no convergence: {view.snapshot()}")
+
+
+def test_an_unreachable_nats_event_plane_is_one_clear_error() -> None:
+    nats = NatsConfig(server=f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)
+    config = dataclasses.replace(CONFIG, nats=nats)
+    with (
+        Runtime(config, handle_signals=False, memory_server=MemoryKvServer()) as rt,
+        pytest.raises(ConnectionLost, match="--no-kv-events"),
+    ):
+        rt.kv_events(ENDPOINT)
 
 
 def test_over_the_brokerless_zeromq_plane(cluster: Cluster) -> None:

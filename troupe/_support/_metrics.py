@@ -20,7 +20,8 @@ Server series (labels ``plane``, ``reason``): ``worker_requests_refused_total`` 
 request-plane server answered with an error before any handler ran: admission limits, unknown
 endpoints, ...) and ``worker_replies_dropped_total`` (replies it dropped, or requests it stopped,
 rather than hold them for a caller that does not read), from a :class:`ServerMetrics` that the
-server owns and :meth:`RuntimeMetrics.add_server` exports.
+server owns and :meth:`RuntimeMetrics.add_server` exports. The event plane's and KV events'
+series are in :mod:`troupe._support._metrics_events` (:meth:`RuntimeMetrics.collector`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -92,6 +93,7 @@ _BOUNDS: Final = tuple("+Inf" if b == float("inf") else repr(b) for b in DURATIO
 OK: Final = "ok"
 """The outcome of a request that ended normally."""
 CANCELLED: Final = "cancelled"
+_C = TypeVar("_C", bound=Collector)
 
 
 def error_kind(exc: BaseException) -> str:
@@ -330,6 +332,7 @@ class RuntimeMetrics:
         self._started_at = now()
         self._endpoints: dict[tuple[str, str, str], EndpointMetrics] = {}
         self._servers: dict[str, ServerMetrics] = {}
+        self._collectors: dict[type[Collector], Collector] = {}
         self._lock = threading.Lock()
         self.registry.register(_Collector(self))
 
@@ -363,6 +366,16 @@ class RuntimeMetrics:
         """Every server's counters exported so far, with its plane."""
         with self._lock:
             return list(self._servers.items())
+
+    def collector(self, kind: type[_C]) -> _C:
+        """This registry's ``kind`` collector, made (``kind()``) and registered on first use: how
+        families kept in their own module join (``_metrics_events``: the event plane's)."""
+        with self._lock:
+            found = self._collectors.get(kind)
+            if found is None:
+                found = self._collectors[kind] = kind()
+                self.registry.register(found)
+        return found  # type: ignore[return-value]  # keyed by its own type
 
     def render(self) -> bytes:
         """Every series in the Prometheus text format (see :data:`CONTENT_TYPE`)."""

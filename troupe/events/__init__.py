@@ -3,7 +3,8 @@
 One interface (:class:`EventPlane`: publishers and subscriptions by :class:`EventScope` and topic;
 every event in an :class:`Envelope`) and its backends, one module each:
 
-- ``_plane``: the interface, the envelope codec, and :class:`MemoryEventPlane` (one process).
+- ``_plane``: the interface and the envelope codec.
+- ``_memory``: :class:`MemoryEventPlane` (one process; its planes may be on several loops).
 - ``_nats``: :class:`NatsEventPlane`, NATS core subjects; with ``durable=True`` also a JetStream
   stream per namespace, replay and snapshots (``_jetstream``).
 - ``_zmq``: :class:`ZmqEventPlane`, brokerless: a socket per publisher, registered in discovery;
@@ -17,6 +18,7 @@ nothing else of it) and below the actors. See docs/events.md.
 
 from troupe.events._factory import EVENT_PLANE_FACTORIES, open_event_plane
 from troupe.events._jetstream import StreamLimits
+from troupe.events._memory import MemoryEventPlane
 from troupe.events._nats import NatsEventPlane
 from troupe.events._plane import (
     Envelope,
@@ -24,7 +26,6 @@ from troupe.events._plane import (
     EventPublisher,
     EventScope,
     EventSubscription,
-    MemoryEventPlane,
     decode_envelope,
     decode_payload_as,
     encode_envelope,

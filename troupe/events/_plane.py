@@ -25,7 +25,6 @@ Every plane counts, per topic, what it published, received, and dropped as malfo
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from abc import ABC, abstractmethod
@@ -44,7 +43,6 @@ __all__ = [
     "EventPublisher",
     "EventScope",
     "EventSubscription",
-    "MemoryEventPlane",
     "decode_envelope",
     "decode_payload_as",
     "encode_envelope",
@@ -358,108 +356,3 @@ class EventPlane(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class MemoryEventPlane(EventPlane):
-    """An event plane inside one process: every plane built on the same hub sees the others.
-
-    For tests and single-process programs. Delivery is immediate and lossless; a slow subscriber
-    keeps what it has not read (unbounded), so use it where publishers are bounded.
-    """
-
-    name = "memory"
-
-    class Hub:
-        """What the memory planes of one process share."""
-
-        def __init__(self) -> None:
-            self.subscribers: dict[tuple[EventScope, str], set[_MemorySubscription]] = {}
-
-    def __init__(self, hub: MemoryEventPlane.Hub | None = None) -> None:
-        super().__init__()
-        self.hub = hub if hub is not None else MemoryEventPlane.Hub()
-        self._subscriptions: set[_MemorySubscription] = set()
-
-    async def publisher(self, scope: EventScope, topic: str, publisher_id: str) -> EventPublisher:
-        counts = self._counts(scope, topic)
-        return _MemoryPublisher(self.hub, scope, topic, publisher_id, counts)
-
-    async def subscribe(
-        self,
-        scope: EventScope,
-        topic: str,
-        *,
-        from_start: bool = False,
-        after_sequence: int | None = None,
-    ) -> EventSubscription:
-        self._check_replay(from_start, after_sequence)
-        subscription = _MemorySubscription(self.hub, scope, topic, self._counts(scope, topic))
-        self.hub.subscribers.setdefault((scope, subscription.topic), set()).add(subscription)
-        self._subscriptions.add(subscription)
-        return subscription
-
-    async def close(self) -> None:
-        for subscription in list(self._subscriptions):
-            await subscription.close()
-        self._subscriptions.clear()
-
-
-class _MemoryPublisher(EventPublisher):
-    def __init__(
-        self,
-        hub: MemoryEventPlane.Hub,
-        scope: EventScope,
-        topic: str,
-        publisher_id: str,
-        counts: TopicCounts,
-    ) -> None:
-        super().__init__(scope, topic, publisher_id, counts)
-        self._hub = hub
-        self._closed = False
-
-    async def publish(self, event: msgspec.Struct | bytes) -> Envelope:
-        if self._closed:
-            raise ProtocolError("publish on a closed event publisher")
-        envelope = self._next(event)
-        data = encode_envelope(envelope)
-        for subscription in self._hub.subscribers.get((self.scope, self.topic), ()):
-            subscription.deliver(data)
-        return envelope
-
-    async def close(self) -> None:
-        self._closed = True
-
-
-_CLOSED = object()
-
-
-class _MemorySubscription(EventSubscription):
-    def __init__(
-        self, hub: MemoryEventPlane.Hub, scope: EventScope, topic: str, counts: TopicCounts
-    ) -> None:
-        super().__init__(scope, topic, counts)
-        self._hub = hub
-        self._queue: asyncio.Queue[bytes | object] = asyncio.Queue()
-        self._closed = False
-
-    def deliver(self, data: bytes) -> None:
-        """Queue raw bytes as a publisher (or a test sending garbage) would."""
-        if not self._closed:
-            self._queue.put_nowait(data)
-
-    async def _iterate(self) -> AsyncIterator[Envelope]:
-        while True:
-            item = await self._queue.get()
-            if item is _CLOSED:
-                return
-            assert isinstance(item, bytes)
-            envelope = self._accept(item)
-            if envelope is not None:
-                yield envelope
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._hub.subscribers.get((self.scope, self.topic), set()).discard(self)
-        self._queue.put_nowait(_CLOSED)

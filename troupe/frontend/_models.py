@@ -427,7 +427,7 @@ class ModelRegistry:
         rt, options = self._rt, self.options
         # spawn_router rather than rt.router: the runtime keeps every router it makes until it
         # closes, and this registry releases its routers (it closes the ones it holds itself).
-        policy, feeds = self._policy(path)
+        policy, feeds = self._policy(model, path)
         router = spawn_router(
             rt.system,
             rt.store,  # raises TroupeError once the runtime is closing
@@ -446,12 +446,12 @@ class ModelRegistry:
             routers[(model, path)] = Routing(model, path, router, feeds)
             self._routers = types.MappingProxyType(routers)
 
-    def _policy(self, path: str) -> tuple[str | Policy, KvFeeds | None]:
+    def _policy(self, model: str, path: str) -> tuple[str | Policy, KvFeeds | None]:
         """The policy of a new router of ``path``, and what feeds it (kv only)."""
         if self.policy != "kv":
             return self.policy, None
         policy = KvPolicy(self.kv)
-        return policy, open_kv_feeds(self._rt, path, policy)
+        return policy, open_kv_feeds(self._rt, path, policy, model=model)
 
     def _release_router(self, model: str, path: str) -> bool:
         """Close the router of (model, path) unless a request holds it; whether it is gone."""

@@ -14,7 +14,9 @@ Modules, one per role:
 - ``_query``: the worker's query endpoint: request shapes, the answer, the handler.
 - ``_sink``: the :class:`KvSink` seam and the simple :class:`KvView`.
 - ``_directory``: :class:`KvWorkerDirectory`, who the workers are and how to ask one.
-- ``_follower``: :class:`KvFollower`, the router side, with gap recovery.
+- ``_follower``: :class:`KvFollower`, the router side, with gap recovery; its settings,
+  counters and per-worker state in ``_follower_state``; on a durable plane, replay and
+  snapshots in ``_replay``.
 - ``_vllm``: :class:`VllmKvEventsAdapter`, vLLM's ZeroMQ KV-event stream in, a publisher fed.
 - ``_index``: :class:`KvIndex`, the KV router's block index (a sink's store).
 - ``_runtime``: :func:`open_kv_events` (``Runtime.kv_events``) and :func:`follow_kv_events`.

@@ -10,6 +10,13 @@ state machine::
     fetching: events buffered (up to ``buffer_limit``), applied after the answer
     any --left discovery--> gone (the sink forgets the worker at once)
 
+    replaying a durable stream (below):
+    joined --> pending --its first event--> live (id 1: applied; later: a gap, the range)
+    pending --no event within replay_grace--> fetching (a dump)
+    in the stream, not in discovery --> unlisted (applied as live) --listed--> live
+    unlisted --a gap--> unlisted, forgotten --listed--> fetching (a dump)
+    unlisted --silent for replay_grace--> gone
+
 - A newly seen worker is fetched whole (a dump from its query endpoint); events that arrive
   meanwhile are buffered and those the dump already covers are dropped (``superseded``).
 - A gap (an event id beyond ``last + 1``) asks the worker for the missing range; a worker whose
@@ -20,6 +27,15 @@ state machine::
 - A payload that is not a :class:`~troupe.kv.KvCacheEvent` is counted (``malformed``) and
   dropped; the next event from that worker shows the gap and recovers it.
 - A failed query is retried with backoff while the worker is in discovery.
+
+On a durable plane (``plane.durable``: JetStream) the follower *replays* instead (see
+:mod:`troupe.kv._replay`): it starts from the latest snapshot of its view, or from the stream's
+start, and the stream brings each worker's history in order, so a worker listed in discovery is
+not asked for a dump unless its history does not come (within ``replay_grace``) or starts with
+a gap. Publishers that the stream shows but discovery does not list yet keep their replayed
+state, *unlisted*, until they are listed or stay silent for ``replay_grace`` (gone). Every
+``snapshot_threshold`` events applied, the view is saved as a snapshot. A stream that no
+longer holds the history (``ReplayUnavailable``) means the workers are asked, as above.
 
 Everything runs as tasks on one event loop (the runtime's I/O loop), owned by the follower and
 stopped by :meth:`KvFollower.close`; the sink is called from that loop only.
@@ -33,86 +49,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from troupe._support._logging import get_logger
-from troupe.errors import InvalidRequest, ProtocolError, TroupeError
+from troupe.errors import ProtocolError, TroupeError
 from troupe.events import Envelope, EventPlane, EventScope, EventSubscription, decode_payload_as
 from troupe.kv._directory import KvWorkerDirectory
 from troupe.kv._events import KV_EVENTS_TOPIC, KvCacheEvent
+from troupe.kv._follower_state import FollowerSettings, KvFollowerCounters, WorkerState
 from troupe.kv._publisher import BLOCK_SIZE_KEY
 from troupe.kv._query import KvQueryAnswer, dump_request, range_request
+from troupe.kv._replay import FollowerSnapshot, SnapshotWriter, open_replay
 from troupe.kv._sink import KvSink
 
 __all__ = ["FollowerSettings", "KvFollower", "KvFollowerCounters"]
 
 _log = get_logger("troupe.kv.follower")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FollowerSettings:
-    """How a follower recovers.
-
-    Attributes:
-        fetch_timeout: seconds one query to a worker may take.
-        buffer_limit: events held per worker while a query is under way; past it they are
-            dropped and a dump follows the answer.
-        retry_min: first pause after a failed query, in seconds (doubled up to ``retry_max``).
-        retry_max: longest pause between tries.
-    """
-
-    fetch_timeout: float = 5.0
-    buffer_limit: int = 10_000
-    retry_min: float = 0.05
-    retry_max: float = 2.0
-
-    def __post_init__(self) -> None:
-        for name in ("fetch_timeout", "retry_min", "retry_max"):
-            if not getattr(self, name) > 0:
-                raise InvalidRequest(f"{name} must be > 0", param=name)
-        if self.buffer_limit < 1:
-            raise InvalidRequest("buffer_limit must be >= 1", param="buffer_limit")
-
-
-@dataclasses.dataclass(slots=True)
-class KvFollowerCounters:
-    """What a follower saw, for one worker or in total."""
-
-    received: int = 0
-    """Events that decoded."""
-    applied: int = 0
-    """Events applied to the sink from the stream or from a fetched range (dump events: none)."""
-    malformed: int = 0
-    """Payloads that were not a KV event (or envelopes that were not an envelope, in total)."""
-    duplicates: int = 0
-    """Events with an id already applied."""
-    superseded: int = 0
-    """Events buffered during a query whose answer already covered them."""
-    gaps: int = 0
-    """Times an event id skipped ahead of ``last + 1``."""
-    recovered: int = 0
-    """Gaps closed by a fetched range or dump."""
-    dumps: int = 0
-    """Dumps applied (one per join, plus fall-backs)."""
-    fetch_failures: int = 0
-    """Queries that failed and were retried."""
-    unknown: int = 0
-    """Events from publishers not in discovery (in total only)."""
-
-    def add(self, other: KvFollowerCounters) -> None:
-        """Add ``other``'s counts to these."""
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Worker:
-    id: str
-    metadata: Mapping[str, Any]
-    counters: KvFollowerCounters = dataclasses.field(default_factory=KvFollowerCounters)
-    last: int = 0  # the last event id applied
-    synced: bool = False  # a dump was applied: ``last`` means something
-    fetch: asyncio.Task[None] | None = None
-    gap: bool = False  # the fetch under way closes a gap
-    buffer: dict[int, KvCacheEvent] = dataclasses.field(default_factory=dict)
-    overflow: bool = False  # the buffer overflowed during the fetch: dump after it
 
 
 class KvFollower:
@@ -123,7 +72,7 @@ class KvFollower:
         scope: the workers' namespace and component.
         directory: the live workers and their query endpoints.
         sink: what the ordered events are applied to.
-        settings: timeouts, buffer and retry limits.
+        settings: timeouts, buffer and retry limits; replay and snapshots.
     """
 
     def __init__(
@@ -140,10 +89,13 @@ class KvFollower:
         self.settings = settings if settings is not None else FollowerSettings()
         self._plane = plane
         self._directory = directory
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, WorkerState] = {}
         self._departed = KvFollowerCounters()  # what workers that left had counted
-        self._strangers = KvFollowerCounters()  # events of publishers not in discovery
+        self._own = KvFollowerCounters()  # events of publishers not in discovery; restores
         self._subscription: EventSubscription | None = None
+        self._replaying = False
+        self._writer: SnapshotWriter | None = None
+        self._since_snapshot = 0  # events applied since the last snapshot was taken
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: set[asyncio.Future[None]] = set()
         self._closed = False
@@ -151,10 +103,29 @@ class KvFollower:
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe, then watch discovery (so no event published after a dump is missed)."""
+        """Subscribe (replaying a durable stream, after the latest snapshot), then watch
+        discovery (so no event published after a dump is missed).
+
+        Raises:
+            TransportError: the event plane cannot be reached.
+        """
         if self._subscription is not None:
             return
-        self._subscription = await self._plane.subscribe(self.scope, KV_EVENTS_TOPIC)
+        settings = self.settings
+        if self._plane.durable and settings.replay:
+            opened = await open_replay(self._plane, self.scope, settings.snapshot_name)
+            if opened is not None:
+                self._subscription, snapshot = opened
+                self._replaying = True
+                if snapshot is not None:
+                    self._restore(snapshot)
+                # A sink that cannot export answers None even for a worker it does not hold.
+                if settings.snapshot_threshold and self.sink.export("") is not None:
+                    self._writer = SnapshotWriter(
+                        self._plane, self.scope, settings.snapshot_name, self.sink, self._notify
+                    )
+        if self._subscription is None:
+            self._subscription = await self._plane.subscribe(self.scope, KV_EVENTS_TOPIC)
         name = f"{self.scope.namespace}.{self.scope.component}"
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -169,19 +140,28 @@ class KvFollower:
         if self._closed:
             return
         self._closed = True
+        for w in self._workers.values():
+            w.cancel_timer()
         tasks = self._tasks + [w.fetch for w in self._workers.values() if w.fetch is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._writer is not None:
+            await self._writer.close()
         if self._subscription is not None:
             await self._subscription.close()
         self._notify()
 
     # --- what it knows ---------------------------------------------------------------------------
 
+    @property
+    def replaying(self) -> bool:
+        """Whether the follower replays a durable stream (rather than asking for dumps)."""
+        return self._replaying
+
     def workers(self) -> list[str]:
         """The workers discovery lists, sorted."""
-        return sorted(self._workers)
+        return sorted(w.id for w in list(self._workers.values()) if w.listed)
 
     def synced(self, worker: str) -> bool:
         """Whether ``worker``'s state in the sink is complete up to :meth:`last_event_id`."""
@@ -205,11 +185,13 @@ class KvFollower:
             w = self._workers.get(worker)
             return dataclasses.replace(w.counters) if w is not None else KvFollowerCounters()
         total = dataclasses.replace(self._departed)
-        total.add(self._strangers)
-        for w in self._workers.values():
+        total.add(self._own)
+        for w in list(self._workers.values()):  # a copy: a scrape may read from another thread
             total.add(w.counters)
         if self._subscription is not None:
             total.malformed += self._subscription.malformed
+        if self._writer is not None:
+            total.snapshots += self._writer.saved
         return total
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
@@ -242,40 +224,97 @@ class KvFollower:
 
     async def _watch(self) -> None:
         async for members in self._directory.members():
-            for worker in [w for w in self._workers if w not in members]:
-                self._leave(worker)
+            for w in [w for w in self._workers.values() if w.listed and w.id not in members]:
+                self._leave(w)
+                _log.debug("KV events: worker left; its blocks are forgotten", worker=w.id)
             for worker, metadata in members.items():
                 known = self._workers.get(worker)
-                if known is not None:
-                    known.metadata = metadata
-                else:
+                if known is None:
                     self._join(worker, metadata)
+                else:
+                    known.metadata = metadata
+                    if not known.listed:
+                        self._listed(known)
             self._notify()
 
     def _join(self, worker: str, metadata: Mapping[str, Any]) -> None:
-        w = _Worker(worker, metadata)
+        w = WorkerState(worker, metadata)
         self._workers[worker] = w
-        _log.debug("KV events: worker joined; fetching its state", worker=worker)
-        self._start_fetch(w, dump_request())
+        if self._replaying:  # pending: its history is on its way in the stream
+            _log.debug("KV events: worker joined; waiting for its history", worker=worker)
+            self._grace(w, self.settings.replay_grace)
+        else:
+            _log.debug("KV events: worker joined; fetching its state", worker=worker)
+            self._start_fetch(w, dump_request())
 
-    def _leave(self, worker: str) -> None:
-        w = self._workers.pop(worker)
+    def _listed(self, w: WorkerState) -> None:
+        """A publisher known from the stream (or a snapshot) appears in discovery."""
+        w.listed = True
+        w.cancel_timer()
+        if not w.synced and w.fetch is None:  # its history in the stream is incomplete
+            self._start_fetch(w, dump_request())
+
+    def _leave(self, w: WorkerState) -> None:
+        del self._workers[w.id]
+        w.cancel_timer()
         if w.fetch is not None:
             w.fetch.cancel()  # it checks that its worker is still current before applying
         self._departed.add(w.counters)
-        self.sink.remove_worker(worker)
-        _log.debug("KV events: worker left; its blocks are forgotten", worker=worker)
+        self.sink.remove_worker(w.id)
+
+    def _grace(self, w: WorkerState, delay: float) -> None:
+        w.cancel_timer()
+        w.timer = asyncio.get_running_loop().call_later(delay, self._grace_over, w)
+
+    def _grace_over(self, w: WorkerState) -> None:
+        """A pending worker's history did not come: fetch it. An unlisted one stayed silent:
+        it is gone."""
+        w.timer = None
+        if self._closed or self._workers.get(w.id) is not w:
+            return
+        if w.listed:
+            if not w.synced and w.fetch is None:
+                _log.debug("KV events: no history replayed; fetching its state", worker=w.id)
+                self._start_fetch(w, dump_request())
+            return
+        silent = asyncio.get_running_loop().time() - w.seen_at
+        if silent < self.settings.replay_grace:
+            self._grace(w, self.settings.replay_grace - silent)
+            return
+        _log.debug("KV events: a publisher not in discovery went silent; forgotten", worker=w.id)
+        self._leave(w)
+        self._notify()
+
+    def _restore(self, snapshot: FollowerSnapshot) -> None:
+        """Put a snapshot's workers in the sink, unlisted until discovery lists them."""
+        now = asyncio.get_running_loop().time()
+        for saved in snapshot.workers:
+            self.sink.remove_worker(saved.worker)
+            for event in saved.events:
+                self.sink.apply(saved.worker, event)
+            w = WorkerState(saved.worker, {}, listed=False, synced=True, last=saved.last_event_id)
+            w.seen_at = now
+            self._workers[w.id] = w
+            self._grace(w, self.settings.replay_grace)
+            self._own.restored += 1
+        _log.info("KV events: view restored from a snapshot", workers=len(snapshot.workers))
 
     # --- the event stream ------------------------------------------------------------------------
 
     async def _read(self, subscription: EventSubscription) -> None:
         async for envelope in subscription:
             self._on_envelope(envelope)
+            if self._writer is not None:
+                self._snapshot(subscription.stream_sequence)
             self._notify()
 
     def _on_envelope(self, envelope: Envelope) -> None:
         w = self._workers.get(envelope.publisher_id)
-        counters = w.counters if w is not None else self._strangers
+        if w is None and self._replaying:  # its history may start here: keep it, unlisted
+            w = WorkerState(envelope.publisher_id, {}, listed=False, synced=True)
+            self._workers[w.id] = w
+            self._grace(w, self.settings.replay_grace)
+        counters = w.counters if w is not None else self._own
         try:
             event = decode_payload_as(envelope.payload, KvCacheEvent)
         except ProtocolError as exc:
@@ -288,21 +327,31 @@ class KvFollower:
         if w is None:
             counters.unknown += 1
             return
+        if not w.listed:
+            w.seen_at = asyncio.get_running_loop().time()
         if w.fetch is not None:
             self._hold(w, event)
-        elif event.event_id <= w.last:
+            return
+        if not w.synced:
+            if not w.listed:  # a history seen with a hole: a dump when it is listed
+                w.counters.unknown += 1
+                return
+            w.cancel_timer()  # pending, and its history starts here (from 1, or a gap)
+            w.synced = True
+        if event.event_id <= w.last:
             w.counters.duplicates += 1
         elif event.event_id == w.last + 1:
             self._apply(w, event)
         else:
             self._gap(w, event)
 
-    def _apply(self, w: _Worker, event: KvCacheEvent) -> None:
+    def _apply(self, w: WorkerState, event: KvCacheEvent) -> None:
         self.sink.apply(w.id, event)
         w.last = event.event_id
         w.counters.applied += 1
+        self._since_snapshot += 1
 
-    def _hold(self, w: _Worker, event: KvCacheEvent) -> None:
+    def _hold(self, w: WorkerState, event: KvCacheEvent) -> None:
         """A query is under way: keep the event for after its answer."""
         if (w.synced and event.event_id <= w.last) or event.event_id in w.buffer:
             w.counters.duplicates += 1
@@ -312,8 +361,13 @@ class KvFollower:
         elif not w.overflow:
             w.buffer[event.event_id] = event
 
-    def _gap(self, w: _Worker, event: KvCacheEvent) -> None:
+    def _gap(self, w: WorkerState, event: KvCacheEvent) -> None:
         w.counters.gaps += 1
+        if not w.listed:  # nobody to ask: forget it until discovery lists it
+            _log.debug("KV events: gap in an unlisted publisher's history", worker=w.id)
+            self.sink.remove_worker(w.id)
+            w.synced, w.last = False, 0
+            return
         _log.debug(
             "KV events: gap; fetching the missing range",
             worker=w.id,
@@ -324,15 +378,25 @@ class KvFollower:
         w.gap = True
         self._start_fetch(w, range_request(w.last + 1, event.event_id - 1))
 
+    def _snapshot(self, sequence: int) -> None:
+        """Past the threshold, save the synced workers' view as of stream ``sequence`` (in the
+        background)."""
+        assert self._writer is not None
+        if self._since_snapshot < self.settings.snapshot_threshold:
+            return
+        synced = [(w.id, w.last) for w in self._workers.values() if w.synced and w.fetch is None]
+        if self._writer.save(synced, sequence):
+            self._since_snapshot = 0
+
     # --- queries ---------------------------------------------------------------------------------
 
-    def _start_fetch(self, w: _Worker, request: dict[str, Any]) -> None:
+    def _start_fetch(self, w: WorkerState, request: dict[str, Any]) -> None:
         w.fetch = asyncio.get_running_loop().create_task(
             self._fetch(w, request), name=f"KvFollower-fetch-{w.id}"
         )
         w.fetch.add_done_callback(_report_crash)
 
-    async def _fetch(self, w: _Worker, request: dict[str, Any]) -> None:
+    async def _fetch(self, w: WorkerState, request: dict[str, Any]) -> None:
         delay = self.settings.retry_min
         while True:
             try:
@@ -358,7 +422,7 @@ class KvFollower:
         self._on_answer(w, request, answer)
         self._notify()
 
-    def _on_answer(self, w: _Worker, request: dict[str, Any], answer: KvQueryAnswer) -> None:
+    def _on_answer(self, w: WorkerState, request: dict[str, Any], answer: KvQueryAnswer) -> None:
         if answer.dump:
             self.sink.remove_worker(w.id)
             for event in answer.events:
@@ -391,7 +455,7 @@ class KvFollower:
             return
         self._drain(w)
 
-    def _drain(self, w: _Worker) -> None:
+    def _drain(self, w: WorkerState) -> None:
         """Apply the buffered events that follow ``last``; a hole starts another fetch."""
         held = w.buffer
         for event_id in sorted(held):

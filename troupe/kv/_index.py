@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import compress, islice
 from operator import ne
 
-from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored
+from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored, StoredBlock
 from troupe.kv._sink import KvSink
 
 __all__ = ["KvIndex"]
@@ -99,6 +99,12 @@ class KvIndex(KvSink):
     def workers(self) -> list[str]:
         """The known workers, sorted."""
         return sorted(self._slot)
+
+    def export(self, worker: str) -> list[KvCacheEvent]:
+        """A ``Stored`` event with every hash ``worker`` holds, oldest first: what rebuilds it
+        (the :class:`~troupe.kv.KvSink` seam, for a follower's snapshots)."""
+        blocks = self._blocks.get(worker)
+        return [KvCacheEvent(0, Stored(None, [StoredBlock(h) for h in blocks]))] if blocks else []
 
     # --- events -----------------------------------------------------------------------------
 

@@ -8,13 +8,16 @@
   found through a router over their query endpoints.
 
 Both are closed with the runtime (an actor spawned after them closes them when actors stop).
-The event plane is ``rt.event_plane`` unless one is given.
+The event plane is ``rt.event_plane`` unless one is given. Each registers its counters, and its
+plane's, on the runtime's Prometheus registry (:mod:`troupe._support._metrics_events`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from troupe._support._metrics_events import event_series
 from troupe.errors import ConfigError
 from troupe.events import EventPlane, EventScope
 from troupe.kv._directory import RouterDirectory
@@ -51,7 +54,9 @@ def open_kv_events(
     endpoint; see the module docstring.
 
     Raises:
-        ConfigError: no event plane; this runtime already publishes for that component.
+        ConfigError: this runtime already publishes for that component; ``DYN_EVENT_PLANE`` or
+            ``DYN_DURABLE_KV_EVENTS`` is unusable (no ``plane`` given).
+        ConnectionLost: the runtime's event plane (NATS) cannot be reached.
         InvalidRequest: ``block_size`` or ``ring_size`` < 1.
     """
     query = query_endpoint(endpoint)
@@ -71,6 +76,9 @@ def open_kv_events(
         rt.io.run(publisher.close(), timeout=10)
         raise
     _close_with(rt, f"KvPublisher-{scope.namespace}.{scope.component}", publisher.close)
+    series = event_series(rt.metrics)
+    series.add_plane(events)
+    series.add_kv_publisher(scope.namespace, scope.component, lambda: _publisher_sample(publisher))
     return publisher
 
 
@@ -86,7 +94,10 @@ def follow_kv_events(
     :class:`~troupe.kv.KvView` by default); the follower runs on the runtime's I/O loop.
 
     Raises:
-        ConfigError: no event plane.
+        ConfigError: ``DYN_EVENT_PLANE`` or ``DYN_DURABLE_KV_EVENTS`` is unusable (no ``plane``
+            given).
+        ConnectionLost: the runtime's event plane (NATS) cannot be reached.
+        TransportError: the event plane refused the subscription.
     """
     query = query_endpoint(endpoint)
     events = _plane(rt, plane)
@@ -100,15 +111,32 @@ def follow_kv_events(
     )
     rt.io.run(follower.start(), timeout=10)
     _close_with(rt, f"KvFollower-{scope.namespace}.{scope.component}", follower.close)
+    series = event_series(rt.metrics)
+    series.add_plane(events)
+    series.add_kv_follower(scope.namespace, scope.component, lambda: _follower_sample(follower))
     return follower
 
 
 def _plane(rt: Runtime, plane: EventPlane | None) -> EventPlane:
     if plane is None:
-        plane = getattr(rt, "event_plane", None)
+        return rt.event_plane
     if not isinstance(plane, EventPlane):
-        raise ConfigError("plane", plane, "an EventPlane (the runtime has no event plane)")
+        raise ConfigError("plane", plane, "an EventPlane")
     return plane
+
+
+def _publisher_sample(publisher: KvPublisher) -> dict[str, int]:
+    """A publisher's counters, as ``troupe_kv_events_*`` series read them."""
+    return {
+        "published": publisher.published,
+        "dropped": publisher.dropped,
+        "last_event_id": publisher.last_event_id,
+    }
+
+
+def _follower_sample(follower: KvFollower) -> dict[str, int]:
+    """A follower's totals and the workers it follows, as ``troupe_kv_*`` series read them."""
+    return dataclasses.asdict(follower.counters()) | {"workers": len(follower.workers())}
 
 
 def _close_with(rt: Runtime, name: str, close: Callable[[], Coroutine[Any, Any, None]]) -> None:

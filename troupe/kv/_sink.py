@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 
-from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored
+from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored, StoredBlock
 
 __all__ = ["KvSink", "KvView"]
 
@@ -27,6 +27,12 @@ class KvSink(ABC):
     @abstractmethod
     def remove_worker(self, worker: str) -> None:
         """Forget everything about ``worker`` (it left, or a dump is about to replace it)."""
+
+    def export(self, worker: str) -> list[KvCacheEvent] | None:
+        """Events that rebuild what this sink holds for ``worker`` (applied after
+        ``remove_worker``), for a follower's snapshots; None: this sink cannot say, and a
+        follower into it keeps no snapshots."""
+        return None
 
 
 class KvView(KvSink):
@@ -52,6 +58,16 @@ class KvView(KvSink):
     def remove_worker(self, worker: str) -> None:
         with self._lock:
             self._held.pop(worker, None)
+
+    def export(self, worker: str) -> list[KvCacheEvent]:
+        """One ``Stored`` event per rank with every hash held (the view keeps no parents)."""
+        with self._lock:
+            ranks = {rank: sorted(held) for rank, held in self._held.get(worker, {}).items()}
+        return [
+            KvCacheEvent(0, Stored(None, [StoredBlock(h) for h in held]), rank)
+            for rank, held in sorted(ranks.items())
+            if held
+        ]
 
     def workers(self) -> set[str]:
         """The workers the view has seen (and not removed)."""

@@ -26,6 +26,7 @@ was sent to, for ``approx_ttl`` seconds.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import time
@@ -34,12 +35,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from troupe._support._logging import get_logger
 from troupe.actors.routing._kv_sync import ReplicaSync
 from troupe.actors.routing._snapshot import RoutedInstance
 from troupe.errors import AllWorkersBusy, ConfigError
 from troupe.kv._index import KvIndex
 
 __all__ = ["KvPolicy", "KvRouterSettings", "request_tokens"]
+
+_log = get_logger("troupe.actors.router.kv")
+_debug = logging.getLogger("troupe.actors.router.kv")  # the level check, before any event
 
 Hasher = Callable[[Sequence[int], int], list[int]]
 
@@ -145,6 +150,7 @@ class KvPolicy:
         self._expiry: deque[tuple[float, str, list[int]]] = deque()
         self._routed_at: dict[tuple[str, int], float] = {}
         self.decisions = 0
+        self.decision_seconds = 0.0
         self.predicted_hit_blocks = 0
         self.requested_blocks = 0
         self.last_overlap: dict[str, int] = {}
@@ -163,6 +169,7 @@ class KvPolicy:
         request: Any,
         headers: Mapping[str, str] | None,
     ) -> RoutedInstance:
+        started = time.perf_counter()
         settings = self.settings
         if settings.approximate:
             self._expire()
@@ -183,6 +190,16 @@ class KvPolicy:
         self.decisions += 1
         self.predicted_hit_blocks += overlap
         self.requested_blocks += len(hashes)
+        self.decision_seconds += time.perf_counter() - started
+        if _debug.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "kv routed",
+                worker=chosen.instance_id,
+                overlap=overlap,
+                blocks=len(hashes),
+                candidates=len(usable),
+                load=self._load(chosen.instance_id),
+            )
         return chosen
 
     def started(self, instance_id: str, request: Any) -> int:
