@@ -17,12 +17,21 @@ from typing import IO, Any
 import msgspec
 import pytest
 
+from troupe import Config, Runtime
 from troupe._cli_events import event_json, resolve_scope
 from troupe.cli import main
 from troupe.config import NatsConfig
 from troupe.errors import ConfigError
 from troupe.events import Envelope, EventScope, NatsEventPlane, encode_event
-from troupe.kv import KV_EVENTS_TOPIC, KvCacheEvent, KvPublisher, Removed, Stored, StoredBlock
+from troupe.kv import (
+    KV_EVENTS_TOPIC,
+    KvCacheEvent,
+    KvPublisher,
+    Removed,
+    Stored,
+    StoredBlock,
+    block_hashes,
+)
 from troupe.testing import NatsServer
 
 PUBLISHER = "0123456789abcdef"
@@ -212,3 +221,28 @@ def test_live_events_are_printed_as_they_arrive_until_ctrl_c(nats_server: NatsSe
             child.wait()
     assert out.rest() == ""
     assert "Traceback" not in err.rest()
+
+
+def test_blocks_prints_each_workers_cache(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {
+        "DYN_KV_STORE": "file",
+        "DYN_FILE_KV": str(tmp_path / "kv"),
+        "DYN_EVENT_PLANE": "zmq",
+        "DYN_TCP_RPC_HOST": "127.0.0.1",
+        "DYN_LOG": "error",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with Runtime(Config.from_env(env), handle_signals=False) as worker:
+        publisher = worker.kv_events("blk.llm.generate", block_size=4)
+        publisher.stored(token_ids=list(range(12)))  # 3 blocks
+        publisher.stored(token_ids=list(range(100, 108)))  # 2 more
+        publisher.removed(block_hashes(list(range(12)), 4)[2:])  # 1 less
+        worker.io.run(publisher.flush(5), timeout=10)
+        assert main(["events", "blk.llm", "--blocks"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line == {"instance_id": worker.instance_id, "blocks": 4, "last_event_id": 3}
+    assert main(["events", "none.here", "--blocks", "--timeout", "0.2"]) == 1
+    assert "no worker publishes KV events in none.here" in capsys.readouterr().err

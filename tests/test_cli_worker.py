@@ -13,7 +13,7 @@ from typing import Any
 import _procs
 import pytest
 
-from troupe import Runtime
+from troupe import Config, Runtime
 from troupe._handlers import handler_spec, load_handler
 from troupe.demo import words
 from troupe.errors import ConfigError
@@ -202,3 +202,27 @@ def test_spawned_workers_can_log_to_files(rt: Runtime, tmp_path: Path) -> None:
     for n in range(2):  # the start-up line follows the registration: wait for it too
         log = logs / f"worker-{n}.log"
         eventually(lambda log=log: "troupe: serving demo.backend.words" in log.read_text())
+
+
+def test_a_handler_factory_builds_its_handler_with_the_workers_runtime(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """``troupe worker ENDPOINT module:factory``: the factory gets the runtime and the endpoint,
+    and its metadata joins the record."""
+    handler = tmp_path / "factory.py"
+    handler.write_text(
+        "import troupe\n"
+        "@troupe.handler_factory\n"
+        "def make(rt, endpoint):\n"
+        "    async def answer(request, ctx):\n"
+        "        yield {'served_by': rt.instance_id, 'endpoint': endpoint.path}\n"
+        "    return answer, {'flavour': 'made'}\n"
+    )
+    with Runtime(Config.from_env(env), handle_signals=False) as rt:
+        supervisor = rt.spawn_workers("fac.tory.ep", f"{handler}:make", processes=1)
+        del supervisor
+        router = rt.router("fac.tory.ep")
+        (worker,) = router.wait_for_instances_sync(timeout=10)
+        (chunk,) = list(router.generate_sync({}))
+        assert chunk == {"served_by": worker, "endpoint": "fac.tory.ep"}
+        assert router.snapshot.by_id[worker].record.metadata == {"flavour": "made"}

@@ -22,6 +22,7 @@ EXPECTED = {
         "TransportError",
         "TroupeError",
         "__version__",
+        "handler_factory",
         "resumable",
     },
     "troupe.actors": {

@@ -5,10 +5,12 @@ send them requests over a swappable request plane whose answers stream back.
 
 ``import troupe`` gives what a script needs: :class:`Runtime` (serve, route, supervise),
 :class:`Router` (what ``rt.router(...)`` returns), :class:`RequestContext` (what a handler
-receives) and :func:`resumable`, :class:`Config`, and the errors a caller catches most (every
+receives), :func:`resumable` and :func:`handler_factory` (for handlers a worker process builds
+with its runtime), :class:`Config`, and the errors a caller catches most (every
 error is in :mod:`troupe.errors`, rooted at :class:`TroupeError`).
 """
 
+from troupe._handlers import handler_factory
 from troupe._version import __version__
 from troupe.actors import Router
 from troupe.config import Config
@@ -41,10 +43,11 @@ __all__ = [
     "TransportError",
     "TroupeError",
     "__version__",
+    "handler_factory",
     "resumable",
 ]
 
 # Reprs and tracebacks show the public path (troupe.Runtime, not troupe.runtime.Runtime).
-for _public in (Config, Router, Runtime, RequestContext, resumable):
+for _public in (Config, Router, Runtime, RequestContext, handler_factory, resumable):
     _public.__module__ = __name__
 del _public

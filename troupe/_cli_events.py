@@ -22,7 +22,7 @@ from typing import Any, Final
 import msgspec
 
 from troupe.config import Config
-from troupe.errors import ConfigError, InvalidName, ProtocolError
+from troupe.errors import ConfigError, InvalidName, NoInstances, ProtocolError
 from troupe.events import (
     Envelope,
     EventPlane,
@@ -32,13 +32,15 @@ from troupe.events import (
     validate_topic,
 )
 from troupe.kv import KV_EVENTS_TOPIC, Cleared, KvCacheEvent, Removed, Stored
-from troupe.messages import validate_name
+from troupe.kv._query import QUERY_ENDPOINT, decode_answer, dump_request
+from troupe.messages import Endpoint, validate_name
 from troupe.runtime import Runtime
 
 __all__ = ["add_arguments", "cmd_events", "event_json", "resolve_scope"]
 
 _EXIT_SHORT: Final = 1  # --count not reached within --timeout
 _STOP_TIMEOUT: Final = 5.0
+_BLOCKS_WAIT: Final = 5.0  # seconds to find the workers in discovery (--blocks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replay the events the JetStream stream holds first (DYN_DURABLE_KV_EVENTS=true)",
     )
     parser.add_argument("--count", type=int, default=None, metavar="N", help="exit after N events")
+    parser.add_argument(
+        "--blocks",
+        action="store_true",
+        help="print each worker's KV cache (blocks held, last event id) as JSON lines, asked of "
+        "its kv_events_query endpoint, and exit",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -196,6 +204,9 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
             "true with DYN_EVENT_PLANE=nats for --from-start: only a durable (JetStream) event "
             "plane keeps events to replay",
         )
+    if args.blocks:
+        with Runtime(config) as rt:
+            return _print_blocks(rt, scope, args.timeout or _BLOCKS_WAIT)
     tail = _Tail(args)
     try:
         with Runtime(config) as rt:
@@ -213,4 +224,25 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
         within = f"within {args.timeout:g} s" if args.timeout is not None else "before they ended"
         print(f"troupe: {tail.printed} of {args.count} events {within}", file=sys.stderr)
         return _EXIT_SHORT
+    return 0
+
+
+def _print_blocks(rt: Runtime, scope: EventScope, timeout: float) -> int:
+    """One JSON line per worker publishing KV events in ``scope``: what its cache holds
+    (``timeout``: seconds to find one in discovery)."""
+    query = Endpoint(scope.namespace, scope.component, QUERY_ENDPOINT)
+    router = rt.router(query)
+    try:
+        workers = router.wait_for_instances_sync(timeout=timeout)
+    except NoInstances:
+        print(
+            f"troupe: no worker publishes KV events in {query.namespace}.{query.component}",
+            file=sys.stderr,
+        )
+        return _EXIT_SHORT
+    for worker in workers:
+        answer = decode_answer(list(router.generate_sync(dump_request(), instance_id=worker)))
+        blocks = sum(len(e.data.blocks) for e in answer.events if isinstance(e.data, Stored))
+        line = {"instance_id": worker, "blocks": blocks, "last_event_id": answer.last_event_id}
+        print(json.dumps(line), flush=True)
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from troupe._fleet import LABEL_FLAG, parse_label
-from troupe._handlers import load_handler
+from troupe._handlers import load_handler, serve_loaded
 from troupe._readiness import READY_FD_FLAG, Draining, Failed, ParentLink, Serving, one_line
 from troupe._shutdown import SignalHandlers
 from troupe._support._logging import get_logger
@@ -80,7 +80,7 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
         if args.workers > 1:
             return _serve_fleet(rt, endpoint, args)
         metadata = {"model": args.model} if args.model else None
-        rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
+        serve_loaded(rt, endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
         print(
             f"troupe: serving {endpoint.path} at {rt.server().address} "
             f"as instance {rt.instance_id} (Ctrl-C to stop)",
@@ -146,7 +146,7 @@ def _serve_supervised(args: argparse.Namespace, config: Config) -> int:
         with Runtime(config, handle_signals=False, label=label) as rt:
             endpoint = rt.endpoint(args.endpoint)
             metadata = {"model": args.model} if args.model else None
-            rt.serve(endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
+            serve_loaded(rt, endpoint, handler, max_inflight=args.max_inflight, metadata=metadata)
             address = rt.server().address
             status_url = rt.status.url if rt.status is not None else None
             serving = True

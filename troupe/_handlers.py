@@ -15,7 +15,7 @@ from typing import Any
 
 from troupe.errors import ConfigError
 
-__all__ = ["handler_spec", "load_handler"]
+__all__ = ["handler_factory", "handler_spec", "load_handler", "serve_loaded"]
 
 _EXPECTED = "module:function or path/to/file.py:function"
 
@@ -75,3 +75,43 @@ def handler_spec(handler: Callable[..., Any] | str) -> str:
             raise ConfigError("handler", handler, "a function from an importable module or file")
         return f"{Path(main_file).resolve()}:{qualname}"
     return f"{module}:{qualname}"
+
+
+_FACTORY = "__troupe_handler_factory__"
+
+
+def handler_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``factory(rt, endpoint)`` as making the handler a worker process serves.
+
+    Named like a handler (``troupe worker ENDPOINT module:factory``, ``rt.spawn_workers``), it
+    is called once the worker's runtime runs, and returns the handler, or ``(handler,
+    metadata)`` to add to the instance's record: what a handler needs its runtime for (a KV
+    event publisher, ``rt.kv_events``) is made there.
+    """
+    setattr(factory, _FACTORY, True)
+    return factory
+
+
+def serve_loaded(
+    rt: Any,
+    endpoint: Any,
+    loaded: Callable[..., Any],
+    *,
+    max_inflight: int | None,
+    metadata: dict[str, Any] | None,
+) -> None:
+    """``rt.serve`` what :func:`load_handler` found: the handler, or what a
+    :func:`handler_factory` makes for this runtime.
+
+    Raises:
+        ConfigError: a factory returned something that is not a handler.
+    """
+    handler: Any = loaded
+    if getattr(loaded, _FACTORY, False):
+        handler = loaded(rt, endpoint)
+        if isinstance(handler, tuple):
+            handler, extra = handler
+            metadata = {**extra, **(metadata or {})}
+        if not callable(handler):
+            raise ConfigError("HANDLER", loaded, "a handler factory returning a handler")
+    rt.serve(endpoint, handler, max_inflight=max_inflight, metadata=metadata)

@@ -1,15 +1,17 @@
 """``python -m troupe.demo`` (what ``make demo`` runs): an OpenAI-compatible frontend over mock
 LLM workers, a worker killed mid-stream, and the stream carrying on.
 
-Embedded defaults, nothing to install: file-backed discovery in a temporary directory and the
-TCP request plane on loopback. Two worker processes serve the mock engine
-(``troupe.demo.mocker:generate``) as model ``troupe-mock`` under a supervisor; the frontend runs
-in this process on 127.0.0.1 (a free port) and finds them through discovery. The demo then talks
-plain HTTP to it, as any OpenAI client would:
+Embedded defaults, nothing to install: file-backed discovery in a temporary directory, the
+TCP request plane on loopback and the brokerless ZeroMQ event plane. Two worker processes serve
+the mock engine with a simulated KV cache (``troupe.demo.mocker:kv_worker``, publishing its KV
+events) as model ``troupe-mock`` under a supervisor; the frontend runs in this process on
+127.0.0.1 (a free port), finds them through discovery and routes with the KV-aware policy
+(``--router-mode kv``). The demo then talks plain HTTP to it, as any OpenAI client would:
 
 1. a streamed chat completion, printed token by token as the Server-Sent Events arrive;
 2. a non-streaming completion, with its usage;
-3. another streamed chat completion during which the worker producing it is SIGKILLed: the
+3. two completions sharing a long prefix: the second goes to the worker that cached it;
+4. another streamed chat completion during which the worker producing it is SIGKILLed: the
    frontend resumes the generation on the other worker, the client sees one uninterrupted
    answer, and the supervisor starts a replacement worker.
 
@@ -35,13 +37,23 @@ import httpx
 
 from troupe import Config, Runtime
 from troupe.actors import WhichChildren
-from troupe.config import DiscoveryConfig, FileKvConfig, LogConfig, RequestPlaneConfig, TcpConfig
+from troupe.actors.routing import KvPolicy, KvRouterSettings
+from troupe.config import (
+    DiscoveryConfig,
+    EventPlaneConfig,
+    FileKvConfig,
+    LogConfig,
+    RequestPlaneConfig,
+    TcpConfig,
+)
 from troupe.frontend import Frontend, FrontendSettings
 
 ENDPOINT = "demo.mocker.generate"
 MODEL = "troupe-mock"
 WORKERS = 2
 MIGRATION_LIMIT = 2
+BLOCK_SIZE = 16
+"""Tokens per KV block: the mock engine's default (one token per word of the prompt)."""
 """Times a generation may move to another worker (``troupe frontend --migration-limit``, default
 0)."""
 
@@ -50,6 +62,7 @@ def _config(kv_dir: str) -> Config:
     return Config(
         discovery=DiscoveryConfig(backend="file", lease_ttl=2.0, file=FileKvConfig(path=kv_dir)),
         request_plane=RequestPlaneConfig(plane="tcp", tcp=TcpConfig(host="127.0.0.1")),
+        events=EventPlaneConfig(plane="zmq"),  # KV events with no server
         log=LogConfig(level="critical"),  # the demo narrates what happens itself
     )
 
@@ -150,9 +163,37 @@ async def _crash_mid_stream(http: httpx.AsyncClient) -> str:
     return "".join(texts)
 
 
+async def _complete(http: httpx.AsyncClient, prompt: str) -> int | None:
+    """A short completion; the pid of the worker that answered."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    reply = (await http.post("/v1/completions", json=body)).json()
+    return _pid(reply)
+
+
+async def _shared_prefix(http: httpx.AsyncClient, frontend: Frontend) -> None:
+    entry = frontend.registry.get(MODEL)
+    assert entry is not None
+    policy = frontend.registry.router(entry).policy_object
+    assert isinstance(policy, KvPolicy)
+    system = " ".join(f"rule{i}" for i in range(4 * BLOCK_SIZE))  # 4 blocks of 16 words
+    print(f"\n> KV-aware routing: two completions sharing a {4 * BLOCK_SIZE}-word prefix")
+    first = await _complete(http, f"{system} first question")
+    held = policy.last_sent or ""
+    await _wait(lambda: policy.index.block_count(held) >= 4, 10, "the worker's KV events")
+    second = await _complete(http, f"{system} second question")
+    overlap = policy.last_overlap.get(policy.last_sent or "", 0)
+    where = "the same worker" if first == second else "another worker"
+    print(f"  1st -> worker {first}; 2nd -> worker {second} ({where}, {overlap} blocks cached)")
+
+
 async def _run(rt: Runtime, supervisor: Any) -> None:
     settings = FrontendSettings(
-        host="127.0.0.1", port=0, migration_limit=MIGRATION_LIMIT, grace=2.0
+        host="127.0.0.1",
+        port=0,
+        migration_limit=MIGRATION_LIMIT,
+        grace=2.0,
+        router_mode="kv",
+        kv=KvRouterSettings(block_size=BLOCK_SIZE),
     )
     async with (
         Frontend(rt, settings) as frontend,
@@ -182,6 +223,8 @@ async def _run(rt: Runtime, supervisor: Any) -> None:
         print(f"  {choice['text']!r} (finish_reason={choice['finish_reason']})")
         print(f"  usage: {reply['usage']}")
 
+        await _shared_prefix(http, frontend)
+
         before = set(_worker_pids(frontend))
         await _crash_mid_stream(http)
         await _wait(
@@ -208,7 +251,7 @@ def main() -> int:
         # The workers write to files, so a restarted worker's start-up lines don't land in the
         # middle of a streamed answer; they are shown if the demo fails.
         supervisor = rt.spawn_workers(
-            ENDPOINT, "troupe.demo.mocker:generate", processes=WORKERS, model=MODEL, log_dir=logs
+            ENDPOINT, "troupe.demo.mocker:kv_worker", processes=WORKERS, model=MODEL, log_dir=logs
         )
         try:
             asyncio.run(_run(rt, supervisor))

@@ -55,6 +55,7 @@ from typing import Any, Final
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from troupe._handlers import handler_factory
 from troupe.demo._engine import KvEventSink, MockEngine, MockerConfig, MockerStats, Ticket
 from troupe.errors import InvalidRequest
 from troupe.frontend._tokenizer import Tokenizer, WordTokenizer, prompt_text
@@ -314,3 +315,17 @@ async def generate(request: Any, ctx: RequestContext) -> AsyncIterator[dict[str,
     async with contextlib.aclosing(_DEFAULT.generate(request, ctx)) as chunks:
         async for chunk in chunks:
             yield chunk
+
+
+@handler_factory
+def kv_worker(rt: Any, endpoint: Any) -> tuple[Any, dict[str, Any]]:
+    """A worker's own mocker (defaults of :class:`MockerConfig`) publishing its KV events on the
+    runtime's event plane, for KV-aware routing: ``troupe worker ENDPOINT
+    troupe.demo.mocker:kv_worker`` (or ``rt.spawn_workers``). Its record announces the block size
+    and capacity; its cache series join the worker's ``/metrics``.
+    """
+    config = MockerConfig()
+    mocker = Mocker(config, sink=rt.kv_events(endpoint, block_size=config.block_size))
+    rt.metrics.registry.register(mocker.collector())
+    metadata = {"kv_block_size": config.block_size, "kv_total_blocks": config.num_gpu_blocks}
+    return mocker.generate, metadata

@@ -74,6 +74,31 @@ def _acker(flow: _Flow, count: int) -> Callable[[], None]:
     return lambda: flow.ack(count)
 
 
+class _Reader:
+    """The reader's side of a bridged request, for the async and the blocking loop alike: turns
+    each message into a chunk, the end, or the error, and returns credit as chunks are read."""
+
+    __slots__ = ("_flow", "_io", "_unacked")
+
+    def __init__(self, io: IOLoop, flow: _Flow) -> None:
+        self._io = io
+        self._flow = flow
+        self._unacked = 0
+
+    def read(self, message: _Message) -> tuple[bool, Any]:
+        """``(True, chunk)``, or ``(False, None)`` at the end; raises the request's error."""
+        kind, value = message
+        if kind == _ITEM:
+            self._unacked += 1
+            if self._unacked >= _WINDOW // 2:
+                self._io.call_soon(_acker(self._flow, self._unacked))
+                self._unacked = 0
+            return True, value
+        if kind == _END:
+            return False, None
+        raise value
+
+
 class _Bridging:
     """The bridge of a :class:`~troupe.actors.routing.Router`: its requests made off the I/O loop.
 
@@ -120,40 +145,26 @@ class _Bridging:
                 pass  # the caller's loop is closed: the reader is gone
 
         flow, fut = self._bridge(call, sink)
+        reader = _Reader(self._io, flow)
         try:
-            unacked = 0
             while True:
-                kind, value = await inbox.get()
-                if kind == _ITEM:
-                    unacked += 1
-                    if unacked >= _WINDOW // 2:
-                        self._io.call_soon(_acker(flow, unacked))
-                        unacked = 0
-                    yield value
-                elif kind == _END:
+                more, value = reader.read(await inbox.get())
+                if not more:
                     return
-                else:
-                    raise value
+                yield value
         finally:
             fut.cancel()  # no-op once finished; otherwise cancels the request on the I/O loop
 
     def _generate_sync(self, call: _Call) -> Iterator[Any]:
         inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         flow, fut = self._bridge(call, inbox.put)
+        reader = _Reader(self._io, flow)
         try:
-            unacked = 0
             while True:
-                kind, value = inbox.get()
-                if kind == _ITEM:
-                    unacked += 1
-                    if unacked >= _WINDOW // 2:
-                        self._io.call_soon(_acker(flow, unacked))
-                        unacked = 0
-                    yield value
-                elif kind == _END:
+                more, value = reader.read(inbox.get())
+                if not more:
                     return
-                else:
-                    raise value
+                yield value
         finally:
             fut.cancel()
 
