@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -26,7 +27,7 @@ from troupe.demo.mocker import Mocker, MockerConfig
 from troupe.discovery import MemoryKvServer
 from troupe.errors import ConnectionLost
 from troupe.frontend import Frontend, FrontendSettings
-from troupe.testing import eventually_async
+from troupe.testing import NatsServer, eventually_async
 
 BLOCK = 4
 CAPACITY = 100
@@ -219,3 +220,32 @@ async def test_the_router_reports_its_decisions_as_metrics(zmq_cluster: Cluster)
         if line.startswith("troupe_router_kv_predicted_hit_rate{")
     )
     assert 0.2 < float(rate.split()[-1]) < 1.0
+
+
+@pytest.fixture(scope="module")
+def counted_nats() -> Iterator[NatsServer]:
+    with NatsServer(jetstream=False, monitor=True) as server:
+        yield server
+
+
+@pytest.mark.parametrize("events", [False, True], ids=["no-kv-events", "kv-events"])
+async def test_no_kv_events_opens_no_nats_connection(
+    counted_nats: NatsServer, events: bool
+) -> None:
+    """The server's own count: 0 with --no-kv-events; the events case shows the count works."""
+    config = dataclasses.replace(
+        NO_NATS, nats=NatsConfig(server=counted_nats.url, connect_timeout=2.0)
+    )
+    cluster = Cluster(config)
+    try:
+        await cluster.worker(events=False)
+        kv = KvRouterSettings(block_size=BLOCK, approximate=not events)
+        before = counted_nats.connections()
+        async with frontend(cluster, kv) as fe:
+            await _wait_workers(fe, 1)
+            async with httpx.AsyncClient(base_url=fe.url, timeout=10) as http:
+                assert (await _complete(http, PROMPT)).status_code == 200
+            opened = counted_nats.connections() - before
+        assert opened == (1 if events else 0)
+    finally:
+        await asyncio.to_thread(cluster.close)

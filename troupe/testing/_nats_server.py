@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.request
 
-from troupe.testing._server_process import _LOOPBACK, _ServerProcess
+from troupe.testing._server_process import _LOOPBACK, _ServerProcess, free_port
 
 __all__ = ["NatsServer"]
 
@@ -20,6 +21,8 @@ class NatsServer(_ServerProcess):
         user: with ``password``, require this user.
         password: the user's password.
         token: require this token instead.
+        monitor: also serve the HTTP monitoring endpoints (``/connz``) on a free port, for
+            :meth:`connections`.
         binary: path of ``nats-server`` (default: :func:`find_binary`).
     """
 
@@ -34,9 +37,11 @@ class NatsServer(_ServerProcess):
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        monitor: bool = False,
         binary: str | None = None,
     ) -> None:
         super().__init__(binary, "nats-server", port)
+        self.monitor_port = free_port() if monitor else None
         self.max_payload = max_payload
         self.jetstream = jetstream
         self.user = user
@@ -55,6 +60,8 @@ class NatsServer(_ServerProcess):
         ]
         if self.max_payload is not None:
             lines.append(f"max_payload: {int(self.max_payload)}")
+        if self.monitor_port is not None:
+            lines.append(f"http: {json.dumps(f'{_LOOPBACK}:{self.monitor_port}')}")
         if self.jetstream:
             lines.append(f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}")
         if self.user is not None:
@@ -65,6 +72,14 @@ class NatsServer(_ServerProcess):
         elif self.token is not None:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
         return "\n".join(lines) + "\n"
+
+    def connections(self) -> int:
+        """Clients connected now (needs ``monitor=True``)."""
+        if self.monitor_port is None:
+            raise RuntimeError("NatsServer(monitor=True) is needed to count connections")
+        url = f"http://{_LOOPBACK}:{self.monitor_port}/connz"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return int(json.load(answer)["num_connections"])
 
     def _argv(self) -> list[str]:
         conf = self.dir / "nats.conf"
