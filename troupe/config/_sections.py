@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass, field, fields
 
 from troupe.config._kinds import _MIB, KV_STORES, LOG_LEVELS, _RejectedError
-from troupe.config._settings import _LOG, _NATS_SERVERS, _validate
+from troupe.config._setting import _LOG, _NATS_SERVERS
+from troupe.config._settings import _validate
 from troupe.errors import ConfigError
 
 
