@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import _procs
 import httpx
 import pytest
 
@@ -22,8 +23,7 @@ from troupe.actors import Backoff, Intensity, WhichChildren
 from troupe.actors._process import Status
 from troupe.config import RequestPlaneConfig, SystemConfig, TcpConfig
 from troupe.errors import ConfigError, StartFailed, SupervisorEscalation, TroupeError
-from troupe.messages import InstanceRecord, decode_record, endpoint_prefix
-from troupe.messages._payload import decode_payload, encode_payload
+from troupe.messages import InstanceRecord, endpoint_prefix
 from troupe.testing._wait import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,28 +35,8 @@ PREFIX = endpoint_prefix("fleet", "backend", "echo")
 # --- helpers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    clean = dict(os.environ)  # already scrubbed of troupe variables by conftest._scrub_env
-    return clean | {
-        "DYN_DISCOVERY_BACKEND": "file",
-        "DYN_FILE_KV": str(tmp_path / "kv"),
-        "DYN_TCP_RPC_HOST": "127.0.0.1",
-        "DYN_HTTP_RPC_HOST": "127.0.0.1",
-        "DYN_LEASE_TTL": "1",
-        "DYN_LOG": "warning",
-    }
-
-
-@pytest.fixture
-def rt(env: dict[str, str]) -> Iterator[Runtime]:
-    with Runtime(Config.from_env(env), handle_signals=False) as runtime:
-        yield runtime
-
-
 def records(rt: Runtime) -> list[InstanceRecord]:
-    items, _ = rt.io.run(rt.store.list(PREFIX), timeout=5)
-    return [decode_record(kv.value, key=kv.key) for kv in items]
+    return _procs.records(rt, PREFIX)
 
 
 def port_of(record: InstanceRecord) -> int:
@@ -65,14 +45,7 @@ def port_of(record: InstanceRecord) -> int:
 
 
 def call(rt: Runtime, record: InstanceRecord, request: Any) -> list[Any]:
-    (address,) = record.transport.values()
-
-    async def go() -> list[Any]:
-        client = rt.network.client_for(address)
-        stream = await client.request(address, ENDPOINT, encode_payload(request))
-        return [decode_payload(c) async for c in stream]
-
-    return rt.io.run(go(), timeout=10)
+    return _procs.call(rt, record, ENDPOINT, request)
 
 
 def free_ports(count: int) -> int:
@@ -98,59 +71,15 @@ def free_ports(count: int) -> int:
     raise AssertionError(f"no {count} consecutive free ports found")
 
 
-def children_of(pid: int) -> set[int]:
-    """Live (not zombie) processes whose parent is ``pid``, from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == pid and state != "Z":
-            found.add(int(entry.name))
-    return found
+children_of = _procs.children_of
+gone = _procs.gone
 
 
-def gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"
-
-
-class Fleet:
-    """``troupe worker ENDPOINT HANDLER ...`` in a subprocess, its stderr in a file."""
+class Fleet(_procs.Fleet):
+    """``troupe worker ENDPOINT HANDLER ...`` of this module's echo handler."""
 
     def __init__(self, env: dict[str, str], tmp_path: Path, *args: str) -> None:
-        self.stderr_path = tmp_path / f"stderr-{time.monotonic_ns()}"
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "troupe", "worker", ENDPOINT, HANDLER, *args],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=env,
-            )
-        self.started = time.monotonic()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        for child in children_of(self.proc.pid):
-            try:
-                os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__(env, tmp_path, ENDPOINT, HANDLER, *args)
 
 
 @pytest.fixture

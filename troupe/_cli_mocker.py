@@ -20,53 +20,30 @@ __all__ = ["add_arguments", "cmd_mocker"]
 
 _DEFAULTS = MockerConfig()
 
+_ENGINE_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("block_size", int, "tokens per KV block"),
+    ("num_gpu_blocks", int, "KV cache capacity in blocks"),
+    ("max_num_seqs", int, "requests running at once"),
+    ("prefill_tokens_per_second", float, "prefill speed"),
+    ("tokens_per_second", float, "decode speed per request"),
+    ("output_tokens", int, "tokens per answer unless max_tokens says fewer"),
+    ("speedup_ratio", float, "divide every simulated duration by this"),
+)
+"""The engine's options: ``MockerConfig`` field, type, help."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``mocker`` subcommand's options."""
     parser.add_argument("endpoint", metavar="ENDPOINT", help="ns.component.endpoint to serve")
     parser.add_argument("--model", default="troupe-mock", help="model name (default troupe-mock)")
-    parser.add_argument(
-        "--block-size",
-        type=int,
-        default=_DEFAULTS.block_size,
-        help=f"tokens per KV block (default {_DEFAULTS.block_size})",
-    )
-    parser.add_argument(
-        "--num-gpu-blocks",
-        type=int,
-        default=_DEFAULTS.num_gpu_blocks,
-        help=f"KV cache capacity in blocks (default {_DEFAULTS.num_gpu_blocks})",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=_DEFAULTS.max_num_seqs,
-        help=f"requests running at once (default {_DEFAULTS.max_num_seqs})",
-    )
-    parser.add_argument(
-        "--prefill-tokens-per-second",
-        type=float,
-        default=_DEFAULTS.prefill_tokens_per_second,
-        help=f"prefill speed (default {_DEFAULTS.prefill_tokens_per_second:g})",
-    )
-    parser.add_argument(
-        "--tokens-per-second",
-        type=float,
-        default=_DEFAULTS.tokens_per_second,
-        help=f"decode speed per request (default {_DEFAULTS.tokens_per_second:g})",
-    )
-    parser.add_argument(
-        "--output-tokens",
-        type=int,
-        default=_DEFAULTS.output_tokens,
-        help=f"tokens per answer unless max_tokens says fewer (default {_DEFAULTS.output_tokens})",
-    )
-    parser.add_argument(
-        "--speedup-ratio",
-        type=float,
-        default=_DEFAULTS.speedup_ratio,
-        help="divide every simulated duration by this (default 1)",
-    )
+    for field, kind, text in _ENGINE_OPTIONS:
+        default = getattr(_DEFAULTS, field)
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{text} (default {default:g})",
+        )
     parser.add_argument(
         "--no-kv-events", action="store_true", help="publish no KV events (no event plane)"
     )
@@ -75,15 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_mocker(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; then unregister, drain and exit 0."""
     try:
-        engine = MockerConfig(
-            block_size=args.block_size,
-            num_gpu_blocks=args.num_gpu_blocks,
-            max_num_seqs=args.max_num_seqs,
-            prefill_tokens_per_second=args.prefill_tokens_per_second,
-            tokens_per_second=args.tokens_per_second,
-            output_tokens=args.output_tokens,
-            speedup_ratio=args.speedup_ratio,
-        )
+        engine = MockerConfig(**{field: getattr(args, field) for field, _, _ in _ENGINE_OPTIONS})
     except ConfigError as exc:
         flag = "--" + str(exc.variable).replace("_", "-")
         raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
