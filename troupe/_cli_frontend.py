@@ -11,7 +11,7 @@ from collections.abc import Callable
 from troupe.actors.routing import KvRouterSettings
 from troupe.config import Config
 from troupe.errors import ConfigError
-from troupe.frontend import ROUTER_MODES, Frontend, FrontendSettings
+from troupe.frontend import ROUTER_MODES, Frontend, FrontendSettings, FrontendTls
 from troupe.runtime import Runtime
 
 __all__ = ["add_arguments", "cmd_frontend"]
@@ -20,13 +20,43 @@ __all__ = ["add_arguments", "cmd_frontend"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``frontend`` subcommand's options."""
     parser.add_argument(
-        "--host", default=None, help="address to bind (default: DYN_HTTP_HOST, else 0.0.0.0)"
+        "--host",
+        default=None,
+        help="address to bind; 0.0.0.0 for every interface (default: DYN_HTTP_HOST, else "
+        "127.0.0.1: this host only)",
     )
     parser.add_argument(
         "--port",
         type=int,
         default=None,
         help="port to bind; 0 lets the OS pick (default: DYN_HTTP_PORT, else 8000)",
+    )
+    tls = parser.add_argument_group("HTTPS and API key (see docs/security.md)")
+    tls.add_argument(
+        "--tls-cert-path",
+        default=None,
+        metavar="PEM",
+        help="server certificate; with --tls-key-path serves HTTPS (default: DYN_TLS_CERT_PATH)",
+    )
+    tls.add_argument(
+        "--tls-key-path",
+        default=None,
+        metavar="PEM",
+        help="private key of --tls-cert-path (default: DYN_TLS_KEY_PATH)",
+    )
+    tls.add_argument(
+        "--tls-client-ca-cert-path",
+        default=None,
+        metavar="PEM",
+        help="CA certificates of the clients: every client must present a certificate one of "
+        "them signed (mutual TLS; default: DYN_TLS_CLIENT_CA_CERT_PATH)",
+    )
+    tls.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require Authorization: Bearer KEY on every route but /health and /live "
+        "(default: DYN_HTTP_API_KEY, which other users of this host cannot read in ps)",
     )
     parser.add_argument(
         "--router-mode",
@@ -158,6 +188,9 @@ def _kv_settings(args: argparse.Namespace) -> KvRouterSettings:
         raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
 
 
+_OPTIONS = ("host", "port", "tls_cert_path", "tls_key_path", "tls_client_ca_cert_path", "api_key")
+"""The options that override the environment's ``frontend`` section."""
+
 _KV_FLAGS = {
     "block_size": "--kv-cache-block-size",
     "overlap_weight": "--kv-overlap-score-weight",
@@ -169,14 +202,20 @@ _KV_FLAGS = {
 def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
     """Serve until SIGINT/SIGTERM; then drain (``--grace``) and exit 0."""
     listen = config.frontend
-    for option in ("host", "port"):  # validated like the environment's values
+    for option in _OPTIONS:  # validated like the environment's values
         value = getattr(args, option)
         if value is not None:
             try:
                 listen = dataclasses.replace(listen, **{option: value})
             except ConfigError as exc:
-                raise ConfigError(f"--{option}", value, exc.expected, exc.choices) from None
+                shown = "****" if option == "api_key" else value
+                flag = "--" + option.replace("_", "-")
+                raise ConfigError(flag, shown, exc.expected, exc.choices) from None
     settings = FrontendSettings(
+        tls=FrontendTls.from_paths(
+            listen.tls_cert_path, listen.tls_key_path, listen.tls_client_ca_cert_path
+        ),
+        api_key=listen.api_key,
         host=listen.host,
         port=listen.port,
         router_mode=args.router_mode,

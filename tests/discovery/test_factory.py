@@ -87,6 +87,7 @@ EXPECTED = {
         "TlsFiles",
         "find_binary",
         "free_port",
+        "issue_client_cert",
         "make_tls_files",
     },
 }

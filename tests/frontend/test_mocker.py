@@ -130,6 +130,7 @@ def test_frontend_exports() -> None:
         "Frontend",
         "FrontendMetrics",
         "FrontendSettings",
+        "FrontendTls",
         "ModelEntry",
         "ModelRegistry",
         "ModelTable",

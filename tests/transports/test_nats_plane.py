@@ -240,6 +240,9 @@ async def test_cancel_travels_on_the_control_subject(
         await asyncio.wait_for(got.wait(), 5)
         frame = decode(seen[0].data)
         assert isinstance(frame, Cancel)
-        assert seen[0].reply.rsplit(".", 1)[1] == str(frame.id)
+        # <inbox>.<id>.<token>, with the request's cancel key in a header.
+        assert seen[0].reply.split(".")[-2] == str(frame.id)
+        assert seen[0].headers is not None
+        assert seen[0].headers.get("Troupe-Cancel-Key")
     finally:
         await spy.close()

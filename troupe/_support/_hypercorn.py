@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -48,6 +49,10 @@ from troupe._support._logging import get_logger
 __all__ = ["Served", "StartFailed", "launch", "serve_on_socket"]
 
 _log = get_logger("troupe.hypercorn")
+
+# Seconds a client gets to finish its TLS handshake (asyncio's default is 60): a peer that
+# connects and stays silent holds a connection no longer than this.
+_TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 class StartFailed(Exception):
@@ -123,10 +128,19 @@ class Served:
         self.error()  # retrieved: no "exception was never retrieved" for a failed task
 
 
-def launch(app: Any, config: HypercornConfig, sock: socket.socket, *, name: str) -> Served:
+def launch(
+    app: Any,
+    config: HypercornConfig,
+    sock: socket.socket,
+    *,
+    name: str,
+    tls: ssl.SSLContext | None = None,
+) -> Served:
     """Start serving ``app`` on ``sock`` in a new task named ``name``; the caller owns it.
 
-    Nothing is awaited: store the handle, then :meth:`Served.wait_started`.
+    ``tls``: serve HTTPS with this server context (its ALPN chooses HTTP/2 or HTTP/1.1); a
+    handshake that fails, or takes over ``_TLS_HANDSHAKE_TIMEOUT`` seconds, drops only its
+    connection. Nothing is awaited: store the handle, then :meth:`Served.wait_started`.
     """
     shutdown = asyncio.Event()
     connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -138,6 +152,7 @@ def launch(app: Any, config: HypercornConfig, sock: socket.socket, *, name: str)
             shutdown.wait,
             connections,
             name=name,
+            tls=tls,
         ),
         name=name,
     )
@@ -247,6 +262,7 @@ async def _serve(
     connections: dict[asyncio.Task[None], asyncio.StreamWriter],
     *,
     name: str,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """hypercorn's ``worker_serve`` for one plain listening socket, with :class:`_Connection`.
 
@@ -280,7 +296,13 @@ async def _serve(
         connections[task] = writer
         task.add_done_callback(ended)
 
-    server = await asyncio.start_server(connected, backlog=config.backlog, sock=sock)
+    server = await asyncio.start_server(
+        connected,
+        backlog=config.backlog,
+        sock=sock,
+        ssl=tls,
+        ssl_handshake_timeout=None if tls is None else _TLS_HANDSHAKE_TIMEOUT,
+    )
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(raise_shutdown(shutdown_trigger), name=f"{name}-shutdown")

@@ -41,12 +41,18 @@ class TcpConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """HTTP/2 request plane: the server side."""
+    """HTTP/2 request plane: the server side, and TLS on both sides (``DYN_HTTP_RPC_TLS_*``)."""
 
     host: str | None = None
     port: int = 8888
     root_path: str = "/v1/rpc"
     request_timeout: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_client_auth: bool = False
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self, "request_plane.http")
@@ -79,6 +85,12 @@ class NatsConfig:
     credentials_file: str | None = None
     connect_timeout: float = 3.0
     request_timeout: float = 10.0
+    nkey_seed: str | None = field(default=None, repr=False)
+    nkey_seed_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_client_cert_file: str | None = None
+    tls_client_key_file: str | None = None
+    inbox_prefix: str = "_INBOX"
 
     def __post_init__(self) -> None:
         _validate(self, "nats")
@@ -265,10 +277,15 @@ class WorkerConfig:
 
 @dataclass(frozen=True, slots=True)
 class FrontendConfig:
-    """The OpenAI-compatible HTTP frontend's listening address (``troupe frontend``)."""
+    """The OpenAI-compatible HTTP frontend's listening address, HTTPS and API key (``troupe
+    frontend``); the default address is loopback: other hosts reach it only when asked for."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8000
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    tls_client_ca_cert_path: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _validate(self, "frontend")

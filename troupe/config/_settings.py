@@ -42,7 +42,15 @@ from troupe.config._settings_security import SECURITY_SETTINGS
 
 __all__ = ["SETTINGS", "Setting"]
 
-SETTINGS: tuple[Setting, ...] = (
+
+def _by_section(rows: tuple[Setting, ...]) -> tuple[Setting, ...]:
+    """``rows`` grouped by section, in order of each section's first row (a stable sort): the
+    TLS and authentication rows join their plane's section in the tables and the docs."""
+    order = {section: rank for rank, section in enumerate(dict.fromkeys(r.section for r in rows))}
+    return tuple(sorted(rows, key=lambda row: order[row.section]))
+
+
+SETTINGS: tuple[Setting, ...] = _by_section((
     # discovery
     Setting(
         "DYN_DISCOVERY_BACKEND",
@@ -382,7 +390,7 @@ SETTINGS: tuple[Setting, ...] = (
         "once before answering overloaded; 0 = no per-caller limit",
     ),
     *SECURITY_SETTINGS,
-)
+))  # fmt: skip
 """Every environment variable troupe reads, in display order."""
 
 

@@ -9,7 +9,8 @@ its stream breaks (etcd restarted, endpoint lost) it raises ``DiscoveryUnavailab
 watches again. A list or watch of prefix ``P`` reads only the range ``[P/, P0)``, so a user granted
 ``P/`` (``--prefix``) may do both. Basic auth (``ETCD_AUTH_USERNAME``/``PASSWORD``) is sent as
 etcd's token metadata; TLS (``https://`` endpoints or ``ETCD_AUTH_CA``, with an optional client
-certificate and key) uses a secure gRPC channel. aetcd 1.0 only builds plaintext channels, hence
+certificate and key) uses a secure gRPC channel, its credentials and handshake errors in
+:mod:`troupe.discovery._etcd_tls`. aetcd 1.0 only builds plaintext channels, hence
 :class:`_Client`.
 """
 
@@ -23,12 +24,17 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
+from troupe.discovery import _grpc_env  # noqa: F401 - before grpc loads: see the module
+
+# isort: split
+
 import aetcd
 import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd import rpc, watcher
 
 from troupe.config import EtcdConfig
+from troupe.discovery._etcd_tls import channel_credentials, handshake_failure
 from troupe.discovery._store import (
     Delete,
     KeyValue,
@@ -85,13 +91,6 @@ def _parse_endpoint(url: str) -> _Endpoint:
     if ":" in host:
         host = f"[{host}]"  # IPv6 literal, as gRPC targets spell it
     return _Endpoint(url, host, parts.port or 2379, parts.scheme == "https")
-
-
-def _read_file(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
 
 
 class _Client(aetcd.Client):  # type: ignore[misc]
@@ -211,19 +210,6 @@ class EtcdStore(KeyValueStore):
         if client is not None:
             await client.close()  # ends every watch on it
 
-    def _credentials(self) -> Any:
-        config = self.config
-        if not (config.ca or config.client_cert or any(e.tls for e in self._endpoints)):
-            return None
-        try:
-            return grpc.ssl_channel_credentials(
-                root_certificates=_read_file(config.ca),
-                private_key=_read_file(config.client_key),
-                certificate_chain=_read_file(config.client_cert),
-            )
-        except OSError as exc:
-            raise DiscoveryError(f"cannot read etcd TLS files: {exc}") from exc
-
     async def _ensure_client(self) -> _Client:
         if not self._open:
             raise self._unavailable("store is not connected")
@@ -249,8 +235,8 @@ class EtcdStore(KeyValueStore):
 
     async def _open_first_reachable(self) -> _Client:
         """Probe every endpoint at once; keep the first that answers within the connect timeout."""
-        credentials = self._credentials()
         config = self.config
+        credentials = channel_credentials(config, tls=any(e.tls for e in self._endpoints))
         clients = [
             _Client(
                 endpoint,
@@ -293,11 +279,16 @@ class EtcdStore(KeyValueStore):
         if winner is not None:
             winner._timeout = self._request_timeout  # probes used the connect timeout
             return winner
+        for url, exc in failures.items():
+            refused = handshake_failure(exc, config, url)
+            if refused is not None:
+                raise DiscoveryError(f"etcd TLS handshake failed: {refused}") from exc
         for exc in failures.values():
             if _is_auth_failure(exc):
                 raise DiscoveryError(
                     f"etcd authentication failed for user {config.username!r} at "
-                    f"{', '.join(self.endpoints)}: {_describe(exc)}"
+                    f"{', '.join(self.endpoints)} (check ETCD_AUTH_USERNAME and "
+                    f"ETCD_AUTH_PASSWORD): {_describe(exc)}"
                 ) from exc
         detail = "; ".join(f"{url}: {_describe(exc)}" for url, exc in failures.items())
         raise self._unavailable(

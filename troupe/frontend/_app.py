@@ -11,20 +11,26 @@ of the body is read and discarded first, within bounds, since hypercorn fails th
 connection on data for a stream it already answered). The ``ext`` object (the only request
 field whose values are not checked while decoding) is encoded once in the handler so that a
 value msgpack cannot carry is a 400, not a 500.
+
+With an API key set (:attr:`FrontendSettings.api_key`), :class:`_ApiKeyGate` answers 401 to every
+request but ``/health`` and ``/live`` that lacks ``Authorization: Bearer <key>``, before any route
+runs (the key compared in constant time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Lifespan
+from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 
 from troupe._support._logging import get_logger
 from troupe._support._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -60,6 +66,8 @@ _log = get_logger("troupe.frontend")
 _DRAIN_BYTES: Final = 64 * 1024 * 1024
 _DRAIN_SECONDS: Final = 10.0
 _HTTP1: Final = frozenset({"1.0", "1.1"})
+# Routes open without the API key: probes of load balancers and orchestrators.
+_OPEN_PATHS: Final = frozenset({"/health", "/live"})
 
 
 # --- routes --------------------------------------------------------------------------------------
@@ -174,6 +182,51 @@ async def _discard(chunks: AsyncIterator[bytes]) -> None:
         _log.info("oversized HTTP/2 body not drained", drained=size)
 
 
+class _ApiKeyGate:
+    """ASGI middleware: 401 (OpenAI's ``invalid_api_key``) for a request without the key.
+
+    ``/health`` and ``/live`` stay open. A refused request's body is not read over HTTP/1.x (the
+    connection is closed after the 401) and read and dropped over HTTP/2, as for a 413.
+    """
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self._key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        presented = _bearer(scope)
+        if presented is not None and hmac.compare_digest(presented, self._key):
+            await self.app(scope, receive, send)
+            return
+        message = (
+            "missing API key: send it as the header Authorization: Bearer <key>"
+            if presented is None
+            else "incorrect API key provided"
+        )
+        response = _error_response(401, message, "invalid_request_error", code="invalid_api_key")
+        response.headers["www-authenticate"] = "Bearer"
+        request = Request(scope, receive)
+        if scope.get("http_version") in _HTTP1:
+            if "content-length" in request.headers or "transfer-encoding" in request.headers:
+                response.headers["connection"] = "close"  # the body is not read
+        else:
+            await _discard(request.stream())
+        await response(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    """The token of the request's ``Authorization: Bearer`` header, or None."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            token = token.strip()
+            return token if scheme.lower() == b"bearer" and token else None
+    return None
+
+
 def _model_json(entry: ModelEntry) -> dict[str, Any]:
     return {"id": entry.name, "object": "model", "created": entry.created, "owned_by": "troupe"}
 
@@ -229,8 +282,10 @@ def build_app(state: FrontendState, *, lifespan: Lifespan[Any] | None = None) ->
         Route("/live", live, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
+    key = state.settings.api_key
     return Starlette(
         routes=routes,
+        middleware=[] if key is None else [Middleware(_ApiKeyGate, key=key)],
         exception_handlers={HTTPException: http_error, Exception: unexpected},
         lifespan=lifespan,
     )

@@ -8,6 +8,10 @@ The socket is bound before hypercorn starts (so port 0 works and :attr:`Frontend
 real one); hypercorn runs as one task owned by the frontend. :meth:`Frontend.close` drains first:
 ``/health`` answers 503 and new generations 503 while in-flight ones get ``grace`` seconds,
 then hypercorn stops (cancelling what is left, which cancels those requests on their workers).
+
+With :attr:`FrontendSettings.tls` the frontend serves HTTPS: its TLS context is built before
+anything else starts (a bad file is a ConfigError naming the option) and its URLs say
+``https``.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ _LOOPBACK: Final = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 _GRACEFUL_TIMEOUT: Final = 1.0
 
 
-def _http_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def _http_url(scheme: str, host: str, port: int) -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 class Frontend:
@@ -56,7 +60,7 @@ class Frontend:
 
     Args:
         rt: a running runtime (discovery and request plane from its configuration).
-        settings: host, port, routing and shutdown settings.
+        settings: host, port, HTTPS and API key, routing and shutdown settings.
     """
 
     def __init__(self, rt: Runtime, settings: FrontendSettings | None = None) -> None:
@@ -87,18 +91,24 @@ class Frontend:
         return self._port
 
     @property
+    def scheme(self) -> str:
+        """``https`` when the settings name TLS files, else ``http``."""
+        return "http" if self.settings.tls is None else "https"
+
+    @property
     def bound_url(self) -> str:
-        """``http://host:port`` as bound: the socket's own address and port (``0.0.0.0`` or
-        ``[::]`` when bound to every interface; the OS's port when the settings say 0)."""
+        """``http://host:port`` (``https`` with TLS) as bound: the socket's own address and
+        port (``0.0.0.0`` or ``[::]`` when bound to every interface; the OS's port when the
+        settings say 0)."""
         host = self._bound_host if self._bound_host is not None else self.settings.host
-        return _http_url(host, self._port)
+        return _http_url(self.scheme, host, self._port)
 
     @property
     def url(self) -> str:
-        """``http://host:port`` to reach the frontend from this host: :attr:`bound_url`, with
-        the loopback address in place of an every-interface one."""
+        """``http://host:port`` (``https`` with TLS) to reach the frontend from this host:
+        :attr:`bound_url`, with the loopback address in place of an every-interface one."""
         host = self._bound_host if self._bound_host is not None else self.settings.host
-        return _http_url(_LOOPBACK.get(host, host), self._port)
+        return _http_url(self.scheme, _LOOPBACK.get(host, host), self._port)
 
     @property
     def listening(self) -> str:
@@ -112,12 +122,14 @@ class Frontend:
         """Watch discovery for models, bind the socket and start serving.
 
         Raises:
-            ConfigError: the port is in use or the host cannot be bound.
+            ConfigError: the port is in use, the host cannot be bound, or a TLS file is
+                missing or invalid.
             TroupeError: hypercorn failed to start.
         """
         if self._task is not None or self._closed:
             raise TroupeError("the frontend was already started")
         settings = self.settings
+        tls = None if settings.tls is None else settings.tls.server_context()
         kv = settings.kv
         if settings.router_mode == "kv" and (kv is None or not kv.approximate or kv.replica_sync):
             # KV events: reach the event plane now, so an unreachable NATS is a start-up error.
@@ -137,7 +149,7 @@ class Frontend:
         started = self._started = loop.create_future()
         # Owned before anything is awaited: a close() during the start-up stops it.
         served = launch(
-            self.app, self._hypercorn_config(), sock, name=f"frontend-http-{self._port}"
+            self.app, self._hypercorn_config(), sock, name=f"frontend-http-{self._port}", tls=tls
         )
         self._task, self._shutdown, self._served = served.task, served.shutdown, served
         try:

@@ -16,13 +16,14 @@ text) the client already has (:func:`resume_request`).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from troupe.actors.routing import KvRouterSettings, Retries
 from troupe.errors import ConfigError
 from troupe.frontend._metrics import FrontendMetrics
 from troupe.frontend._models import ModelRegistry, RouteOptions
+from troupe.frontend._tls import FrontendTls
 from troupe.frontend._tokenizer import Tokenizer, WordTokenizer
 from troupe.runtime import Runtime
 
@@ -37,7 +38,8 @@ class FrontendSettings:
     """How the frontend serves.
 
     Attributes:
-        host: address to bind (``0.0.0.0``: every interface).
+        host: address to bind (``0.0.0.0``: every interface); loopback by default, so that
+            other hosts reach the frontend only when asked for.
         port: port to bind; ``0`` lets the OS pick (see ``Frontend.port``).
         router_mode: the routers' policy: ``round_robin``, ``random``, ``least_loaded`` or
             ``kv`` (KV-aware: each request to the worker that holds most of its prefix, weighed
@@ -62,9 +64,13 @@ class FrontendSettings:
         router_idle: seconds a (model, endpoint) router is kept after its last instance left.
         tokenizer: turns each prompt into the ``token_ids`` sent to the worker; ``None``: the
             built-in :class:`~troupe.frontend._tokenizer.WordTokenizer`.
+        tls: serve HTTPS with these files (and require client certificates when it names a
+            client CA); ``None``: plain HTTP.
+        api_key: the key every route but ``/health`` and ``/live`` requires as
+            ``Authorization: Bearer <key>`` (401 without it); ``None``: no key.
     """
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8000
     router_mode: str = "round_robin"
     migration_limit: int = 0
@@ -76,6 +82,8 @@ class FrontendSettings:
     router_idle: float = 30.0
     tokenizer: Tokenizer | None = None
     kv: KvRouterSettings | None = None
+    tls: FrontendTls | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65_535:
@@ -102,6 +110,10 @@ class FrontendSettings:
             raise ConfigError("--router-idle", self.router_idle, "seconds > 0")
         if self.tokenizer is not None and not callable(getattr(self.tokenizer, "encode", None)):
             raise ConfigError("tokenizer", self.tokenizer, "an object with encode(text) -> ids")
+        if self.tls is not None and not isinstance(self.tls, FrontendTls):
+            raise ConfigError("tls", self.tls, "a FrontendTls")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("--api-key", "****", "a non-empty string (DYN_HTTP_API_KEY)")
 
     def retries(self) -> Retries:
         """The routers' retries: ``overload_tries`` and ``overload_pause``, and ``instance_wait``

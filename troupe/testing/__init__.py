@@ -15,6 +15,7 @@ from troupe.testing.servers import (
     TlsFiles,
     find_binary,
     free_port,
+    issue_client_cert,
     make_tls_files,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "eventually_async",
     "find_binary",
     "free_port",
+    "issue_client_cert",
     "make_tls_files",
 ]

@@ -28,7 +28,10 @@ class EtcdServer(_ServerProcess):
     Args:
         port: fixed client port (default: a free one).
         peer_port: fixed peer port (default: a free one).
-        tls: serve TLS with these files and require client certificates.
+        tls: serve TLS with these files (:func:`~troupe.testing.make_tls_files`).
+        client_cert_auth: with ``tls``, refuse clients without a certificate signed by
+            ``tls.ca`` (``--client-cert-auth``). With auth enabled too, a client that sends no
+            password is the user named by its certificate's common name.
         extra_args: more ``etcd`` flags (e.g. ``--auth-token-ttl=1``).
         binary: path of ``etcd`` (default: :func:`find_binary`).
     """
@@ -41,12 +44,14 @@ class EtcdServer(_ServerProcess):
         port: int | None = None,
         peer_port: int | None = None,
         tls: TlsFiles | None = None,
+        client_cert_auth: bool = True,
         extra_args: Sequence[str] = (),
         binary: str | None = None,
     ) -> None:
         super().__init__(binary, "etcd", port)
         self.peer_port = peer_port if peer_port is not None else free_port()
         self.tls = tls
+        self.client_cert_auth = client_cert_auth
         self.extra_args = tuple(extra_args)
         self._root_password: str | None = None
 
@@ -86,8 +91,9 @@ class EtcdServer(_ServerProcess):
                 f"--cert-file={self.tls.server_cert}",
                 f"--key-file={self.tls.server_key}",
                 f"--trusted-ca-file={self.tls.ca}",
-                "--client-cert-auth",
             ]
+            if self.client_cert_auth:
+                argv.append("--client-cert-auth")
         return [*argv, *self.extra_args]
 
     def _ready(self) -> bool:
@@ -139,7 +145,8 @@ class EtcdServer(_ServerProcess):
         return result.stdout.decode()
 
     # The auth set-up speaks etcd's JSON gateway (``/v3/auth/...``) rather than etcdctl, which
-    # not every etcd package ships.
+    # not every etcd package ships; with TLS it runs etcdctl all the same, because the gateway
+    # refuses the requests of a client with a certificate once --client-cert-auth and auth are on.
 
     def _gateway(self, path: str, body: dict[str, object], *, as_root: bool = True) -> Any:
         """POST ``body`` to the JSON gateway at ``path``; as root once auth is on."""
@@ -172,6 +179,13 @@ class EtcdServer(_ServerProcess):
 
         Like ``etcdctl user add root && etcdctl auth enable``.
         """
+        if self.tls is not None:
+            self.etcdctl("user", "add", "root", f"--new-user-password={root_password}")
+            self.etcdctl("role", "add", "root")
+            self.etcdctl("user", "grant-role", "root", "root")
+            self.etcdctl("auth", "enable")
+            self._root_password = root_password
+            return
         self._gateway("/v3/auth/user/add", {"name": "root", "password": root_password})
         self._gateway("/v3/auth/role/add", {"name": "root"})
         self._gateway("/v3/auth/user/grant", {"user": "root", "role": "root"})
@@ -184,6 +198,12 @@ class EtcdServer(_ServerProcess):
         Like ``etcdctl role add ROLE`` and ``etcdctl role grant-permission ROLE readwrite P
         --prefix`` for each prefix; the empty prefix grants every key (``--from-key ""``).
         """
+        if self.tls is not None:
+            self.etcdctl("role", "add", role)
+            for prefix in prefixes:
+                scope = "--prefix" if prefix else "--from-key"
+                self.etcdctl("role", "grant-permission", role, permission, prefix or "\x01", scope)
+            return
         self._gateway("/v3/auth/role/add", {"name": role})
         for prefix in prefixes:
             key = prefix.encode() or b"\0"
@@ -203,6 +223,11 @@ class EtcdServer(_ServerProcess):
         if not roles:
             roles = (f"{name}-rw",)
             self.add_role(roles[0], prefix)
+        if self.tls is not None:
+            self.etcdctl("user", "add", name, f"--new-user-password={password}")
+            for role in roles:
+                self.etcdctl("user", "grant-role", name, role)
+            return
         self._gateway("/v3/auth/user/add", {"name": name, "password": password})
         for role in roles:
             self._gateway("/v3/auth/user/grant", {"user": name, "role": role})

@@ -5,10 +5,56 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from troupe.testing._server_process import _LOOPBACK, _ServerProcess, free_port
+from troupe.testing._tls import TlsFiles
 
-__all__ = ["NatsServer"]
+__all__ = ["NatsServer", "NatsUser"]
+
+_RPC: str = "troupe.rpc"  # troupe.transports.nats.SUBJECT_PREFIX (testing imports no wing)
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """A user of the test server and the subjects it may publish and subscribe to.
+
+    ``None`` allows every subject; a tuple allows only those (NATS wildcards ``*`` and ``>``).
+    :meth:`worker` and :meth:`caller` give the permissions docs/request-planes.md recommends.
+    """
+
+    name: str
+    password: str
+    publish: tuple[str, ...] | None = None
+    subscribe: tuple[str, ...] | None = None
+
+    @classmethod
+    def worker(cls, name: str, password: str, *, inboxes: str = "_INBOX") -> NatsUser:
+        """A worker: subscribes to worker subjects, publishes only to callers' inboxes."""
+        return cls(name, password, publish=(f"{inboxes}.>",), subscribe=(f"{_RPC}.>",))
+
+    @classmethod
+    def caller(cls, name: str, password: str, *, inbox_prefix: str) -> NatsUser:
+        """A caller whose ``DYN_NATS_INBOX_PREFIX`` is ``inbox_prefix``: publishes requests and
+        cancels (and probes) to workers, subscribes to its own inboxes only."""
+        return cls(
+            name,
+            password,
+            publish=(f"{_RPC}.*", f"{_RPC}.*.ctl"),
+            subscribe=(f"{inbox_prefix}.>",),
+        )
+
+    def _config(self) -> str:
+        rules = {
+            verb: {"allow": list(subjects)}
+            for verb, subjects in (("publish", self.publish), ("subscribe", self.subscribe))
+            if subjects is not None
+        }
+        fields = {"user": self.name, "password": self.password}
+        if rules:
+            return json.dumps({**fields, "permissions": rules})
+        return json.dumps(fields)
 
 
 class NatsServer(_ServerProcess):
@@ -21,6 +67,10 @@ class NatsServer(_ServerProcess):
         user: with ``password``, require this user.
         password: the user's password.
         token: require this token instead.
+        users: require one of these users, each with its permissions (instead of ``user``).
+        tls: serve TLS only, with these files' server certificate; with ``verify``, also
+            require a client certificate signed by their CA.
+        verify: require client certificates (needs ``tls``).
         monitor: also serve the HTTP monitoring endpoints (``/connz``) on a free port, for
             :meth:`connections`.
         binary: path of ``nats-server`` (default: :func:`find_binary`).
@@ -37,6 +87,9 @@ class NatsServer(_ServerProcess):
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
+        users: Sequence[NatsUser] = (),
+        tls: TlsFiles | None = None,
+        verify: bool = False,
         monitor: bool = False,
         binary: str | None = None,
     ) -> None:
@@ -47,6 +100,9 @@ class NatsServer(_ServerProcess):
         self.user = user
         self.password = password
         self.token = token
+        self.users = tuple(users)
+        self.tls = tls
+        self.verify = verify
 
     @property
     def url(self) -> str:
@@ -64,7 +120,18 @@ class NatsServer(_ServerProcess):
             lines.append(f"http: {json.dumps(f'{_LOOPBACK}:{self.monitor_port}')}")
         if self.jetstream:
             lines.append(f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}")
-        if self.user is not None:
+        if self.tls is not None:
+            tls: dict[str, object] = {
+                "cert_file": self.tls.server_cert,
+                "key_file": self.tls.server_key,
+            }
+            if self.verify:
+                tls |= {"ca_file": self.tls.ca, "verify": True}
+            lines.append(f"tls: {json.dumps(tls)}")
+        if self.users:
+            users = ", ".join(user._config() for user in self.users)
+            lines.append(f"authorization {{ users: [{users}] }}")
+        elif self.user is not None:
             lines.append(
                 f"authorization {{ user: {json.dumps(self.user)}, "
                 f"password: {json.dumps(self.password or '')} }}"

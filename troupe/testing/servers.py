@@ -9,7 +9,8 @@ relies on ``__del__``.
 One module per role, all re-exported here: :mod:`troupe.testing._server_process` (the subprocess
 machinery every server shares, :func:`find_binary`, :func:`free_port`),
 :mod:`troupe.testing._etcd_server` (:class:`EtcdServer`), :mod:`troupe.testing._nats_server`
-(:class:`NatsServer`) and :mod:`troupe.testing._tls` (:class:`TlsFiles`, :func:`make_tls_files`).
+(:class:`NatsServer`) and :mod:`troupe.testing._tls` (:class:`TlsFiles`, :func:`make_tls_files`,
+:func:`issue_client_cert`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from troupe.testing._etcd_server import EtcdServer
 from troupe.testing._nats_server import NatsServer
 from troupe.testing._server_process import find_binary, free_port
-from troupe.testing._tls import TlsFiles, make_tls_files
+from troupe.testing._tls import TlsFiles, issue_client_cert, make_tls_files
 
 __all__ = [
     "EtcdServer",
@@ -25,5 +26,6 @@ __all__ = [
     "TlsFiles",
     "find_binary",
     "free_port",
+    "issue_client_cert",
     "make_tls_files",
 ]

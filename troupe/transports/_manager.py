@@ -32,6 +32,7 @@ PLANES: Final[Mapping[str, str]] = {
 _SCHEMES: Final[Mapping[str, str]] = {
     "tcp": "tcp",
     "http": "http",
+    "https": "http",  # an HTTP/2 worker serving TLS
     "nats": "nats",
     "inproc": "inproc",
 }

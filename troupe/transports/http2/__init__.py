@@ -1,13 +1,16 @@
-"""The HTTP/2 request plane (``http://host:port/root``): hypercorn on the worker, h2 on the caller.
+"""The HTTP/2 request plane (``http(s)://host:port/root``): hypercorn serves, h2 calls.
 
 The worker serves an ASGI app with hypercorn on the caller's running event loop (the runtime's I/O
 loop), on a socket it binds itself, so port 0 reports the real port and a taken port fails with
-one clear error. Both ends speak HTTP/2 with prior knowledge (h2c); plain HTTP/1.1 is served too,
-for debugging with ``curl``.
+one clear error. Both ends speak HTTP/2 with prior knowledge (h2c), or over TLS (ALPN h2, an
+``https://`` address) when the worker has a certificate; HTTP/1.1 is served too, for debugging
+with ``curl``.
 
 Modules, one per role:
 
 - ``_wire``: what both ends share: the scheme, paths, content type and limits of the wire format.
+- ``_tls``: the ``ssl`` contexts of both ends (``DYN_HTTP_RPC_TLS_*``) and refused handshakes
+  as :class:`~troupe.errors.TlsError`.
 - ``_exchange``: the worker's ASGI plumbing: the bytes it holds for callers (``_Budget``) and the
   writer of one request's reply frames into its HTTP body (``_Exchange``).
 - ``_server``: the worker side, :class:`Http2Server` (hypercorn, admission, cancels).

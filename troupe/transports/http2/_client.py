@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -35,6 +36,7 @@ from troupe.errors import (
     ConnectTimeout,
     DeadlineExceeded,
     RequestTimeout,
+    TlsError,
     TransportClosed,
     TransportError,
 )
@@ -43,11 +45,13 @@ from troupe.transports._base import Client, ResponseStream, TransportSettings
 from troupe.transports._session import CallerSession, RequestIds
 from troupe.transports.http2._call import _Call, _Http2Stream
 from troupe.transports.http2._connection import _CONNECTING, _Connection
+from troupe.transports.http2._tls import client_context, lost
 from troupe.transports.http2._wire import (
     CANCEL_PATH,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
     SCHEME,
+    TLS_SCHEME,
 )
 
 # Seconds Http2Client.close waits for its sockets to close.
@@ -57,15 +61,25 @@ _log = get_logger("troupe.transports.http2")
 
 
 class _Pool:
-    """The connections of one client to one ``host:port``."""
+    """The connections of one client to one ``host:port`` (with TLS when ``tls`` is set)."""
 
-    __slots__ = ("authority", "conns", "host", "live", "port", "settings")
+    __slots__ = ("authority", "client_cert", "conns", "host", "live", "port", "settings", "tls")
 
-    def __init__(self, host: str, port: int, settings: Http2Config) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        settings: Http2Config,
+        tls: ssl.SSLContext | None = None,
+        *,
+        client_cert: bool = False,
+    ) -> None:
         self.host = host
         self.port = port
         self.authority = format_hostport(host, port)
         self.settings = settings
+        self.tls = tls
+        self.client_cert = client_cert  # the caller presents a client certificate
         self.conns: list[_Connection] = []  # those taking new requests
         self.live: set[_Connection] = set()  # every connection not yet closed
 
@@ -95,14 +109,18 @@ class _Target:
 
 
 class Http2Client(Client):
-    """Calls workers over HTTP/2 (h2c, prior knowledge), pooling connections per ``host:port``.
+    """Calls workers over HTTP/2, pooling connections per ``host:port``.
+
+    ``http://`` workers are called with h2c (prior knowledge); ``https://`` ones over TLS (ALPN
+    h2), verified against ``DYN_HTTP_RPC_TLS_CA``, presenting ``DYN_HTTP_RPC_TLS_CLIENT_CERT``
+    when it is set.
 
     Many requests share one connection, up to ``DYN_HTTP2_MAX_CONCURRENT_STREAMS`` (or the
     worker's own limit, if lower); beyond that another connection is opened.
 
     Args:
         http: ``request_timeout`` (``DYN_HTTP_REQUEST_TIMEOUT``): the longest wait for the
-            response headers, then for each next frame.
+            response headers, then for each next frame; the ``DYN_HTTP_RPC_TLS_*`` files.
         http2: frame size, streams per connection, windows, pool and keep-alive settings
             (``DYN_HTTP2_*``).
         max_message_size: the largest request sent and reply frame accepted, in bytes.
@@ -130,23 +148,42 @@ class Http2Client(Client):
             self._cancel, ids=RequestIds(secrets.token_hex(6) + "-"), log=_log
         )
         self._targets: dict[str, _Target] = {}
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._tls: ssl.SSLContext | None = None  # built at the first https:// address
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _target(self, address: str) -> _Target:
         target = self._targets.get(address)
         if target is None:
-            host, port = split_address(address, SCHEME)
             parts = urlsplit(address)
+            scheme = TLS_SCHEME if parts.scheme == TLS_SCHEME else SCHEME
+            host, port = split_address(address, scheme)
             if parts.query or parts.fragment:
                 raise TransportError(f"malformed http address {address!r}", address=address)
-            pool = self._pools.get((host, port))
+            pool = self._pools.get((scheme, host, port))
             if pool is None:
-                pool = self._pools[host, port] = _Pool(host, port, self._http2)
+                tls = self._tls_context(address) if scheme == TLS_SCHEME else None
+                has_cert = self._config.tls_client_cert is not None
+                pool = _Pool(host, port, self._http2, tls, client_cert=has_cert)
+                self._pools[scheme, host, port] = pool
             prefix = quote(parts.path.rstrip("/"), safe="/") + "/"
             target = self._targets[address] = _Target(pool, prefix.encode())
         return target
+
+    def _tls_context(self, address: str) -> ssl.SSLContext:
+        """The context ``https://`` workers are dialled with, built once.
+
+        Raises:
+            TlsError: ``DYN_HTTP_RPC_TLS_CA`` is unset.
+            ConfigError: a TLS file cannot be used.
+        """
+        if self._tls is None:
+            try:
+                self._tls = client_context(self._config)
+            except TlsError as exc:
+                raise TlsError(f"{exc} ({address})", address=address, setting=exc.setting) from None
+        return self._tls
 
     async def _connection(self, pool: _Pool, address: str) -> _Connection:
         """A connection of ``pool`` with room for one more request (opened if need be)."""
@@ -163,6 +200,8 @@ class Http2Client(Client):
                 await asyncio.shield(conn.ready)
             except ConnectTimeout:
                 raise ConnectTimeout(address, self._connect_timeout) from None
+            except TlsError as exc:  # names the worker already
+                raise TlsError(str(exc), address=address, setting=exc.setting) from None
             except TransportError as exc:
                 raise type(exc)(f"{exc} ({address})", address=address) from None
             finally:
@@ -188,9 +227,22 @@ class Http2Client(Client):
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await asyncio.get_running_loop().create_connection(
-                    lambda: conn, pool.host, pool.port
+                    lambda: conn,
+                    pool.host,
+                    pool.port,
+                    ssl=pool.tls,
+                    server_hostname=None if pool.tls is None else pool.host,
                 )
                 await asyncio.shield(conn.ready)  # the worker's SETTINGS
+        except (ssl.SSLError, ConnectionResetError) as exc:  # OSErrors: before them
+            if pool.tls is None:
+                conn.abort((ConnectionLost, f"cannot connect to {pool.authority}: {exc}"))
+                return
+            # The handshake failed, or the worker dropped it (a refused client certificate).
+            error = lost(exc, pool.authority, has_client_cert=pool.client_cert)
+            if not conn.ready.done():
+                conn.ready.set_exception(error)
+            conn.abort((TlsError, str(error)))
         except TimeoutError:
             if not conn.ready.done():
                 conn.ready.set_exception(ConnectTimeout(pool.authority, self._connect_timeout))
@@ -214,11 +266,16 @@ class Http2Client(Client):
         attempt: int = 0,
         received: int = 0,
     ) -> ResponseStream:
-        """Send a request to the worker at ``http://host:port/root``; see :meth:`Client.request`.
+        """Send a request to the worker at ``http(s)://host:port/root``; see :meth:`Client.request`.
 
         Returns once the worker accepted the request (its response headers arrived).
 
         Raises:
+            TlsError: an ``https://`` worker cannot be reached over TLS: no
+                ``DYN_HTTP_RPC_TLS_CA``, or the handshake was refused (untrusted or expired
+                certificate, client certificate missing or refused); the message names the
+                setting to check.
+            ConfigError: a ``DYN_HTTP_RPC_TLS_*`` file cannot be used.
             MessageTooLarge: the encoded request exceeds ``max_message_size``; nothing was sent.
             ConnectTimeout: no connection within the connect timeout.
             ConnectionLost: the worker cannot be reached, or closed the connection before the

@@ -17,9 +17,10 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from troupe.errors import ConnectionLost, StreamBroken, TransportClosed, TransportError
+from troupe.errors import ConnectionLost, StreamBroken, TlsError, TransportClosed, TransportError
 from troupe.messages._frames import Cancel, encode
 from troupe.transports.http2._call import _IGNORE, _Call, _Failure, _Sink
+from troupe.transports.http2._tls import lost
 from troupe.transports.http2._wire import FRAMES_CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -110,6 +111,14 @@ class _Connection(asyncio.Protocol):
             stream_transport.abort()
             return
         self._transport = stream_transport
+        if self._pool.tls is not None:
+            ssl_object = stream_transport.get_extra_info("ssl_object")
+            alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+            if alpn != "h2":
+                error = TlsError(f"{self.authority} did not agree to HTTP/2 over TLS (ALPN h2)")
+                self.ready.set_exception(error)
+                self.abort((TlsError, str(error)))
+                return
         settings = self._settings
         window = _LARGE_WINDOW if settings.adaptive_window else _DEFAULT_WINDOW
         codes = h2.settings.SettingCodes
@@ -183,6 +192,12 @@ class _Connection(asyncio.Protocol):
         self._maybe_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._pool.tls is not None and self.state == _CONNECTING and self._failure is None:
+            # Lost between the TLS handshake and the worker's SETTINGS (see _tls.dropped).
+            error = lost(exc, self.authority, has_client_cert=self._pool.client_cert)
+            if not self.ready.done():
+                self.ready.set_exception(error)
+            self._failure = (TlsError, str(error))
         detail = f": {exc}" if exc is not None else " (closed by the worker)"
         self._fail_all(
             self._failure or (StreamBroken, f"connection to {self.authority} lost{detail}")
@@ -221,7 +236,7 @@ class _Connection(asyncio.Protocol):
                 sid,
                 [
                     (b":method", b"POST"),
-                    (b":scheme", b"http"),
+                    (b":scheme", b"http" if self._pool.tls is None else b"https"),
                     (b":authority", self.authority.encode()),
                     (b":path", path),
                     (b"content-type", FRAMES_CONTENT_TYPE),

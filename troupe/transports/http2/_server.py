@@ -43,7 +43,8 @@ from troupe.transports.http2._exchange import (
     _Scope,
     _Send,
 )
-from troupe.transports.http2._wire import DEFAULT_MAX_MESSAGE_SIZE, SCHEME
+from troupe.transports.http2._tls import server_context
+from troupe.transports.http2._wire import DEFAULT_MAX_MESSAGE_SIZE, SCHEME, TLS_SCHEME
 
 _log = get_logger("troupe.transports.http2")
 
@@ -73,10 +74,12 @@ _BUFFERED_MESSAGES: Final = 8
 
 
 class Http2Server(Server):
-    """Serves endpoints over HTTP/2 (h2c) with hypercorn on the running event loop.
+    """Serves endpoints over HTTP/2 (h2c, or TLS with ALPN h2) with hypercorn on the running loop.
 
     Args:
-        http: host, port and root path (``DYN_HTTP_RPC_*``).
+        http: host, port and root path (``DYN_HTTP_RPC_*``); with ``DYN_HTTP_RPC_TLS_CERT`` and
+            ``_KEY`` it serves TLS and advertises ``https://`` (client certificates are required
+            with ``DYN_HTTP_RPC_TLS_CLIENT_AUTH``; see ``docs/security.md``).
         http2: protocol settings (``DYN_HTTP2_*``); see ``docs/request-planes.md`` for which of
             them hypercorn can honour.
         max_message_size: the largest request body accepted and reply frame sent, in bytes.
@@ -124,7 +127,7 @@ class Http2Server(Server):
 
     @property
     def address(self) -> str:
-        """``http://host:port/root``, with the real port (a routable host when bound to all)."""
+        """``http(s)://host:port/root``, with the real port (a routable host when bound to all)."""
         if self._address is None:
             raise TransportError("HTTP/2 server is not started")
         return self._address
@@ -194,8 +197,9 @@ class Http2Server(Server):
         """Bind the socket and start hypercorn on the running loop.
 
         Raises:
-            ConfigError: the port is in use (names ``DYN_HTTP_RPC_PORT``) or the host cannot be
-                bound (names ``DYN_HTTP_RPC_HOST``).
+            ConfigError: the port is in use (names ``DYN_HTTP_RPC_PORT``), the host cannot be
+                bound (names ``DYN_HTTP_RPC_HOST``), or a TLS file cannot be used (names its
+                ``DYN_HTTP_RPC_TLS_*`` variable).
             TransportError: hypercorn failed to start.
             TransportClosed: the server was closed.
         """
@@ -203,6 +207,7 @@ class Http2Server(Server):
             raise TransportClosed("HTTP/2 server is closed")
         if self._task is not None:
             return
+        tls = server_context(self._http)  # before binding: a bad file leaves nothing behind
         sock, bound = self._bind()
         port = int(sock.getsockname()[1])
         loop = asyncio.get_running_loop()
@@ -210,7 +215,7 @@ class Http2Server(Server):
         started = self._started = loop.create_future()
         self._hypercorn = self._hypercorn_config()
         # Owned before anything is awaited: a close() during the start-up stops it.
-        served = launch(self._asgi, self._hypercorn, sock, name=f"http2-server-{port}")
+        served = launch(self._asgi, self._hypercorn, sock, name=f"http2-server-{port}", tls=tls)
         self._task, self._shutdown, self._served = served.task, served.shutdown, served
         try:
             await served.wait_started(started)  # stops hypercorn itself if this fails
@@ -225,7 +230,7 @@ class Http2Server(Server):
         if self._closed:  # close() ran during the start-up and stops hypercorn
             raise TransportClosed("HTTP/2 server was closed while starting")
         host = format_hostport(advertised_host(bound), port)
-        self._address = f"{SCHEME}://{host}{self._root}"
+        self._address = f"{SCHEME if tls is None else TLS_SCHEME}://{host}{self._root}"
         _log.debug("HTTP/2 server listening", address=self._address, bound=bound)
 
     async def close(self, grace: float = 0.0) -> None:

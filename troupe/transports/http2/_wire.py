@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Final
 
 SCHEME: Final = "http"
+TLS_SCHEME: Final = "https"
+"""The scheme of a worker that serves TLS: its callers must dial it with TLS."""
 CANCEL_PATH: Final = "_cancel"
 """The path segment (under the root path) that cancel messages are posted to."""
 DEFAULT_MAX_MESSAGE_SIZE: Final = 32 * 1024 * 1024

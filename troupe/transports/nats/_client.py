@@ -1,5 +1,11 @@
 """The caller side of the NATS plane: :class:`NatsRpcClient`, one connection and one inbox.
 
+Security: the inbox is ``DYN_NATS_INBOX_PREFIX.<random>``, so NATS permissions can let a user
+subscribe to its own prefix only. Each request gets a reply subject of its own,
+``<inbox>.<id>.<token>``, derived from a secret the client never sends (see
+:mod:`~troupe.transports.nats._subjects`): a reply on any other subject (an injected frame, a
+forged "no responders") is dropped, and only this client can cancel its requests.
+
 Failures, all typed:
 
 - Request larger than the server's ``max_payload``: :class:`~troupe.errors.MessageTooLarge` at
@@ -27,7 +33,10 @@ coalescing flusher.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
+import hashlib
+import hmac
+import secrets
 from collections.abc import Mapping
 from typing import Final
 
@@ -41,15 +50,16 @@ from troupe.errors import (
     ConfigError,
     ConnectionLost,
     MessageTooLarge,
+    ProtocolError,
     StreamBroken,
     TransportClosed,
     TransportError,
 )
-from troupe.messages._frames import Cancel, encode
+from troupe.messages._frames import Cancel, Frame, RequestId, Undecodable, decode, encode
 from troupe.transports._base import Client, ResponseStream, TimeoutSweep, TransportSettings
 from troupe.transports._session import CallerSession, SessionStream, StreamRef, collect_on
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
-from troupe.transports.nats._subjects import _CONTROL, subject_of
+from troupe.transports.nats._subjects import _CONTROL, _KEY_HEADER, reply_token, subject_of
 
 _log = get_logger("troupe.transports.nats")
 
@@ -58,6 +68,7 @@ DEFAULT_PROBE_INTERVAL: Final = 0.25
 _NO_RESPONDERS: Final = "503"
 _STATUS: Final = "Status"
 _PROBE_TAG: Final = "p"
+_SUBJECT_CACHE: Final = 4096  # reply subjects remembered (streams open at once, typically)
 
 
 class NatsRpcClient(Client):
@@ -80,7 +91,12 @@ class NatsRpcClient(Client):
         self._timeout = self._config.request_timeout
         self._probe_interval = probe_interval
         self._nc: _Nats | None = None
-        self._inbox = ""  # "<inbox>." : the reply subject of request N is "<inbox>.N"
+        self._inbox = ""  # "<inbox>." : the reply subject of request N is "<inbox>.N.<token>"
+        self._refused: TransportError | None = None  # the server refused this client's inbox
+        # Cancel keys (and so reply subjects) derive from it; it never leaves this client.
+        self._secret = secrets.token_bytes(32)
+        # Every reply is checked against its request's subject: derive each one once.
+        self._reply = functools.lru_cache(maxsize=_SUBJECT_CACHE)(self._derive_reply)
         self._connect_lock = asyncio.Lock()
         # The open requests, by id. A stream its caller dropped without closing it is
         # collected, and _dropped (on the loop) forgets it and sends Cancel.
@@ -91,7 +107,6 @@ class NatsRpcClient(Client):
         self._sweep: TimeoutSweep | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._prober: asyncio.Task[None] | None = None
-        self._probe_ids = itertools.count(1)
         self._probes: dict[str, str] = {}  # probe token -> worker address, this tick and the last
         self._last_probes: dict[str, str] = {}
         self._closed = False
@@ -112,7 +127,8 @@ class NatsRpcClient(Client):
         Raises:
             MessageTooLarge: the encoded request exceeds the server's ``max_payload``.
             ConnectionLost: the NATS connection is down (or cannot be made at first use).
-            TransportError: the address is malformed, or NATS refused the credentials.
+            TransportError: the address is malformed, or NATS refused the credentials or the
+                reply inbox (``DYN_NATS_INBOX_PREFIX`` not granted by the user's permissions).
             TransportClosed: the client is closed.
         """
         if self._closed:
@@ -121,6 +137,8 @@ class NatsRpcClient(Client):
         nc = self._nc
         if nc is None or nc.is_closed:
             nc = await self._connect()
+        if self._refused is not None:
+            raise self._refused
         if not nc.is_connected:
             raise ConnectionLost(
                 f"NATS connection to {_servers_text(self._config)} is down (reconnecting); "
@@ -139,7 +157,7 @@ class NatsRpcClient(Client):
             limit=limit,
             variable="max_payload of nats-server",
         )
-        reply = self._inbox + str(rid)
+        reply = self._reply(rid)
         sweep = self._sweep
         if sweep is None:
             self._loop = asyncio.get_running_loop()
@@ -183,40 +201,86 @@ class NatsRpcClient(Client):
         async with self._connect_lock:
             if self._nc is not None and not self._nc.is_closed:
                 return self._nc
+            inbox = ""
+
+            async def refused(text: str) -> None:
+                if inbox and inbox.lower() in text.lower():
+                    await self._inbox_refused(inbox, text)
+
             nc = await _open(
                 self._config,
                 "troupe-caller",
                 disconnected=self._on_disconnected,
                 reconnected=self._on_reconnected,
+                refused=refused,
             )
-            inbox = nc.new_inbox()
+            inbox = nc.new_inbox()  # DYN_NATS_INBOX_PREFIX.<random>
             try:
-                await nc.subscribe(inbox + ".*", cb=self._on_reply)
-            except nats.errors.Error as exc:
+                await nc.subscribe(inbox + ".>", cb=self._on_reply)
+                # The server answers the flush's PING after refusing the subscription, if it
+                # does: a caller whose inbox is not granted learns it now, not by timeouts.
+                await nc.flush(timeout=self._config.connect_timeout)  # type: ignore[arg-type]
+            except (TimeoutError, nats.errors.Error) as exc:
                 await _close_quietly(nc)
                 raise ConnectionLost(
                     f"NATS at {_servers_text(self._config)} (NATS_SERVER) dropped the "
                     f"connection while subscribing the reply inbox: {exc!r}",
                     address=_servers_text(self._config),
                 ) from exc
+            error = nc.last_error
+            if error is not None and "permissions violation" in str(error).lower():
+                await self._inbox_refused(inbox, str(error))
+            if self._refused is not None:
+                await _close_quietly(nc)
+                raise self._refused
             if self._closed:
                 await _close_quietly(nc)
                 raise TransportClosed("nats client is closed")
             self._inbox = inbox + "."
+            self._reply.cache_clear()  # subjects derived under an earlier inbox
             self._nc = nc
             return nc
 
+    def _key(self, rid: RequestId) -> bytes:
+        """The cancel key of request ``rid``: only this client can compute it."""
+        return hashlib.blake2b(str(rid).encode(), key=self._secret, digest_size=16).digest()
+
+    def _derive_reply(self, rid: RequestId) -> str:
+        """The one subject request ``rid``'s replies are accepted on (see ``_reply``)."""
+        return f"{self._inbox}{rid}.{reply_token(self._key(rid))}"
+
+    def _request_of(self, subject: str) -> int | None:
+        """The request whose reply subject is exactly ``subject``, or ``None``."""
+        rid_text, dot, _ = subject[len(self._inbox) :].partition(".")
+        if not dot or not rid_text.isdigit():
+            return None
+        rid = int(rid_text)
+        return rid if hmac.compare_digest(subject, self._reply(rid)) else None
+
     async def _on_reply(self, msg: Msg) -> None:
         data = msg.data
+        subject = msg.subject
         if not data:
             headers = msg.headers
             if headers and headers.get(_STATUS) == _NO_RESPONDERS:
-                self._no_responders(msg.subject[len(self._inbox) :])
+                self._no_responders(subject)
             return
-        # A Cancel for a reply nobody reads is not sent (see __init__).
-        self._session.receive_data(data)
+        rid = self._request_of(subject)
+        if rid is None:
+            # Not a subject this client gave a worker: injected by someone else.
+            self._session.dropped.unexpected += 1
+            _log.debug("dropping a reply on a subject no request of ours uses", subject=subject)
+            return
+        try:
+            frame: Frame | Undecodable = decode(data)
+        except ProtocolError as exc:
+            frame = Undecodable.of(data, exc)
+        # Routed by the subject, which only our worker knows; a Cancel for a reply nobody reads
+        # is not sent (see __init__).
+        self._session.receive(frame, rid)
 
-    def _no_responders(self, token: str) -> None:
+    def _no_responders(self, subject: str) -> None:
+        token = subject[len(self._inbox) :]
         if token.startswith(_PROBE_TAG):
             address = self._probes.get(token) or self._last_probes.get(token)
             if address is None:
@@ -230,9 +294,8 @@ class NatsRpcClient(Client):
                     )
                 )
             return
-        try:
-            rid = int(token)
-        except ValueError:
+        rid = self._request_of(subject)
+        if rid is None:
             return
         pending = self._session.get(rid)
         if pending is not None:
@@ -253,7 +316,8 @@ class NatsRpcClient(Client):
             if nc is None or not nc.is_connected:
                 continue
             addresses = {stream.address for stream in self._session.live()}
-            probes = {f"{_PROBE_TAG}{next(self._probe_ids)}": address for address in addresses}
+            # Unguessable, so that nobody else can fake a worker's death with a "no responders".
+            probes = {f"{_PROBE_TAG}{secrets.token_hex(8)}": address for address in addresses}
             self._last_probes, self._probes = self._probes, probes
             for token, address in probes.items():
                 try:
@@ -284,19 +348,34 @@ class NatsRpcClient(Client):
         if nc is None or self._closed or not nc.is_connected:
             return
         task = asyncio.get_running_loop().create_task(
-            self._publish_cancel(nc, address, self._inbox + str(cancel.id), cancel),
+            self._publish_cancel(nc, address, cancel),
             name=f"NatsRpcClient-cancel-{cancel.id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @staticmethod
-    async def _publish_cancel(nc: _Nats, address: str, reply: str, cancel: Cancel) -> None:
+    async def _publish_cancel(self, nc: _Nats, address: str, cancel: Cancel) -> None:
         control = subject_of(address) + _CONTROL
+        rid = cancel.id
+        headers = {_KEY_HEADER: self._key(rid).hex()}
         try:
-            await nc.publish(control, encode(cancel), reply=reply)
+            await nc.publish(control, encode(cancel), reply=self._reply(rid), headers=headers)
         except nats.errors.Error as exc:
             _log.debug("cannot send a Cancel", id=cancel.id, subject=control, error=repr(exc))
+
+    async def _inbox_refused(self, inbox: str, text: str) -> None:
+        """The server refused this client's reply inbox: every request fails at once with one
+        line naming ``DYN_NATS_INBOX_PREFIX`` (the refusal may come after the first requests
+        were sent: their streams fail with it too, rather than time out)."""
+        if self._refused is None:
+            self._refused = TransportError(
+                f"NATS at {_servers_text(self._config)} refused this user the reply inbox "
+                f"{inbox}.> ({text}): set DYN_NATS_INBOX_PREFIX to the prefix its NATS "
+                "permissions allow it to subscribe to",
+                address=_servers_text(self._config),
+            )
+        error = self._refused
+        self._session.fail_all(lambda stream: error)
 
     async def _on_disconnected(self) -> None:
         if self._closed:
@@ -323,7 +402,7 @@ class NatsRpcClient(Client):
             # Tell the workers now rather than leave silent handlers running (the connection
             # flushes what is queued when it closes, below).
             for stream, cancel in self._session.cancel_open():
-                await self._publish_cancel(nc, stream.address, self._inbox + str(cancel.id), cancel)
+                await self._publish_cancel(nc, stream.address, cancel)
         self._session.fail_all(
             lambda stream: TransportClosed("nats client closed", address=stream.address)
         )

@@ -14,6 +14,8 @@ logger. Failures, all typed:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from troupe._support._logging import get_logger
 from troupe._support._nats import Callback as _Callback
 from troupe._support._nats import NatsClient as _Nats
@@ -28,7 +30,12 @@ _log = get_logger("troupe.transports.nats")
 
 
 async def _open(
-    config: NatsConfig, name: str, *, disconnected: _Callback, reconnected: _Callback
+    config: NatsConfig,
+    name: str,
+    *,
+    disconnected: _Callback,
+    reconnected: _Callback,
+    refused: Callable[[str], Awaitable[None]] | None = None,
 ) -> _Nats:
     """Connect to ``config``'s servers within its connect timeout (reconnecting forever after).
 
@@ -38,7 +45,7 @@ async def _open(
         TransportError: the server refused the credentials.
     """
     return await open_connection(
-        config, name, disconnected=disconnected, reconnected=reconnected, log=_log
+        config, name, disconnected=disconnected, reconnected=reconnected, log=_log, refused=refused
     )
 
 

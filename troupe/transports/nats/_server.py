@@ -3,6 +3,10 @@
 Broker outage: a worker that loses its connection stops its running requests and, once
 reconnected, tells their callers ``StreamBroken``; its subscriptions are restored by nats-py, so
 it serves again without a restart.
+
+Cancels: a ``Cancel`` stops a request only when it carries the request's cancel key (see
+:mod:`~troupe.transports.nats._subjects`); a forged one, from a client that read or guessed the
+request's reply subject, is dropped and logged at debug level, and the request goes on.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ from troupe.messages._frames import Cancel, Error, Reply, Request, RequestId, de
 from troupe.transports._base import Server, TransportSettings
 from troupe.transports._dispatch import SendReply
 from troupe.transports.nats._connection import _close_quietly, _open, _servers_text
-from troupe.transports.nats._subjects import _CONTROL, _PREFIX, _SUBJECT_RE, SUBJECT_PREFIX
+from troupe.transports.nats._subjects import (
+    _CONTROL,
+    _KEY_HEADER,
+    _PREFIX,
+    _SUBJECT_RE,
+    SUBJECT_PREFIX,
+    caller_of,
+    cancel_allowed,
+)
 
 _log = get_logger("troupe.transports.nats")
 
@@ -136,17 +148,14 @@ class NatsRpcServer(Server):
             assert isinstance(frame, Request)
             rid = frame.id
             send = self._sender(reply, rid)
-            # The caller is the reply subject's inbox (``<inbox>.<request id>``): one client.
-            dot = reply.rfind(".")
-            refusal = self._runner.start(
-                (reply, rid), frame, send, reply[:dot] if dot > 0 else reply
-            )
+            # The caller is the reply subject's inbox (``<inbox>.<request id>[.<token>]``).
+            refusal = self._runner.start((reply, rid), frame, send, caller_of(reply, rid))
             if refusal is not None:
                 # Published at once: the broker, not this worker, holds it for the caller (and
                 # drops it for one that does not read).
                 await send(refusal)
         elif kind is Cancel:
-            self._runner.cancel((reply, frame.id))
+            self._cancel(msg, reply, frame.id)
         else:
             _log.debug("dropping an unexpected frame", frame=kind.__name__, subject=self._subject)
 
@@ -160,7 +169,16 @@ class NatsRpcServer(Server):
             _log.debug("dropping an undecodable control message", error=str(exc))
             return
         if type(frame) is Cancel and msg.reply:
-            self._runner.cancel((msg.reply, frame.id))
+            self._cancel(msg, msg.reply, frame.id)
+
+    def _cancel(self, msg: Msg, reply: str, rid: RequestId) -> None:
+        """Stop request ``(reply, rid)`` if ``msg`` carries its cancel key; else drop it."""
+        headers = msg.headers
+        key = headers.get(_KEY_HEADER) if headers else None
+        if not cancel_allowed(reply, rid, key):
+            _log.debug("dropping a Cancel without the request's key", id=rid, subject=reply)
+            return
+        self._runner.cancel((reply, rid))
 
     def _sender(self, reply: str, rid: RequestId) -> SendReply:
         nc = self._nc
