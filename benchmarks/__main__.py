@@ -1,7 +1,8 @@
 """``python -m benchmarks``: run the suites, print one table, write the rows as JSON.
 
-Suites run in order (planes, ray, dynamo, discovery, failure); a suite that raises becomes one
-FAILED row and the others still run. ``--quick`` is the reduced run behind ``make bench-quick``.
+Suites run in order (planes, ray, dynamo, discovery, failure, events, kv); a suite that raises
+becomes one FAILED row and the others still run. ``--quick`` is the reduced run behind
+``make bench-quick``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from benchmarks._harness import BenchContext, Row
 
-SUITES = ("planes", "ray", "dynamo", "discovery", "failure")
+SUITES = ("planes", "ray", "dynamo", "discovery", "failure", "events", "kv")
 _RESULTS = Path(__file__).resolve().parent / "results"
 _ROOT = Path(__file__).resolve().parent.parent
 
