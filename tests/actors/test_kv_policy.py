@@ -176,3 +176,24 @@ def test_replica_sync_forgets_a_silent_replicas_requests() -> None:
     now[0] = 11.0
     sync.apply("c", ActiveAdded(7, "v", 3))  # a's request is stale by now
     assert sync.remote_blocks == {"v": 3}
+
+
+def test_requests_sharing_a_prefix_load_a_worker_once() -> None:
+    """The case that sent shared prefixes away from their cache: 8 requests in flight on one
+    long prefix load its worker with the prefix once, so the 9th still goes there."""
+    policy = _policy()
+    workers = _instances(2)
+    prefix = _request(1, 60)["token_ids"]
+
+    def on(prefix_tokens: list[int], tail: int) -> dict[str, list[int]]:
+        return {"token_ids": [*prefix_tokens, *range(10_000 + tail * 8, 10_000 + tail * 8 + 8)]}
+
+    holder, other = workers
+    policy.index.store(holder.instance_id, _hasher(prefix, 4))
+    for n in range(8):
+        policy.started(holder.instance_id, on(prefix, n))
+    other_prefix = _request(2, 60)["token_ids"]
+    for n in range(7):
+        policy.started(other.instance_id, on(other_prefix, 100 + n))
+    assert policy.active_blocks == {holder.instance_id: 60 + 8 * 2, other.instance_id: 60 + 7 * 2}
+    assert policy.choose(workers, {}, on(prefix, 50), None) is holder

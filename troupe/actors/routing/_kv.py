@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from troupe._support._logging import get_logger
+from troupe.actors.routing._kv_active import ActiveBlocks
 from troupe.actors.routing._kv_sync import ReplicaSync
 from troupe.actors.routing._snapshot import RoutedInstance
 from troupe.errors import AllWorkersBusy, ConfigError
@@ -102,16 +103,6 @@ def request_tokens(request: Any) -> Sequence[int] | None:
     return None
 
 
-class _Active:
-    """One request this router sent and has not seen end: where, and how many blocks."""
-
-    __slots__ = ("blocks", "instance_id")
-
-    def __init__(self, instance_id: str, blocks: int) -> None:
-        self.instance_id = instance_id
-        self.blocks = blocks
-
-
 class KvPolicy:
     """The KV-aware :class:`~troupe.actors.routing.Policy` (see the module docstring).
 
@@ -141,11 +132,10 @@ class KvPolicy:
         self._tokens = tokens
         self._rng = rng or random.Random()
         self._clock = clock
-        self._active_blocks: dict[str, int] = {}
-        self._active: dict[int, _Active] = {}
+        self._active = ActiveBlocks()
         self._tokens_issued = itertools.count()
         # The request choose() last saw, and its hashes: started() follows choose() at once.
-        self._last: tuple[Any, list[int], int] | None = None
+        self._last: tuple[Any, list[int], int] | None = None  # request, hashes, partial
         # Approximate mode: when each (worker, block) was last routed, and in what order.
         self._expiry: deque[tuple[float, str, list[int]]] = deque()
         self._routed_at: dict[tuple[str, int], float] = {}
@@ -178,14 +168,18 @@ class KvPolicy:
         request_blocks = len(tokens) / settings.block_size if tokens else 0.0
         overlaps = self.index.find_matches(hashes) if hashes else {}
         usable = self._not_busy(candidates)
+        active = self._active
+        full = len(hashes)
         costs = [
             settings.overlap_weight * (request_blocks - overlaps.get(c.instance_id, 0))
             + self._load(c.instance_id)
+            + full
+            - active.shared_prefix(c.instance_id, hashes)  # its blocks already there add none
             for c in usable
         ]
         chosen = usable[self._select(usable, costs)]
         overlap = overlaps.get(chosen.instance_id, 0)
-        self._last = (request, hashes, math.ceil(request_blocks))
+        self._last = (request, hashes, _partial(tokens, settings.block_size))
         self.last_overlap = overlaps
         self.decisions += 1
         self.predicted_hit_blocks += overlap
@@ -206,18 +200,17 @@ class KvPolicy:
         """The router sent ``request`` to ``instance_id``; returns a token for :meth:`finished`."""
         last = self._last
         if last is not None and last[0] is request:
-            hashes, blocks = last[1], last[2]
+            hashes, partial = last[1], last[2]
         else:  # direct routing: choose() did not see this request
             tokens = self._tokens(request)
             hashes = self._hasher(tokens, self.settings.block_size) if tokens else []
-            blocks = math.ceil(len(tokens) / self.settings.block_size) if tokens else 0
+            partial = _partial(tokens, self.settings.block_size)
         self._last = None
         self.last_sent = instance_id
         token = next(self._tokens_issued)
-        self._active[token] = _Active(instance_id, blocks)
-        self._active_blocks[instance_id] = self._active_blocks.get(instance_id, 0) + blocks
+        self._active.add(token, instance_id, hashes, partial)
         if self.sync is not None:
-            self.sync.added(token, instance_id, blocks)
+            self.sync.added(token, instance_id, len(hashes) + partial)
         if self.settings.approximate and hashes:
             now = self._clock()
             routed_at = self._routed_at
@@ -229,23 +222,15 @@ class KvPolicy:
 
     def finished(self, token: int) -> None:
         """The request of ``token`` ended (answered, failed or cancelled)."""
-        active = self._active.pop(token, None)
-        if active is None:
-            return
-        if self.sync is not None:
+        if self._active.remove(token) and self.sync is not None:
             self.sync.freed(token)
-        left = self._active_blocks.get(active.instance_id, 0) - active.blocks
-        if left > 0:
-            self._active_blocks[active.instance_id] = left
-        else:
-            self._active_blocks.pop(active.instance_id, None)
 
     # --- what the router and operators read ----------------------------------------------------
 
     @property
     def active_blocks(self) -> Mapping[str, int]:
-        """Blocks of the requests in flight per worker, as this router counts them."""
-        return dict(self._active_blocks)
+        """Distinct blocks of the requests in flight per worker, as this router counts them."""
+        return self._active.counts()
 
     @property
     def predicted_hit_rate(self) -> float:
@@ -279,7 +264,7 @@ class KvPolicy:
 
     def _load(self, instance_id: str) -> int:
         """Active blocks on ``instance_id``: this router's, plus the other replicas'."""
-        own = self._active_blocks.get(instance_id, 0)
+        own = self._active.count(instance_id)
         sync = self.sync
         return own + sync.remote_blocks.get(instance_id, 0) if sync is not None else own
 
@@ -311,6 +296,11 @@ class KvPolicy:
             for block in stale:
                 del routed_at[worker, block]
             self.index.remove(worker, stale)
+
+
+def _partial(tokens: Sequence[int] | None, block_size: int) -> int:
+    """1 if the prompt ends in an unfinished block (held in the cache, never hashed), else 0."""
+    return 1 if tokens and len(tokens) % block_size else 0
 
 
 def _default_hasher() -> Hasher:
