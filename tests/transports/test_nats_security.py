@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
+import nkeys
 import pytest
 from nats.aio.client import Client as RawNats
 from nats.aio.msg import Msg
@@ -327,12 +328,31 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
         tls_context(NatsConfig(tls_ca_file=str(tmp_path / "missing.crt")))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("nkeys") is not None, reason="the nkeys package is installed"
-)
 async def test_an_nkey_without_the_nkeys_package_is_one_clear_error(
-    nats_server: NatsServer,
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nkeys" else real(name, *a)
+    )
     config = NatsConfig(server=nats_server.url, nkey_seed="SUAnotarealseed", connect_timeout=2.0)
     with pytest.raises(ConfigError, match=r"NATS_AUTH_NKEY.*nkeys"):
         await NatsRpcServer(config).start()
+
+
+async def test_nkey_users_sign_in_with_their_seed() -> None:
+    seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode()
+    public = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+    stranger = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode()
+    with NatsServer(users=[NatsUser("", "", nkey=public)], jetstream=False) as server:
+        config = NatsConfig(server=server.url, nkey_seed=seed, connect_timeout=2.0)
+        story = Story()
+        story.release.set()
+        async with NatsRpcServer(config) as worker, NatsRpcClient(config) as caller:
+            worker.add_endpoint("story", story)
+            await worker.start()
+            stream = await caller.request(worker.address, "story", b"")
+            assert [chunk async for chunk in stream] == [b"alpha", b"beta", b"gamma"]
+        refused = NatsConfig(server=server.url, nkey_seed=stranger, connect_timeout=2.0)
+        with pytest.raises(TransportError, match="refused"):
+            await NatsRpcServer(refused).start()

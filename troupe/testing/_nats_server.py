@@ -28,6 +28,8 @@ class NatsUser:
     password: str
     publish: tuple[str, ...] | None = None
     subscribe: tuple[str, ...] | None = None
+    nkey: str | None = None
+    """An NKey user's public key (``U...``): it signs in with the seed instead of a password."""
 
     @classmethod
     def worker(cls, name: str, password: str, *, inboxes: str = "_INBOX") -> NatsUser:
@@ -51,7 +53,11 @@ class NatsUser:
             for verb, subjects in (("publish", self.publish), ("subscribe", self.subscribe))
             if subjects is not None
         }
-        fields = {"user": self.name, "password": self.password}
+        fields = (
+            {"nkey": self.nkey}
+            if self.nkey is not None
+            else {"user": self.name, "password": self.password}
+        )
         if rules:
             return json.dumps({**fields, "permissions": rules})
         return json.dumps(fields)
