@@ -197,3 +197,24 @@ def test_requests_sharing_a_prefix_load_a_worker_once() -> None:
         policy.started(other.instance_id, on(other_prefix, 100 + n))
     assert policy.active_blocks == {holder.instance_id: 60 + 8 * 2, other.instance_id: 60 + 7 * 2}
     assert policy.choose(workers, {}, on(prefix, 50), None) is holder
+
+
+def test_a_worker_busy_prefilling_costs_its_queued_prefill() -> None:
+    """Queued prefill counts until the first chunk: of two workers with the same decode load,
+    the one still prefilling a long uncached prompt is avoided by the next uncached one."""
+    policy = _policy()
+    first, second = _instances(2)
+    token = policy.started(first.instance_id, _request(1, 100))  # prefilling
+    policy.first_chunk(policy.started(second.instance_id, _request(2, 100)))  # decoding
+    assert policy.active_blocks == {first.instance_id: 100, second.instance_id: 100}
+    for n in range(6):
+        assert policy.choose((first, second), {}, _request(10 + n, 50), None) is second
+    policy.first_chunk(token)
+    policy.first_chunk(token)  # twice: ignored
+    picks = {
+        policy.choose((first, second), {}, _request(20 + n, 50), None).instance_id
+        for n in range(12)
+    }
+    assert picks == {first.instance_id, second.instance_id}  # even again: ties go either way
+    policy.finished(token)
+    assert policy.active_blocks.get(first.instance_id, 0) == 0

@@ -133,9 +133,15 @@ class KvPolicy:
         self._rng = rng or random.Random()
         self._clock = clock
         self._active = ActiveBlocks()
+        # Uncached blocks of the requests whose first chunk has not come yet, per worker: prefill
+        # work queued there, added to a candidate's prefill cost (as NVIDIA Dynamo's router does).
+        self._pending: dict[str, int] = {}
+        self._prefilling: dict[int, tuple[str, int]] = {}
         self._tokens_issued = itertools.count()
         # The request choose() last saw, and its hashes: started() follows choose() at once.
-        self._last: tuple[Any, list[int], int] | None = None  # request, hashes, partial
+        self._last: tuple[Any, list[int], int, int] | None = (
+            None  # request, hashes, partial, prefill
+        )
         # Approximate mode: when each (worker, block) was last routed, and in what order.
         self._expiry: deque[tuple[float, str, list[int]]] = deque()
         self._routed_at: dict[tuple[str, int], float] = {}
@@ -168,10 +174,11 @@ class KvPolicy:
         request_blocks = len(tokens) / settings.block_size if tokens else 0.0
         overlaps = self.index.find_matches(hashes) if hashes else {}
         usable = self._not_busy(candidates)
-        active = self._active
+        active, pending = self._active, self._pending
         full = len(hashes)
         costs = [
-            settings.overlap_weight * (request_blocks - overlaps.get(c.instance_id, 0))
+            settings.overlap_weight
+            * (request_blocks - overlaps.get(c.instance_id, 0) + pending.get(c.instance_id, 0))
             + self._load(c.instance_id)
             + full
             - active.shared_prefix(c.instance_id, hashes)  # its blocks already there add none
@@ -179,7 +186,8 @@ class KvPolicy:
         ]
         chosen = usable[self._select(usable, costs)]
         overlap = overlaps.get(chosen.instance_id, 0)
-        self._last = (request, hashes, _partial(tokens, settings.block_size))
+        prefill = max(0, math.ceil(request_blocks) - overlap)
+        self._last = (request, hashes, _partial(tokens, settings.block_size), prefill)
         self.last_overlap = overlaps
         self.decisions += 1
         self.predicted_hit_blocks += overlap
@@ -200,15 +208,19 @@ class KvPolicy:
         """The router sent ``request`` to ``instance_id``; returns a token for :meth:`finished`."""
         last = self._last
         if last is not None and last[0] is request:
-            hashes, partial = last[1], last[2]
+            _, hashes, partial, prefill = last
         else:  # direct routing: choose() did not see this request
             tokens = self._tokens(request)
             hashes = self._hasher(tokens, self.settings.block_size) if tokens else []
             partial = _partial(tokens, self.settings.block_size)
+            prefill = len(hashes) + partial
         self._last = None
         self.last_sent = instance_id
         token = next(self._tokens_issued)
         self._active.add(token, instance_id, hashes, partial)
+        if prefill:
+            self._prefilling[token] = (instance_id, prefill)
+            self._pending[instance_id] = self._pending.get(instance_id, 0) + prefill
         if self.sync is not None:
             self.sync.added(token, instance_id, len(hashes) + partial)
         if self.settings.approximate and hashes:
@@ -222,8 +234,21 @@ class KvPolicy:
 
     def finished(self, token: int) -> None:
         """The request of ``token`` ended (answered, failed or cancelled)."""
+        self.first_chunk(token)
         if self._active.remove(token) and self.sync is not None:
             self.sync.freed(token)
+
+    def first_chunk(self, token: int) -> None:
+        """The request of ``token`` yielded its first chunk: its worker's prefill of it is done."""
+        entry = self._prefilling.pop(token, None)
+        if entry is None:
+            return
+        worker, blocks = entry
+        left = self._pending.get(worker, 0) - blocks
+        if left > 0:
+            self._pending[worker] = left
+        else:
+            self._pending.pop(worker, None)
 
     # --- what the router and operators read ----------------------------------------------------
 

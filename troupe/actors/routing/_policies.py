@@ -25,8 +25,9 @@ class Policy(Protocol):
     policy's :class:`~troupe.errors.AllWorkersBusy`): the caller gets it, nothing is sent.
 
     A policy that tracks what it sent may also define ``started(instance_id, request) ->
-    token``, called right after ``choose`` when the attempt is sent, and ``finished(token)``,
-    called once when that attempt ends however it ends.
+    token``, called right after ``choose`` when the attempt is sent, ``first_chunk(token)`` when
+    its first chunk arrives (the worker's prefill is done), and ``finished(token)``, called once
+    when that attempt ends however it ends.
     """
 
     def choose(

@@ -118,6 +118,7 @@ class Router(_Rerouting, _Bridging):
         # Optional hooks of a policy that tracks what it sent (the KV policy's active blocks).
         self._started: Callable[[str, Any], Any] | None = getattr(self._policy, "started", None)
         self._finished: Callable[[Any], None] | None = getattr(self._policy, "finished", None)
+        self._first_chunk: Callable[[Any], None] | None = getattr(self._policy, "first_chunk", None)
         self._inflight: dict[str, int] = {}  # written only on the I/O loop
         # Instances seen failing, until the actor's snapshot sets them aside (I/O loop only).
         self._down: dict[str, float] = {}
@@ -423,6 +424,8 @@ class Router(_Rerouting, _Bridging):
                     try:
                         async for chunk in stream:
                             value = decode_payload(chunk)
+                            if received == before and self._first_chunk is not None:
+                                self._first_chunk(token)  # the prefill is done there
                             received += 1
                             if held is not None:
                                 held.append(value)
