@@ -421,11 +421,13 @@ class Router(_Rerouting, _Bridging):
                         attempt=attempt,
                         received=sent_received,
                     )
+                    first_chunk = self._first_chunk  # told once per attempt, then dropped
                     try:
                         async for chunk in stream:
                             value = decode_payload(chunk)
-                            if received == before and self._first_chunk is not None:
-                                self._first_chunk(token)  # the prefill is done there
+                            if first_chunk is not None:
+                                first_chunk(token)  # the prefill is done there
+                                first_chunk = None
                             received += 1
                             if held is not None:
                                 held.append(value)
