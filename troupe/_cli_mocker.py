@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from troupe.config import Config
-from troupe.demo.mocker import Mocker, MockerConfig
+from troupe.demo.mocker import MockerConfig, kv_mocker
 from troupe.errors import ConfigError
 from troupe.runtime import Runtime
 
@@ -58,16 +58,9 @@ def cmd_mocker(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
     with Runtime(config) as rt:
         endpoint = rt.endpoint(args.endpoint)
-        sink = None if args.no_kv_events else rt.kv_events(endpoint, block_size=engine.block_size)
-        mocker = Mocker(engine, sink=sink)
-        rt.metrics.registry.register(mocker.collector())
-        metadata = {
-            "model": args.model,
-            "kv_block_size": engine.block_size,
-            "kv_total_blocks": engine.num_gpu_blocks,
-        }
-        rt.serve(endpoint, mocker.generate, metadata=metadata)
-        events = "no KV events" if sink is None else f"KV events on {config.events.plane}"
+        mocker, metadata = kv_mocker(rt, endpoint, engine, events=not args.no_kv_events)
+        rt.serve(endpoint, mocker.generate, metadata={"model": args.model, **metadata})
+        events = "no KV events" if args.no_kv_events else f"KV events on {config.events.plane}"
         print(
             f"troupe: mocker serving {args.model} on {endpoint.path} at {rt.server().address} "
             f"as instance {rt.instance_id}, {engine.num_gpu_blocks} blocks of "

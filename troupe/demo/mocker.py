@@ -324,8 +324,19 @@ def kv_worker(rt: Any, endpoint: Any) -> tuple[Any, dict[str, Any]]:
     troupe.demo.mocker:kv_worker`` (or ``rt.spawn_workers``). Its record announces the block size
     and capacity; its cache series join the worker's ``/metrics``.
     """
-    config = MockerConfig()
-    mocker = Mocker(config, sink=rt.kv_events(endpoint, block_size=config.block_size))
+    mocker, metadata = kv_mocker(rt, endpoint, MockerConfig())
+    return mocker.generate, metadata
+
+
+def kv_mocker(
+    rt: Any, endpoint: Any, config: MockerConfig, *, events: bool = True
+) -> tuple[Mocker, dict[str, Any]]:
+    """A worker's mocker for ``endpoint``: publishing its KV events on ``rt``'s event plane
+    (unless ``events`` is false), its cache series on ``rt``'s ``/metrics``; with the record
+    metadata that announces its block size and capacity (``kv_block_size``,
+    ``kv_total_blocks``)."""
+    sink = rt.kv_events(endpoint, block_size=config.block_size) if events else None
+    mocker = Mocker(config, sink=sink)
     rt.metrics.registry.register(mocker.collector())
     metadata = {"kv_block_size": config.block_size, "kv_total_blocks": config.num_gpu_blocks}
-    return mocker.generate, metadata
+    return mocker, metadata
