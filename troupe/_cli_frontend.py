@@ -185,7 +185,7 @@ def _kv_settings(args: argparse.Namespace) -> KvRouterSettings:
         )
     except ConfigError as exc:
         flag = _KV_FLAGS.get(str(exc.variable), str(exc.variable))
-        raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
+        raise exc.naming(flag) from None
 
 
 _OPTIONS = ("host", "port", "tls_cert_path", "tls_key_path", "tls_client_ca_cert_path", "api_key")
@@ -210,7 +210,7 @@ def cmd_frontend(args: argparse.Namespace, config: Config) -> int:
             except ConfigError as exc:
                 shown = "****" if option == "api_key" else value
                 flag = "--" + option.replace("_", "-")
-                raise ConfigError(flag, shown, exc.expected, exc.choices) from None
+                raise exc.naming(flag, shown) from None
     settings = FrontendSettings(
         tls=FrontendTls.from_paths(
             listen.tls_cert_path, listen.tls_key_path, listen.tls_client_ca_cert_path

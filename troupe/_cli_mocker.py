@@ -54,8 +54,7 @@ def cmd_mocker(args: argparse.Namespace, config: Config) -> int:
     try:
         engine = MockerConfig(**{field: getattr(args, field) for field, _, _ in _ENGINE_OPTIONS})
     except ConfigError as exc:
-        flag = "--" + str(exc.variable).replace("_", "-")
-        raise ConfigError(flag, exc.value, exc.expected, exc.choices) from None
+        raise exc.naming("--" + exc.variable.replace("_", "-")) from None
     with Runtime(config) as rt:
         endpoint = rt.endpoint(args.endpoint)
         mocker, metadata = kv_mocker(rt, endpoint, engine, events=not args.no_kv_events)

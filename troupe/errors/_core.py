@@ -21,6 +21,9 @@ __all__ = [
 ]
 
 
+_SAME: object = object()  # ConfigError.naming: keep the value
+
+
 class TroupeError(Exception):
     """Root of every error troupe raises on purpose."""
 
@@ -55,6 +58,12 @@ class ConfigError(TroupeError, ValueError):
         elif expected:
             parts.append(f"expected {expected}")
         super().__init__("; ".join(parts))
+
+    def naming(self, variable: str, value: object = _SAME) -> ConfigError:
+        """The same refusal under another name: the command-line flag that set a code-level
+        field (``--block-size`` for ``block_size``), and the value as it may be shown."""
+        shown = self.value if value is _SAME else value
+        return ConfigError(variable, shown, self.expected, self.choices)
 
 
 class InvalidName(ConfigError):
