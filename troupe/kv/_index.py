@@ -7,9 +7,34 @@ hashes, how many leading blocks each worker holds: the overlap the KV policy tur
 Layout: one dict from block hash to an integer bit mask of the workers that hold it (a worker is a
 bit, its *slot*), and per worker the set of its hashes (to drop it whole, and to count its tree).
 Because hashes are chained (a block's hash covers every token before it), equal hashes mean
-equal prefixes, so matching walks the request's blocks in order and narrows the mask: a worker
-whose bit drops out at block ``i`` holds ``i`` leading blocks. The walk stops when no worker is
-left, so a lookup costs what the longest match costs, one dict probe per block.
+equal prefixes.
+
+Matching relies on caches being *prefix-closed*: a worker that holds block ``i`` of a chain
+holds blocks ``0..i-1`` too. vLLM frees a request's blocks tail first, so the tail is evicted
+first; SGLang's and TensorRT-LLM's radix caches evict leaves; troupe's mock engine
+(:mod:`troupe.demo._kvcache`) keeps prefixes too; approximate mode stores and expires whole
+routed prefixes. Then the owner mask along a request never grows (``mask(i + 1)`` is a subset of
+``mask(i)``), and equal masks at two positions mean the same mask at every block between them.
+So matching does not probe every block: from a position with a known mask it gallops ahead (1,
+2, 4, 8, ... blocks) while the mask stays the same, then binary-searches the first block where
+it changes; the workers whose bits drop out at block ``i`` hold ``i`` leading blocks. A lookup
+costs about ``2 * log2(length)`` probes per run of equal masks it crosses, not one probe per
+matched block, and stops when no worker is left.
+
+Where holdings are not prefix-closed (a worker holds block ``i`` but not an earlier block: a
+*hole*), the walk may not probe the hole and may count that worker past it: never fewer than its
+true leading blocks, never past the first block it lacks among those probed, and it always holds
+the block just before its count. Holes arise where the index merges caches: the data-parallel
+ranks of one worker are one worker here, so one rank's ``Removed`` drops a block that another
+rank may still hold with its successors.
+
+The index's own pruning leaves no hole that is counted past, as long as each block was first
+stored after the blocks before it in its chain. Events from prefix-closed caches keep that
+order: an engine stores a block again only once everything after it is gone, and storing a held
+block again keeps its place. Pruning drops a worker's oldest-stored blocks, so it takes a
+chain's head before its tail, and the worker drops out at block 0. (Approximate mode stores a
+routed prefix whole: a head pruned from the index and routed again lands after its old tail, so
+a later pruning there can leave a hole, to which the bound above applies.)
 
 Memory is bounded: a worker may hold at most ``max_blocks_per_worker`` blocks in the index; past
 that, its oldest-stored blocks are pruned (an approximation that only ever under-counts overlap).
@@ -19,8 +44,7 @@ Not thread-safe: one owner (the router, on its I/O loop) applies events and look
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import compress, islice
-from operator import ne
+from itertools import islice
 
 from troupe.kv._events import Cleared, KvCacheEvent, Removed, Stored, StoredBlock
 from troupe.kv._sink import KvSink
@@ -28,7 +52,7 @@ from troupe.kv._sink import KvSink
 __all__ = ["KvIndex"]
 
 _DEFAULT_MAX_BLOCKS = 1 << 20
-_CHUNK = 32
+_NAMES_CACHED = 1024  # masks whose names a lookup keeps at hand
 
 
 class KvIndex(KvSink):
@@ -55,6 +79,8 @@ class KvIndex(KvSink):
         self._blocks: dict[str, dict[int, None]] = {}
         self._slot: dict[str, int] = {}
         self._worker_of_slot: dict[int, str] = {}
+        # A mask -> its workers' names, for lookups; emptied when a worker leaves its slot.
+        self._names_of: dict[int, tuple[str, ...]] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._cap = max_blocks_per_worker
@@ -86,6 +112,7 @@ class KvIndex(KvSink):
         self._drop(slot, self._blocks.pop(worker))
         del self._worker_of_slot[slot]
         self._free_slots.append(slot)
+        self._names_of.clear()
 
     def clear_worker(self, worker: str) -> None:
         """``worker`` holds nothing any more (a ``Cleared`` event); it stays known."""
@@ -169,38 +196,78 @@ class KvIndex(KvSink):
     # --- lookups ----------------------------------------------------------------------------
 
     def find_matches(self, block_hashes: Sequence[int]) -> dict[str, int]:
-        """Leading blocks of ``block_hashes`` each worker holds; workers holding none are absent."""
-        get = self._owners.get
-        masks: list[int | None] = []
-        # Chunks of hashes at C speed; the first unheld hash ends the walk (most prompts share a
-        # prefix with some worker, then diverge: the rest need not be looked up).
-        for start in range(0, len(block_hashes), _CHUNK):
-            chunk = list(map(get, block_hashes[start : start + _CHUNK]))
-            try:
-                cut = chunk.index(None)
-            except ValueError:
-                masks += chunk
-                continue
-            masks += chunk[:cut]
-            break
-        held = len(masks)
-        if not held:
+        """Leading blocks of ``block_hashes`` each worker holds; workers holding none are absent.
+
+        Exact when every worker's holdings are prefix-closed (see the module docstring: vLLM,
+        SGLang, TensorRT-LLM and troupe's mock engine keep them so). Otherwise a worker with a
+        hole in its chain may be counted past the hole, as the walk probes only some blocks: its
+        count is never below its true leading blocks, it holds the block just before its count,
+        and it lacks the block at its count (where that block is in ``block_hashes``). A worker
+        that lacks block 0 is always absent.
+        """
+        end = len(block_hashes)
+        if not end:
             return {}
-        # Runs of equal masks, found at C speed: a worker's depth changes only at a run's start.
-        starts = compress(range(1, held), map(ne, masks[: held - 1], masks[1:held]))
-        depth_of: dict[int, int] = {}
-        active: int = masks[0]  # type: ignore[assignment]  # not None: held > 0
-        for start in starts:
-            narrowed = active & masks[start]  # type: ignore[operator]
-            if narrowed != active:
-                _record(active & ~narrowed, start, depth_of)
-                active = narrowed
-                if not active:
+        get = self._owners.get
+        active = get(block_hashes[0], 0)  # the workers still matching at position ``lo``
+        if not active:
+            return {}
+        names_of = self._names_of.get
+        found: dict[str, int] = {}
+        last = end - 1
+        lo = 0
+        while lo < last:
+            # Gallop: lo + 1, then 2, 4, 8, ... further (clamped to ``last``) while the mask stays.
+            step = 1
+            hi = lo + 1
+            mask = get(block_hashes[hi], 0)
+            while mask == active:
+                lo = hi
+                if hi == last:
                     break
-        else:
-            _record(active, held, depth_of)
-        names = self._worker_of_slot
-        return {names[slot]: depth for slot, depth in depth_of.items() if slot in names}
+                step += step
+                hi += step
+                if hi > last:  # noqa: PLR1730 (min() would be a call per probe)
+                    hi = last
+                mask = get(block_hashes[hi], 0)
+            else:
+                # The mask differs at ``hi``: binary-search the first differing block in (lo, hi].
+                while hi - lo > 1:
+                    mid = (lo + hi) >> 1
+                    probe = get(block_hashes[mid], 0)
+                    if probe == active:
+                        lo = mid
+                    else:
+                        hi = mid
+                        mask = probe
+                gone = active & ~mask
+                if gone:
+                    found.update(dict.fromkeys(names_of(gone) or self._names(gone), hi))
+                    active &= mask
+                    if not active:
+                        return found
+                lo = hi
+                continue
+            break  # the mask held to the last block
+        found.update(dict.fromkeys(names_of(active) or self._names(active), end))
+        return found
+
+    def _names(self, mask: int) -> tuple[str, ...]:
+        """The names of the workers whose slots are in ``mask`` (unknown slots skipped), cached."""
+        worker_of_slot = self._worker_of_slot
+        names = []
+        rest = mask
+        while rest:
+            low = rest & -rest
+            name = worker_of_slot.get(low.bit_length() - 1)
+            if name is not None:
+                names.append(name)
+            rest ^= low
+        cache = self._names_of
+        if len(cache) >= _NAMES_CACHED:
+            cache.clear()
+        cache[mask] = held = tuple(names)
+        return held
 
     def block_count(self, worker: str) -> int:
         """How many blocks ``worker`` holds in the index (0 if unknown)."""
@@ -219,10 +286,3 @@ class KvIndex(KvSink):
     def __len__(self) -> int:
         """Distinct block hashes held by any worker."""
         return len(self._owners)
-
-
-def _record(mask: int, depth: int, depth_of: dict[int, int]) -> None:
-    while mask:
-        low = mask & -mask
-        depth_of[low.bit_length() - 1] = depth
-        mask ^= low
