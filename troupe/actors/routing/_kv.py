@@ -201,6 +201,8 @@ class KvPolicy:
                 blocks=len(hashes),
                 candidates=len(usable),
                 load=self._load(chosen.instance_id),
+                overlaps=overlaps,
+                costs={c.instance_id: round(x, 1) for c, x in zip(usable, costs, strict=True)},
             )
         return chosen
 
