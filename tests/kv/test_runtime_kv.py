@@ -307,3 +307,26 @@ def test_over_nats_core_a_lost_event_is_recovered(cluster: Cluster, nats_server:
     finally:
         for owner, plane in reversed(planes):
             owner.io.run(plane.close(), timeout=5)
+
+
+def test_a_follower_closed_early_leaves_no_actor_and_keeps_its_counters(
+    cluster: Cluster,
+) -> None:
+    """A frontend drops a model's router (and its follower) while the runtime runs on: the
+    follower's router and closer stop with it, its workers stop counting, its counters stay."""
+    rt = cluster.router_rt
+    registry = rt.metrics.registry
+    labels = {"namespace": "ns", "component": "comp"}
+    before = {ref.name for ref in rt.system.actors()}
+    worker, publisher = cluster.worker()
+    fill(publisher, 3, salt=1)
+    for round_ in range(3):  # followed, closed, followed again: nothing piles up
+        follower = cluster.follow()
+        cluster.synced(worker)
+        assert registry.get_sample_value("troupe_kv_follower_workers", labels) == 1
+        assert {ref.name for ref in rt.system.actors()} > before
+        rt.io.run(follower.close(), timeout=10)
+        assert {ref.name for ref in rt.system.actors()} == before
+        assert registry.get_sample_value("troupe_kv_follower_workers", labels) == 0
+        dumps = registry.get_sample_value("troupe_kv_events_dumps_total", labels)
+        assert dumps == round_ + 1  # one dump per follower: the closed ones' still count

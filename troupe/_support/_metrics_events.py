@@ -106,6 +106,8 @@ class EventSeries(Collector):
         self._lock = threading.Lock()
         self._planes: list[StatsSource] = []
         self._followers: list[tuple[tuple[str, str], Sample]] = []
+        # Closed followers' final counters per component (counters stay monotonic).
+        self._retired: dict[tuple[str, ...], dict[str, int]] = {}
         self._publishers: list[tuple[tuple[str, str], Sample]] = []
 
     def add_plane(self, plane: StatsSource) -> None:
@@ -119,6 +121,20 @@ class EventSeries(Collector):
         under its component."""
         with self._lock:
             self._followers.append(((namespace, component), sample))
+
+    def retire_kv_follower(self, sample: Sample) -> None:
+        """A follower added with ``sample`` closed: its counters are read one last time and
+        kept in its component's totals (its ``workers`` no longer count); the sample is
+        dropped. Unknown samples are ignored."""
+        with self._lock:
+            found = [entry for entry in self._followers if entry[1] is sample]
+            if not found:
+                return
+            self._followers.remove(found[0])
+        component = found[0][0]
+        counts = {name: value for name, value in sample().items() if name != "workers"}
+        with self._lock:
+            _add(self._retired.setdefault(component, {}), counts)
 
     def add_kv_publisher(self, namespace: str, component: str, sample: Sample) -> None:
         """Export a KV publisher's counters (``published``, ``dropped``, ``last_event_id``)."""
@@ -159,13 +175,13 @@ class EventSeries(Collector):
         with self._lock:
             planes, followers = list(self._planes), list(self._followers)
             publishers = list(self._publishers)
+            components: _Totals = {key: dict(counts) for key, counts in self._retired.items()}
         families = self._families()
         topics: _Totals = {}
         for plane in planes:
             for key, counts in plane.stats().items():  # names hold no dots: split is exact
                 _add(topics.setdefault(tuple(key.split(".", 2)), {}), counts)
         _fill(families, "plane", PLANE_COUNTERS, topics)
-        components: _Totals = {}
         for component, sample in followers:
             _add(components.setdefault(component, {}), sample())
         _fill(families, "follower", (*FOLLOWER_COUNTERS, "workers"), components)

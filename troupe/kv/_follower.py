@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from troupe._support._logging import get_logger
@@ -98,6 +98,7 @@ class KvFollower:
         self._since_snapshot = 0  # events applied since the last snapshot was taken
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: set[asyncio.Future[None]] = set()
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -151,6 +152,17 @@ class KvFollower:
         if self._subscription is not None:
             await self._subscription.close()
         self._notify()
+        hooks, self._on_close = self._on_close, []
+        for hook in hooks:
+            try:
+                await hook()
+            except Exception as exc:  # noqa: BLE001 - one failing hook must not stop the others
+                _log.warning("a close hook failed", scope=str(self.scope), error=repr(exc))
+
+    def on_close(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook()`` (on the I/O loop) once :meth:`close` has stopped the follower: what
+        was made for it goes with it. Hooks run in the order they were added."""
+        self._on_close.append(hook)
 
     # --- what it knows ---------------------------------------------------------------------------
 

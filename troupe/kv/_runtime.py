@@ -7,17 +7,21 @@
 - :func:`follow_kv_events`: a started :class:`~troupe.kv.KvFollower` of a component's workers,
   found through a router over their query endpoints.
 
-Both are closed with the runtime (an actor spawned after them closes them when actors stop).
+Both are closed with the runtime (an actor spawned after them closes them when actors stop). A
+follower closed before that (``await follower.close()``) releases that actor, its router and its
+metrics sample at once.
 The event plane is ``rt.event_plane`` unless one is given. Each registers its counters, and its
 plane's, on the runtime's Prometheus registry (:mod:`troupe._support._metrics_events`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
-from troupe._support._metrics_events import event_series
+from troupe._support._metrics_events import EventSeries, Sample, event_series
 from troupe.errors import ConfigError
 from troupe.events import EventPlane, EventScope
 from troupe.kv._directory import RouterDirectory
@@ -31,6 +35,8 @@ from troupe.messages import Endpoint, parse_endpoint
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
+    from troupe.actors import ActorRef
+    from troupe.actors.routing import Router
     from troupe.runtime import Runtime
 
 __all__ = ["follow_kv_events", "open_kv_events", "query_endpoint"]
@@ -99,22 +105,45 @@ def follow_kv_events(
         ConnectionLost: the runtime's event plane (NATS) cannot be reached.
         TransportError: the event plane refused the subscription.
     """
+    from troupe.actors.routing import spawn_router  # noqa: PLC0415  # troupe.kv: below actors
+
     query = query_endpoint(endpoint)
     events = _plane(rt, plane)
     scope = EventScope(query.namespace, query.component)
+    # The follower's own router (rt.router would keep it until the runtime closes): closed with
+    # the follower, so a follower closed early (a frontend dropping a model) leaves nothing.
+    router = spawn_router(rt.system, rt.store, rt.network, rt.io, query)
     follower = KvFollower(
         events,
         scope,
-        RouterDirectory(rt.router(query)),
+        RouterDirectory(router),
         sink if sink is not None else KvView(),
         settings=settings,
     )
-    rt.io.run(follower.start(), timeout=10)
-    _close_with(rt, f"KvFollower-{scope.namespace}.{scope.component}", follower.close)
+    try:
+        rt.io.run(follower.start(), timeout=10)
+    except BaseException:
+        rt.io.run(follower.close(), timeout=10)
+        router.close()
+        raise
     series = event_series(rt.metrics)
     series.add_plane(events)
-    series.add_kv_follower(scope.namespace, scope.component, lambda: _follower_sample(follower))
+    sample = functools.partial(_follower_sample, follower)
+    series.add_kv_follower(scope.namespace, scope.component, sample)
+    closer = _close_with(rt, f"KvFollower-{scope.namespace}.{scope.component}", follower.close)
+    follower.on_close(functools.partial(_release_follower, router, closer, series, sample))
     return follower
+
+
+async def _release_follower(
+    router: Router, closer: ActorRef[Any], series: EventSeries, sample: Sample
+) -> None:
+    """What :func:`follow_kv_events` made for a follower, released once it is closed: its
+    counters fold into the component's retired totals, the actor that would have closed it at
+    the runtime's stop stops now, and its router closes (off the I/O loop: it joins actors)."""
+    series.retire_kv_follower(sample)
+    closer.stop(timeout=0)  # an early close; at the runtime's stop it is the one stopping
+    await asyncio.to_thread(router.close)
 
 
 def _plane(rt: Runtime, plane: EventPlane | None) -> EventPlane:
@@ -139,7 +168,9 @@ def _follower_sample(follower: KvFollower) -> dict[str, int]:
     return dataclasses.asdict(follower.counters()) | {"workers": len(follower.workers())}
 
 
-def _close_with(rt: Runtime, name: str, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _close_with(
+    rt: Runtime, name: str, close: Callable[[], Coroutine[Any, Any, None]]
+) -> ActorRef[Any]:
     from troupe.kv._owner import Closer  # noqa: PLC0415  # troupe.kv sits below the actors
 
-    rt.spawn(lambda: Closer(rt.io, close), name=name)
+    return rt.spawn(lambda: Closer(rt.io, close), name=name)
