@@ -9,7 +9,8 @@ the chunked answer read as it comes and cut into Server-Sent Events by :class:`S
 - :func:`run_chat`: the multi-turn workload, closed loop: ``concurrency`` users at a time, each
   sending its next turn (previous prompt + the answer just received + a new message) as soon as
   the previous one ended; the next user starts when one finishes.
-- :func:`run_fixed`: a list of prompts with ``in_flight`` requests outstanding at all times.
+- :func:`run_fixed`: a list of prompts with ``in_flight`` requests outstanding at all times,
+  the first ones a warm-up left out of the figures.
 
 Both stop starting requests at ``deadline`` (monotonic seconds) and return a :class:`Run`.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,22 +229,50 @@ async def run_fixed(
     max_tokens: int,
     ext: dict[str, Any],
     deadline: float,
+    *,
+    warmup: int = 0,
+    warmed: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> Run:
-    """Every prompt once, ``in_flight`` requests outstanding at a time (closed loop)."""
+    """Every prompt once, ``in_flight`` requests outstanding at a time (closed loop).
+
+    The first ``warmup`` prompts sent warm the caches: they are left out of the :class:`Run`
+    (which starts when the first measured request is sent), and ``warmed()`` runs as soon as
+    the last of them has ended, while the loop goes on. The loop never drains between the two:
+    a pause there would send the first measured requests all at once, a burst the workload
+    does not have.
+    """
     run = Run(started=time.monotonic())
     todo = list(reversed(prompts))
+    sent = 0
+    warming = warmup
+    marks: list[asyncio.Task[None]] = []
 
     async def slot() -> None:
+        nonlocal sent, warming
         client = StreamClient(*url)
         try:
             while todo and time.monotonic() < deadline:
-                exchange = await client.complete(_body(model, todo.pop(), max_tokens, ext))
-                run.exchanges.append(exchange)
+                prompt, index = todo.pop(), sent
+                sent += 1
+                exchange = await client.complete(_body(model, prompt, max_tokens, ext))
+                if index >= warmup:
+                    run.exchanges.append(exchange)
+                    continue
+                warming -= 1
+                if not warming and warmed is not None:
+                    marks.append(asyncio.create_task(warmed(), name="kv-bench-warmed"))
         finally:
             await client.close()
 
+    if warmed is not None and warmup == 0:
+        await warmed()
     async with asyncio.TaskGroup() as group:
         for index in range(in_flight):
             group.create_task(slot(), name=f"kv-bench-slot-{index}")
+    for mark in marks:
+        await mark
+    if warmed is not None and warming > 0:  # the deadline came first: nothing was measured
+        await warmed()
+    run.started = min((e.sent for e in run.exchanges), default=run.started)
     run.ended = max((e.ended or run.started for e in run.exchanges), default=run.started)
     return run

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +22,7 @@ from benchmarks._event_runs import ModeResult, Publish, Run, Tally, kv_events, m
 from benchmarks._failure_load import Load, Outcome, Request
 from benchmarks._failure_rows import rows as failure_rows
 from benchmarks._harness import BenchContext, Row
-from benchmarks._kv_client import Exchange, SseDecoder, StreamClient
+from benchmarks._kv_client import Exchange, SseDecoder, StreamClient, run_fixed
 from benchmarks._kv_client import Run as ClientRun
 from benchmarks._kv_cluster import ClusterError, Counters, MockerSpec, metric_values
 from benchmarks._kv_routing import (
@@ -376,6 +378,52 @@ async def test_stream_client_reads_chunked_events_and_http_errors_on_one_connect
     assert refused.error is not None
     assert refused.error.startswith("HTTP 400: {")
     assert refused.first is None
+
+
+async def test_run_fixed_leaves_the_warm_up_out_and_never_drains_in_between() -> None:
+    """The first warm-up request is answered only once a measured one has arrived: a loop that
+    waited for the warm-up to drain would never send it (and time out here)."""
+    measured_arrived = asyncio.Event()
+    warmed_at: list[int] = []
+    answered: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the client's connection closed
+            await answer(reader, writer)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            prompt = json.loads(await reader.readexactly(length))["prompt"]
+            if prompt.startswith("m"):
+                measured_arrived.set()
+            if prompt == "w0":
+                await measured_arrived.wait()
+            body = b'data: {"choices": [{"text": "ok"}]}\n\n'
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            await writer.drain()
+            answered.append(prompt)
+
+    async def warmed() -> None:
+        warmed_at.append(len(answered))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = ("127.0.0.1", server.sockets[0].getsockname()[1])
+    prompts = ["w0", "w1", "m0", "m1", "m2"]
+    try:
+        run = await asyncio.wait_for(
+            run_fixed(url, "m", prompts, 2, 1, {}, time.monotonic() + 10, warmup=2, warmed=warmed),
+            timeout=10,
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(run.exchanges) == 3  # m0, m1, m2: the warm-up is left out
+    assert all(e.error is None and e.text == "ok" for e in run.exchanges)
+    assert len(warmed_at) == 1
+    assert "w0" in answered[: warmed_at[0]]  # called once the last warm-up request ended
+    assert run.started == min(e.sent for e in run.exchanges)
 
 
 def _mode(ttft_ms: list[float], rate: float, hit: float, **extra: object) -> ModeRun:
