@@ -167,7 +167,7 @@ def chat_scenario(quick: bool) -> Scenario:
 
 
 def prefix_scenario(quick: bool) -> Scenario:
-    """NVIDIA Dynamo's shared-prefix workload; quick: 32 requests instead of 480.
+    """NVIDIA Dynamo's shared-prefix workload; quick: 160 requests instead of 480.
 
     One closed loop of 16 slots: the first 16 requests sent (one per slot) warm the caches and
     are not measured, as aiperf's warm-up requests are not; the loop does not pause after them.
@@ -175,7 +175,7 @@ def prefix_scenario(quick: bool) -> Scenario:
     :data:`PREFIX_PREFILL_TPS` (calibrated on round robin, see there).
     """
     in_flight = 16
-    spec = PrefixSpec(requests=32 if quick else 480)
+    spec = PrefixSpec(requests=160 if quick else 480)
     prompts = make_prefix_prompts(dataclasses.replace(spec, requests=spec.requests + in_flight))
     engine = MockerSpec(BLOCK, 1_500, PREFIX_PREFILL_TPS, DECODE_TPS, spec.output_tokens)
 
