@@ -175,13 +175,8 @@ def test_matches_equal_a_naive_model_when_caches_keep_prefixes(
             gone = _subtree(chain_no, min(depth, len(chain) - 1))
             index.remove(worker, sorted(gone, reverse=True))
             held.get(worker, set()).difference_update(gone)
-        elif op == "clear":
-            index.clear_worker(worker)
-            if worker in held:
-                held[worker] = set()
         else:
-            index.remove_worker(worker)
-            held.pop(worker, None)
+            _clear_or_drop(index, held, op, worker)
     chain_no, depth, fresh = query
     hashes = _CHAINS[chain_no][:depth] + _FRESH[:fresh]
     in_index = {w: {h for h in hashes if index.holds(w, h)} for w in index.workers()}
@@ -189,6 +184,17 @@ def test_matches_equal_a_naive_model_when_caches_keep_prefixes(
     if cap is None:
         assert index.find_matches(hashes) == _reference(held, hashes)
         assert len(index) == len(set().union(*held.values())) if held else len(index) == 0
+
+
+def _clear_or_drop(index: KvIndex, held: dict[str, set[int]], op: str, worker: str) -> None:
+    """A ``Cleared`` event (``op == "clear"``) or the worker leaving, in the index and the model."""
+    if op == "clear":
+        index.clear_worker(worker)
+        if worker in held:
+            held[worker] = set()
+    else:
+        index.remove_worker(worker)
+        held.pop(worker, None)
 
 
 # Blocks as runs (``range(lo, hi)``: long holdings, holes of several blocks) or scattered.
@@ -226,13 +232,8 @@ def test_matches_with_holes_stay_within_the_bound(
         elif op == "remove":
             index.remove(worker, blocks)
             held.get(worker, set()).difference_update(blocks)
-        elif op == "clear":
-            index.clear_worker(worker)
-            if worker in held:
-                held[worker] = set()
         else:
-            index.remove_worker(worker)
-            held.pop(worker, None)
+            _clear_or_drop(index, held, op, worker)
     matches = index.find_matches(query)
     assert set(matches) == {w for w, blocks in held.items() if query and query[0] in blocks}
     # Together these make the count exact for a worker with no hole in the prompt.
