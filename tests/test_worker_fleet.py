@@ -392,7 +392,12 @@ def test_a_signal_while_workers_crash_loop_stops_everything_promptly(
     current = children_of(fleet.proc.pid)
     fleet.proc.send_signal(signum)
     stopping = time.monotonic()
-    assert fleet.wait(15) == 0
+    try:
+        code = fleet.wait(15)
+    except subprocess.TimeoutExpired:  # say what it was doing: its log, the children left
+        left = children_of(fleet.proc.pid)
+        pytest.fail(f"still running 15 s after {signum!r}; children {left}:\n{fleet.stderr}")
+    assert code == 0, fleet.stderr
     assert time.monotonic() - stopping < 15
     eventually(lambda: all(gone(pid) for pid in current), what="every worker stopped")
     eventually(lambda: records(rt) == [], timeout=10, what="every worker unregistered or expired")
