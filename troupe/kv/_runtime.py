@@ -9,7 +9,7 @@
 
 Both are closed with the runtime (an actor spawned after them closes them when actors stop). A
 follower closed before that (``await follower.close()``) releases that actor, its router and its
-metrics sample at once.
+metrics sample.
 The event plane is ``rt.event_plane`` unless one is given. Each registers its counters, and its
 plane's, on the runtime's Prometheus registry (:mod:`troupe._support._metrics_events`).
 """
@@ -17,6 +17,7 @@ plane's, on the runtime's Prometheus registry (:mod:`troupe._support._metrics_ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any
@@ -123,7 +124,8 @@ def follow_kv_events(
     try:
         rt.io.run(follower.start(), timeout=10)
     except BaseException:
-        rt.io.run(follower.close(), timeout=10)
+        with contextlib.suppress(Exception):  # the start's error is the one to report
+            rt.io.run(follower.close(), timeout=10)
         router.close()
         raise
     series = event_series(rt.metrics)
