@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Self
 
 from benchmarks._harness import free_port, process_cpu_seconds
-from benchmarks._procs import scrubbed_env
+from benchmarks._procs import reap, scrubbed_env
 
 __all__ = ["ENDPOINT", "MODEL", "Cluster", "ClusterError", "Counters", "MockerSpec", "Mode"]
 
@@ -254,13 +254,7 @@ class Cluster:
 
     def reap(self, grace: float = 5.0) -> None:
         """Wait for every process to exit, SIGKILL what is left after ``grace`` seconds."""
-        deadline = time.monotonic() + grace
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        reap(self.procs, grace)
 
     def close(self) -> None:
         """:meth:`stop`, then :meth:`reap`."""

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -38,10 +38,22 @@ __all__ = [
     "foreign_peers",
     "listeners",
     "non_loopback",
+    "reap",
     "scrubbed_env",
 ]
 
 _TROUPE_PREFIXES = ("DYN_", "ETCD_", "NATS_", "POD_")
+
+
+def reap(procs: Iterable[subprocess.Popen[bytes]], grace: float = 5.0) -> None:
+    """Wait for every process to exit; SIGKILL what is left after ``grace`` seconds in all."""
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def scrubbed_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -202,13 +214,7 @@ class WorkerProcesses:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5.0
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        reap(self.procs)
 
     def __enter__(self) -> Self:
         return self
