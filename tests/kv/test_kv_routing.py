@@ -41,6 +41,14 @@ FAST = MockerConfig(
     output_tokens=2,
     prefill_tokens_per_second=1e6,
 )
+SLOW = MockerConfig(  # requests that stay in flight for 40 s: load that does not go away
+    block_size=BLOCK,
+    num_gpu_blocks=CAPACITY,
+    tokens_per_second=5.0,
+    time_to_first_token=0.0,
+    output_tokens=200,
+    prefill_tokens_per_second=1e6,
+)
 
 
 class Cluster:
@@ -126,15 +134,7 @@ def test_a_prompt_goes_to_the_worker_that_holds_its_prefix(cluster: Cluster) -> 
 
 
 def test_a_busy_holder_is_skipped_for_the_least_loaded(cluster: Cluster) -> None:
-    slow = MockerConfig(
-        block_size=BLOCK,
-        num_gpu_blocks=CAPACITY,
-        tokens_per_second=5.0,
-        time_to_first_token=0.0,
-        output_tokens=200,
-        prefill_tokens_per_second=1e6,
-    )
-    workers = sorted(cluster.worker(slow) for _ in range(4))
+    workers = sorted(cluster.worker(SLOW) for _ in range(4))
     rt = cluster.runtime()
     settings = KvRouterSettings(block_size=BLOCK, busy_threshold=0.25)  # 16 of 64 blocks
     router = rt.router(ENDPOINT, policy="kv", kv=settings)
@@ -194,15 +194,7 @@ def test_approximate_mode_needs_no_event_plane() -> None:
 
 
 def test_router_replicas_count_each_others_load(cluster: Cluster) -> None:
-    slow = MockerConfig(
-        block_size=BLOCK,
-        num_gpu_blocks=CAPACITY,
-        tokens_per_second=5.0,
-        time_to_first_token=0.0,
-        output_tokens=200,
-        prefill_tokens_per_second=1e6,
-    )
-    workers = sorted(cluster.worker(slow) for _ in range(2))
+    workers = sorted(cluster.worker(SLOW) for _ in range(2))
     settings = KvRouterSettings(block_size=BLOCK, replica_sync=True)
     rt_a, rt_b = cluster.runtime(), cluster.runtime()
     router_a = rt_a.router(ENDPOINT, policy="kv", kv=settings)
