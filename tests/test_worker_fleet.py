@@ -18,7 +18,9 @@ import httpx
 import pytest
 
 from troupe import Config, Runtime
-from troupe._fleet import worker_configs
+from troupe._fleet import WorkerFleet, worker_configs
+from troupe._runtime_status import health_report
+from troupe._status import HealthReport
 from troupe.actors import Backoff, Intensity, WhichChildren
 from troupe.actors._process import Status
 from troupe.config import RequestPlaneConfig, SystemConfig, TcpConfig
@@ -228,6 +230,29 @@ def test_spawn_workers_start_failure_is_a_typed_error_and_leaves_nothing(
 def health(url: str) -> tuple[int, dict[str, Any]]:
     answer = httpx.get(f"{url}/health", timeout=5, trust_env=False)
     return answer.status_code, answer.json()
+
+
+def test_a_fleet_counts_for_health_from_before_its_workers_launch(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While spawn_workers launches the processes, the runtime is not a ready process with no
+    endpoint (a probe then would send traffic to a pod whose workers do not serve yet)."""
+    seen: list[HealthReport] = []
+    launch = WorkerFleet.start
+
+    def start(fleet: WorkerFleet, *args: Any, **kwargs: Any) -> Any:
+        seen.append(rt.io.run(health_report(rt), timeout=5))
+        return launch(fleet, *args, **kwargs)
+
+    monkeypatch.setattr(WorkerFleet, "start", start)
+    with Runtime(Config.from_env(env), handle_signals=False) as rt:
+        rt.spawn_workers(ENDPOINT, HANDLER, processes=2, ready_timeout=30)
+        after = rt.io.run(health_report(rt), timeout=5)
+    (before,) = seen
+    assert not before.ready
+    assert before.endpoints == {ENDPOINT: "starting"}
+    assert after.ready
+    assert after.endpoints == {ENDPOINT: "serving"}
 
 
 def test_the_parent_status_server_reports_the_whole_fleet(

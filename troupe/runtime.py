@@ -459,9 +459,11 @@ class Runtime:
         if model is not None:
             command += ["--model", model]
         fleet = WorkerFleet(self.config, ep, command, processes, log_dir=log_dir)
-        supervisor = fleet.start(self.system, intensity=intensity, backoff=backoff)
+        # Listed before it starts: /health says "starting" for it from now on, never a ready
+        # process with no endpoint while the workers are being launched.
         self._fleets.append(fleet)
         try:
+            supervisor = fleet.start(self.system, intensity=intensity, backoff=backoff)
             fleet.wait_ready(ready_timeout)
         except BaseException:  # a start failure, a timeout, or a signal unwinding the caller
             fleet.stop()
